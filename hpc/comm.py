@@ -1,0 +1,450 @@
+"""Communicator: one small collective API over Horovod, torch.distributed, or a single process.
+
+    comm = hpc.comm.init()                    # engine from MEGDET_COMM, else horovod when launched
+    y = comm.allreduce(x, op="average")       # differentiable on every engine
+    bn = comm.partition(group_size=2)         # collective: every rank calls it; this rank's group
+    s = comm.allreduce(stats, group=bn)
+
+Engines:
+  horovod  Horovod (Gloo under ``horovodrun --gloo``, MPI under ``mpirun``/``srun``), the default when
+           a launcher started more than one process. Groups are Horovod dynamic process sets.
+  torch    torch.distributed (gloo on CPU, NCCL on GPU), rendezvous from torchrun's variables, or
+           through mpi4py under ``mpirun``, or from Slurm's under ``srun``.
+  local    one process, no communication.
+
+Timeouts: a collective that some rank never joins fails after ``MEGDET_COMM_TIMEOUT`` seconds
+(default 600) instead of hanging: Horovod's stall shutdown, torch.distributed's process-group
+timeout. ``agree`` is the cheaper guard: ranks exchange their error before any collective that a
+failing rank would skip, and all raise the same one-line error.
+
+Collectives must be issued in the same order on every member of a group, as with MPI.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from hpc import launch as launch_mod
+from hpc.errors import UserError
+
+ENGINES = ("horovod", "torch", "local")
+OPS = ("sum", "average")
+DEFAULT_TIMEOUT_S = 600
+
+
+class CommError(UserError):
+    """A communicator cannot start or a collective was misused; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of global ranks that run collectives together.
+
+    ranks: the members' global ranks, ascending. rank: this process's index in ``ranks``, or -1
+    when it is not a member. index: creation order (the world is 0), the same on every rank because
+    groups are created collectively. handle: the engine's object (Horovod process set, torch group).
+    """
+
+    ranks: Tuple[int, ...]
+    rank: int
+    index: int = 0
+    handle: Any = None
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+class Handle:
+    """An asynchronous collective in flight; ``wait()`` returns its result."""
+
+    def __init__(self, wait_fn, result: torch.Tensor):
+        self._wait_fn, self._result = wait_fn, result
+
+    def wait(self) -> torch.Tensor:
+        if self._wait_fn is not None:
+            self._wait_fn()
+            self._wait_fn = None
+        return self._result
+
+
+class Communicator:
+    """Base class: rank bookkeeping, groups, and the collectives built from the engine's primitives.
+
+    Subclasses implement ``_new_group``, ``_allreduce``, ``_allreduce_async``, ``_allgather``,
+    ``_broadcast`` and ``_barrier`` for groups of two or more members; groups of one never reach them.
+    """
+
+    engine = "base"
+
+    def __init__(self, rank: int, size: int, local_rank: int, local_size: int, world_handle: Any = None):
+        self.rank, self.size = rank, size
+        self.local_rank, self.local_size = local_rank, local_size
+        self.world = Group(tuple(range(size)), rank, 0, world_handle)
+        self._groups: Dict[Tuple[int, ...], Group] = {self.world.ranks: self.world}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rank={self.rank}, size={self.size}, local_rank={self.local_rank})"
+
+    # groups ---------------------------------------------------------------------------------------
+    def new_group(self, ranks: Sequence[int]) -> Group:
+        """The group of ``ranks`` (global ranks). Collective: every rank of the world calls it with the
+        same ranks in the same order. The whole world and repeated calls return the existing group."""
+        key = tuple(sorted(int(r) for r in ranks))
+        if not key or len(set(key)) != len(key) or key[0] < 0 or key[-1] >= self.size:
+            raise CommError(f"invalid group ranks {list(ranks)}: need distinct ranks in [0, {self.size})")
+        if key not in self._groups:
+            member_rank = key.index(self.rank) if self.rank in key else -1
+            handle = self._new_group(key) if len(key) > 1 else None
+            self._groups[key] = Group(key, member_rank, len(self._groups), handle)
+        return self._groups[key]
+
+    def partition(self, group_size: Optional[int] = None) -> Group:
+        """Split the world into consecutive groups of ``group_size`` ranks (None: the whole world) and
+        return this rank's. Collective, like ``new_group``."""
+        group_size = self.size if group_size is None else int(group_size)
+        if group_size < 1 or self.size % group_size:
+            raise CommError(f"group size {group_size} does not divide the world size {self.size}: "
+                            f"choose a divisor of {self.size}")
+        groups = [self.new_group(range(start, start + group_size)) for start in range(0, self.size, group_size)]
+        return groups[self.rank // group_size]
+
+    def _member(self, group: Optional[Group]) -> Group:
+        group = self.world if group is None else group
+        if group.rank < 0:
+            raise CommError(f"rank {self.rank} is not a member of group {list(group.ranks)}")
+        return group
+
+    # collectives ----------------------------------------------------------------------------------
+    def allreduce(self, tensor: torch.Tensor, op: str = "sum", group: Optional[Group] = None,
+                  name: Optional[str] = None) -> torch.Tensor:
+        """Sum or average of ``tensor`` over the group, a new tensor (the input itself for a group of
+        one). Differentiable: the gradient is the same reduction of the output gradients.
+
+        name: a stable name for a collective repeated every iteration (a layer's statistics), which
+        lets Horovod reuse its negotiation; it must not be in flight twice. Default: a sequence number.
+        """
+        group = self._member(group)
+        _check_op(op)
+        if group.size == 1:
+            return tensor
+        return self._allreduce(tensor, op, group, name)
+
+    def allreduce_async(self, tensor: torch.Tensor, op: str = "sum", group: Optional[Group] = None,
+                        name: Optional[str] = None) -> Handle:
+        """Start an in-place reduction of ``tensor``; ``handle.wait()`` returns it reduced. Not
+        differentiable: for gradients and statistics already detached. ``name`` as in ``allreduce``."""
+        group = self._member(group)
+        _check_op(op)
+        if group.size == 1:
+            return Handle(None, tensor)
+        return self._allreduce_async(tensor, op, group, name)
+
+    def allgather(self, tensor: torch.Tensor, group: Optional[Group] = None) -> torch.Tensor:
+        """Concatenation along dim 0 of every member's ``tensor``, in rank order. The first dimension
+        may differ between ranks; the others must match. Not differentiable (for detections, metrics
+        and statistics)."""
+        group = self._member(group)
+        if group.size == 1:
+            return tensor.detach()
+        return self._allgather(tensor.detach(), group)
+
+    def allgather_object(self, obj: Any, group: Optional[Group] = None) -> List[Any]:
+        """Every member's picklable ``obj``, as a list in rank order."""
+        group = self._member(group)
+        if group.size == 1:
+            return [obj]
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        sizes = self._allgather(torch.tensor([payload.numel()], dtype=torch.int64), group).tolist()
+        gathered = self._allgather(payload, group).numpy().tobytes()
+        offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        return [pickle.loads(gathered[offsets[i]:offsets[i + 1]]) for i in range(len(sizes))]
+
+    def broadcast(self, tensor: torch.Tensor, root: int = 0, group: Optional[Group] = None) -> torch.Tensor:
+        """Overwrite ``tensor`` in place with the copy on global rank ``root``, and return it."""
+        group = self._member(group)
+        self._check_root(root, group)
+        if group.size == 1:
+            return tensor
+        return self._broadcast(tensor, root, group)
+
+    def broadcast_object(self, obj: Any, root: int = 0, group: Optional[Group] = None) -> Any:
+        """Global rank ``root``'s picklable ``obj`` (every other member's ``obj`` is ignored)."""
+        group = self._member(group)
+        self._check_root(root, group)
+        if group.size == 1:
+            return obj
+        payload = pickle.dumps(obj) if self.rank == root else b""
+        size = self._broadcast(torch.tensor([len(payload)], dtype=torch.int64), root, group).item()
+        buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if self.rank == root \
+            else torch.empty(size, dtype=torch.uint8)
+        return pickle.loads(self._broadcast(buffer, root, group).numpy().tobytes())
+
+    def barrier(self, group: Optional[Group] = None) -> None:
+        group = self._member(group)
+        if group.size > 1:
+            self._barrier(group)
+
+    def agree(self, error: Optional[str] = None, group: Optional[Group] = None) -> None:
+        """Agreement step: every member says whether it failed (``error`` is its one-line message, or
+        None). If any did, every member raises ``CommError`` with the lowest failing rank's message,
+        so no rank goes on to a collective that a failed rank will never join."""
+        errors = self.allgather_object(error, group)
+        failed = [(r, e) for r, e in zip(self._member(group).ranks, errors) if e is not None]
+        if failed:
+            rank, message = failed[0]
+            raise CommError(message if len(failed) == len(errors) else f"rank {rank}: {message}")
+
+    def shutdown(self) -> None:
+        """Release the engine. The communicator must not be used afterwards."""
+
+    @staticmethod
+    def _check_root(root: int, group: Group) -> None:
+        if root not in group.ranks:
+            raise CommError(f"broadcast root {root} is not in group {list(group.ranks)}")
+
+    # engine primitives ----------------------------------------------------------------------------
+    def _new_group(self, ranks: Tuple[int, ...]) -> Any:
+        raise NotImplementedError
+
+    def _allreduce(self, tensor, op, group, name):
+        raise NotImplementedError
+
+    def _allreduce_async(self, tensor, op, group, name) -> Handle:
+        raise NotImplementedError
+
+    def _allgather(self, tensor, group):
+        raise NotImplementedError
+
+    def _broadcast(self, tensor, root, group):
+        raise NotImplementedError
+
+    def _barrier(self, group):
+        raise NotImplementedError
+
+
+def _check_op(op: str) -> None:
+    if op not in OPS:
+        raise CommError(f"unknown reduction op {op!r}: use one of {', '.join(OPS)}")
+
+
+class LocalCommunicator(Communicator):
+    """A world of one process: every collective returns its input."""
+
+    engine = "local"
+
+    def __init__(self):
+        super().__init__(rank=0, size=1, local_rank=0, local_size=1)
+
+
+class _HorovodAllreduce(torch.autograd.Function):
+    """Allreduce whose backward pass is a named allreduce too (Horovod's own names it by a per-process
+    counter, which differs between members and non-members of a group)."""
+
+    @staticmethod
+    def forward(ctx, tensor, comm, op, group, name):
+        ctx.comm, ctx.op, ctx.group, ctx.name = comm, op, group, name
+        return comm._allreduce_async(tensor.clone(), op, group, name).wait()
+
+    @staticmethod
+    def backward(ctx, grad):
+        name = None if ctx.name is None else f"{ctx.name}.grad"
+        return ctx.comm._allreduce_async(grad.clone(), ctx.op, ctx.group, name).wait(), None, None, None, None
+
+
+class HorovodCommunicator(Communicator):
+    """Horovod with dynamic process sets (groups), over Gloo or MPI as the launcher decided.
+
+    Horovod matches a collective across ranks by its name. Every op here is named after its group
+    and either the caller's stable name or the group's own sequence number, so ops on one group never
+    shift the names of ops on another.
+    """
+
+    engine = "horovod"
+
+    def __init__(self, timeout_s: float):
+        # A collective that some rank never joins: Horovod shuts down after this stall.
+        os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(min(60, int(timeout_s))))
+        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(timeout_s)))
+        try:
+            import horovod.torch as hvd
+        except ImportError as error:
+            raise CommError(f"Horovod with PyTorch support is not importable ({error}): run "
+                            "'bash scripts/setup.sh' (builds Horovod 0.28.1 with PyTorch, Gloo and MPI) "
+                            "or set MEGDET_COMM=torch") from None
+        self.hvd = hvd
+        hvd.init(process_sets="dynamic")
+        super().__init__(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), hvd.global_process_set)
+        self.mpi_built = bool(hvd.mpi_built())
+        self._ops = {"sum": hvd.Sum, "average": hvd.Average}
+        self._sequence: Dict[int, int] = {}
+
+    def _name(self, group: Group, kind: str, name: Optional[str] = None) -> str:
+        if name is None:
+            self._sequence[group.index] = number = self._sequence.get(group.index, 0) + 1
+            name = str(number)
+        return f"g{group.index}.{kind}.{name}"
+
+    def _new_group(self, ranks):
+        return self.hvd.add_process_set(list(ranks))
+
+    def _allreduce(self, tensor, op, group, name):
+        return _HorovodAllreduce.apply(tensor, self, op, group, self._name(group, "allreduce", name))
+
+    def _allreduce_async(self, tensor, op, group, name):
+        handle = self.hvd.allreduce_async_(tensor, op=self._ops[op], process_set=group.handle,
+                                           name=self._name(group, "allreduce", name))
+        return Handle(lambda: self.hvd.synchronize(handle), tensor)
+
+    def _allgather(self, tensor, group):
+        return self.hvd.allgather(tensor, name=self._name(group, "allgather"), process_set=group.handle)
+
+    def _broadcast(self, tensor, root, group):
+        return self.hvd.broadcast_(tensor, root_rank=root, name=self._name(group, "broadcast"),
+                                   process_set=group.handle)
+
+    def _barrier(self, group):
+        self.hvd.barrier(process_set=group.handle)
+
+    def shutdown(self):
+        self.hvd.shutdown()
+
+
+class TorchCommunicator(Communicator):
+    """torch.distributed: gloo on CPU, NCCL when CUDA is available."""
+
+    engine = "torch"
+
+    def __init__(self, launch: launch_mod.Launch, timeout_s: float):
+        import torch.distributed as dist
+        import torch.distributed.nn.functional as dist_fn
+
+        self.dist, self.dist_fn = dist, dist_fn
+        rank, size, address = _torch_rendezvous(launch)
+        self.backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(self.backend, init_method=address, rank=rank, world_size=size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" \
+            else torch.device("cpu")
+        hosts = [None] * size
+        dist.all_gather_object(hosts, socket.gethostname())
+        local = [r for r, host in enumerate(hosts) if host == hosts[rank]]
+        super().__init__(rank, size, local.index(rank), len(local), dist.group.WORLD)
+        self._ops = {"sum": dist.ReduceOp.SUM, "average": dist.ReduceOp.SUM}
+
+    def _new_group(self, ranks):
+        return self.dist.new_group(list(ranks))
+
+    def _allreduce(self, tensor, op, group, name):
+        out = self.dist_fn.all_reduce(tensor, op=self._ops[op], group=group.handle)
+        return out / group.size if op == "average" else out
+
+    def _allreduce_async(self, tensor, op, group, name):
+        work = self.dist.all_reduce(tensor, op=self._ops[op], group=group.handle, async_op=True)
+        if op == "average":
+            return Handle(lambda: (work.wait(), tensor.div_(group.size)), tensor)
+        return Handle(work.wait, tensor)
+
+    def _allgather(self, tensor, group):
+        # gloo gathers equal shapes only: pad dim 0 to the longest, gather, then trim each piece.
+        length = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+        lengths = [torch.zeros_like(length) for _ in range(group.size)]
+        self.dist.all_gather(lengths, length, group=group.handle)
+        lengths = [int(n) for n in lengths]
+        longest = max(lengths)
+        padded = tensor
+        if tensor.shape[0] < longest:
+            padding = tensor.new_zeros((longest - tensor.shape[0],) + tuple(tensor.shape[1:]))
+            padded = torch.cat([tensor, padding])
+        pieces = [torch.empty_like(padded) for _ in range(group.size)]
+        self.dist.all_gather(pieces, padded.contiguous(), group=group.handle)
+        return torch.cat([piece[:n] for piece, n in zip(pieces, lengths)])
+
+    def _broadcast(self, tensor, root, group):
+        self.dist.broadcast(tensor, src=root, group=group.handle)
+        return tensor
+
+    def _barrier(self, group):
+        self.dist.barrier(group=group.handle)
+
+    def shutdown(self):
+        self.dist.destroy_process_group()
+
+
+def _torch_rendezvous(launch: launch_mod.Launch) -> Tuple[int, int, str]:
+    """(rank, size, init_method) for torch.distributed under the launcher that started us."""
+    env = os.environ
+    if "MASTER_ADDR" in env and launch.size is not None and launch.rank is not None:
+        return launch.rank, launch.size, "env://"
+    if launch.launcher == "mpirun":
+        try:
+            from mpi4py import MPI
+        except ImportError as error:
+            raise CommError(f"the torch engine under mpirun needs mpi4py ({error}): pip install mpi4py") from None
+        world = MPI.COMM_WORLD
+        address = None
+        if world.Get_rank() == 0:
+            with socket.socket() as probe:
+                probe.bind(("", 0))
+                address = f"tcp://{socket.getfqdn()}:{probe.getsockname()[1]}"
+        return world.Get_rank(), world.Get_size(), world.bcast(address, root=0)
+    if launch.launcher == "srun":
+        nodes = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_STEP_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+        port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        return launch.rank, launch.size, f"tcp://{nodes[0]}:{port}"
+    if launch.launcher == "none":
+        raise CommError("the torch engine needs a launcher: use torchrun, mpirun or srun "
+                        "(or MEGDET_COMM=local for one process)")
+    raise CommError(f"the torch engine cannot rendezvous under {launch.launcher}: use torchrun, mpirun "
+                    "or srun, or MEGDET_COMM=horovod")
+
+
+_current: Optional[Communicator] = None
+
+
+def init(engine: Optional[str] = None, timeout_s: Optional[float] = None) -> Communicator:
+    """Start the process's communicator (once; later calls return it) and check it against the launcher.
+
+    engine: "horovod", "torch" or "local"; default ``$MEGDET_COMM``, else "horovod" when a launcher
+    started more than one process, else "local". timeout_s: default ``$MEGDET_COMM_TIMEOUT`` or 600.
+    """
+    global _current
+    if _current is not None:
+        return _current
+    launch = launch_mod.detect()
+    engine = engine or os.environ.get("MEGDET_COMM") or ("horovod" if (launch.size or 1) > 1 else "local")
+    if engine not in ENGINES:
+        raise CommError(f"unknown communication engine {engine!r}: set MEGDET_COMM to one of {', '.join(ENGINES)}")
+    timeout_s = float(timeout_s or os.environ.get("MEGDET_COMM_TIMEOUT", DEFAULT_TIMEOUT_S))
+    if engine == "local":
+        comm: Communicator = LocalCommunicator()
+        launch_mod.check_world_size(launch, engine, comm.size)
+    elif engine == "horovod":
+        comm = HorovodCommunicator(timeout_s)
+        launch_mod.check_world_size(launch, engine, comm.size, mpi_built=comm.mpi_built)
+    else:
+        comm = TorchCommunicator(launch, timeout_s)
+        launch_mod.check_world_size(launch, engine, comm.size)
+    _current = comm
+    return comm
+
+
+def get() -> Communicator:
+    """The communicator started by ``init`` (a local one if none was)."""
+    return _current if _current is not None else init("local")
+
+
+def shutdown() -> None:
+    """Shut down the process's communicator, if any."""
+    global _current
+    if _current is not None:
+        _current.shutdown()
+        _current = None

@@ -1,0 +1,74 @@
+"""Is this launch right? One collective round trip that every rank checks, and what each rank sees.
+
+    horovodrun -np 2 --gloo megdet doctor
+    mpirun -np 2 megdet doctor
+    srun --ntasks 2 megdet doctor
+"""
+from __future__ import annotations
+
+import platform
+import socket
+from typing import Dict, List
+
+import torch
+
+from hpc import comm as comm_mod
+from hpc import launch
+from hpc.comm import Communicator
+
+
+def horovod_features() -> Dict[str, bool]:
+    """What the installed Horovod was built with ({} when Horovod is not importable)."""
+    try:
+        import horovod.torch as hvd
+    except ImportError:
+        return {}
+    return {"mpi": bool(hvd.mpi_built()), "gloo": bool(hvd.gloo_built()), "nccl": bool(hvd.nccl_built())}
+
+
+def examine(comm: Communicator) -> List[Dict]:
+    """Every rank's view of the launch (on rank 0; None elsewhere), after checking that an allreduce
+    and a group allreduce give the values the rank numbers predict. Raises ``CommError`` on every rank
+    when they do not."""
+    total = comm.allreduce(torch.tensor([float(comm.rank)], dtype=torch.float64)).item()
+    expected = comm.size * (comm.size - 1) / 2
+    pair = comm.partition(2) if comm.size % 2 == 0 else comm.world
+    pair_total = comm.allreduce(torch.ones(1), group=pair).item()
+    error = None
+    if total != expected or pair_total != pair.size:
+        error = (f"allreduce gave {total} (expected {expected}) and {pair_total} over group {list(pair.ranks)} "
+                 f"(expected {pair.size}): the ranks are not talking to each other correctly")
+    comm.agree(error)
+    started = launch.detect()
+    view = {"rank": comm.rank, "size": comm.size, "local_rank": comm.local_rank, "local_size": comm.local_size,
+            "host": socket.gethostname(), "engine": comm.engine, "launcher": started.launcher,
+            "scheduler": started.scheduler, "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.is_available(), "horovod_built": horovod_features()}
+    views = comm.allgather_object(view)
+    return views if comm.rank == 0 else None
+
+
+def format_report(views: List[Dict]) -> str:
+    first = views[0]
+    lines = [f"world of {first['size']} ranks, engine {first['engine']}, launcher {first['launcher']}"
+             + (f" under {first['scheduler']}" if first["scheduler"] else ""),
+             f"torch {first['torch']}, Python {first['python']}, CUDA {'yes' if first['cuda'] else 'no'}, "
+             f"Horovod built with: {', '.join(k for k, v in first['horovod_built'].items() if v) or 'not installed'}",
+             "rank  local  host"]
+    lines += [f"{v['rank']:>4}  {v['local_rank']:>2}/{v['local_size']:<2}  {v['host']}" for v in views]
+    lines.append("allreduce over the world and over groups: ok")
+    return "\n".join(lines)
+
+
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--engine", default=None,
+                        help="horovod | torch | local (default: $MEGDET_COMM, else horovod when launched)")
+
+
+def run(args) -> int:
+    views = examine(comm_mod.init(args.engine))
+    if views is not None:
+        print(format_report(views), flush=True)
+    return 0

@@ -1,0 +1,27 @@
+"""``megdet bench NAME``: benchmarks that measure alternatives side by side in one run and print ratios.
+
+Each benchmark is a module here with ``add_arguments(parser)`` and ``run(args) -> exit code``; it
+writes its rows as JSON and a Markdown table with ``megdet.bench.report.write``. Tests run each once
+at a tiny size and assert nothing about speed.
+"""
+from __future__ import annotations
+
+import importlib
+
+# name: (module, one-line help)
+BENCHMARKS = {}
+
+
+def add_arguments(parser) -> None:
+    names = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        module = importlib.import_module(module_name)
+        sub = names.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--out", default=f"runs/bench/{name}",
+                         help="folder for the JSON and Markdown results (default: %(default)s)")
+        module.add_arguments(sub)
+        sub.set_defaults(run_benchmark=module.run)
+
+
+def run(args) -> int:
+    return args.run_benchmark(args)
