@@ -19,7 +19,7 @@ WHEEL_CACHE=${MEGDET_WHEEL_CACHE:-$HOME/.cache/megdet/wheels}
 say() { echo "[setup] $*"; }
 die() { echo "[setup] error: $*" >&2; exit 1; }
 
-stamp_inputs() { cat "$ROOT/scripts/setup.sh" "$ROOT/setup.cfg" "$ROOT/pyproject.toml"; }
+stamp_inputs() { cat "$ROOT/scripts/setup.sh" "$ROOT/scripts/check_horovod_build.sh" "$ROOT/setup.cfg" "$ROOT/pyproject.toml"; }
 STAMP=$VENV/.megdet-setup-$(stamp_inputs | sha256sum | cut -c1-16)
 if [[ -f $STAMP && -z ${MEGDET_FORCE_SETUP:-} ]]; then
   say "up to date ($STAMP)"
@@ -98,13 +98,7 @@ fi
 "${PIP[@]}" install -q --force-reinstall --no-deps "$CACHED"/horovod-*.whl
 "${PIP[@]}" install -q cloudpickle psutil pyyaml packaging  # Horovod's runtime deps
 
-# horovod.torch only warns when its extension failed to build: check what the build really has.
-check=$("$VENV/bin/horovodrun" --check-build)
-for feature in PyTorch MPI Gloo; do
-  grep -q "\[X\] $feature" <<<"$check" \
-    || die "Horovod was built without $feature ($CACHED); delete that folder and rerun with MEGDET_FORCE_SETUP=1"
-done
-say "Horovod has PyTorch, MPI and Gloo"
+bash "$ROOT/scripts/check_horovod_build.sh"
 
 # 4. megdet itself.
 "${PIP[@]}" install -q --no-build-isolation --no-deps -e "$ROOT"
