@@ -1,0 +1,339 @@
+"""Cross-GPU batch normalization (MegDet), frozen batch norm, and converting a model between them.
+
+    comm = hpc.comm.init()
+    group_size = group_size_for(bn_size_images=32, images_per_rank=2, world_size=comm.size)
+    model = convert_model(model, mode="cgbn", group_size=group_size)   # collective: every rank calls it
+    model = convert_model(model, mode="frozen")                         # fixed affine, the detection baseline
+
+Shapes: N images on this rank, C channels, H x W feature map. A BN group is ``group_size`` consecutive
+ranks whose images share batch statistics (MegDet's "BN size" = group_size * images per rank).
+
+Statistics (training, group of G ranks): mean and biased variance per channel over every pixel of
+every image of the group, i.e. exactly what ``nn.BatchNorm2d`` computes on the group's batches
+concatenated along N. They equal the global statistics when the group is the whole world. The
+running mean and the running (unbiased) variance are updated from the group statistics and so are
+identical on every rank of a group. Gradients: the input gradient is the exact gradient of the
+group computation; weight and bias gradients are this rank's share (sum over the group = gradient
+of the concatenated batch), so the usual data-parallel gradient reduction completes them.
+
+Communication per layer and training step: one allreduce in the forward pass (per-channel count,
+sum and sum of squares, float64) and one in the backward pass (sum dy, sum dy * xhat, float32).
+Eval mode and groups of one rank communicate nothing. See docs/cgbn.md.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from hpc import comm as comm_mod
+from hpc.errors import UserError
+
+CONVERT_MODES = ("cgbn", "frozen", "bn")
+MIN_VALUES_PER_CHANNEL = 2  # an unbiased variance needs two values, as in nn.BatchNorm2d
+DEFAULT_MOMENTUM = 0.1  # nn.BatchNorm2d's
+
+
+def group_size_for(bn_size_images: int, images_per_rank: int, world_size: int) -> int:
+    """Ranks per BN group for MegDet's "BN size" (images sharing statistics): bn_size / images_per_rank.
+
+    Raises UserError when the BN size is not a multiple of images_per_rank or the group size does
+    not divide world_size.
+    """
+    if images_per_rank < 1:
+        raise UserError(f"Invalid images_per_rank: {images_per_rank}; need at least 1")
+    if bn_size_images < images_per_rank or bn_size_images % images_per_rank:
+        raise UserError(f"Invalid BN size: {bn_size_images} images is not a multiple of "
+                        f"{images_per_rank} images per rank; choose a multiple of {images_per_rank}")
+    group_size = bn_size_images // images_per_rank
+    if world_size % group_size:
+        raise UserError(f"Invalid BN size: {bn_size_images} images = groups of {group_size} ranks, "
+                        f"which does not divide the world of {world_size} ranks; choose a BN size of "
+                        f"{images_per_rank} x a divisor of {world_size}")
+    return group_size
+
+
+def node_local_error(group_ranks: Tuple[int, ...], rank: int, local_rank: int, local_size: int) -> Optional[str]:
+    """Why this rank's BN group spans nodes, or None. Launchers place consecutive ranks on a node
+    (block mapping), so this rank's node holds ranks [rank - local_rank, rank - local_rank + local_size)."""
+    node_first = rank - local_rank
+    node_last = node_first + local_size - 1
+    if group_ranks[0] < node_first or group_ranks[-1] > node_last:
+        return (f"Invalid group_size: the BN group of ranks {group_ranks[0]}-{group_ranks[-1]} spans "
+                f"nodes (rank {rank}'s node holds ranks {node_first}-{node_last}); with node_local=True "
+                f"choose a group size that divides the {local_size} ranks per node")
+    return None
+
+
+def bn_group(comm: comm_mod.Communicator, group_size: Optional[int], node_local: bool) -> comm_mod.Group:
+    """This rank's BN group of ``group_size`` consecutive ranks (None: the world). Collective: every
+    rank calls it in the same order. With node_local, every rank raises if any group spans nodes."""
+    group_size = comm.size if group_size is None else group_size
+    if not isinstance(group_size, int) or group_size < 1 or comm.size % group_size:
+        raise UserError(f"Invalid group_size: {group_size} does not divide the world of {comm.size} "
+                        f"ranks; choose a divisor of {comm.size}")
+    if node_local:
+        start = comm.rank // group_size * group_size
+        ranks = tuple(range(start, start + group_size))
+        comm.agree(node_local_error(ranks, comm.rank, comm.local_rank, comm.local_size))
+    return comm.partition(group_size)
+
+
+def _input_error(x: torch.Tensor, num_features: int, layer: str) -> Optional[str]:
+    if x.dim() != 4 or x.shape[1] != num_features:
+        return (f"Invalid input to {layer}: expected Tensor[N, {num_features}, H, W], got shape "
+                f"{tuple(x.shape)}; batch norm 2d needs 4-D input with {num_features} channels")
+    if not x.is_floating_point():
+        return f"Invalid input to {layer}: dtype {x.dtype}; batch norm needs a floating point tensor"
+    return None
+
+
+def _channel_view(v: torch.Tensor) -> torch.Tensor:
+    """Tensor[C] -> Tensor[1, C, 1, 1], to broadcast over Tensor[N, C, H, W]."""
+    return v.view(1, -1, 1, 1)
+
+
+class _GroupBatchNorm(torch.autograd.Function):
+    """Batch norm with statistics over a BN group: one allreduce forward, one backward.
+
+    Forward packet (float64): [failed flag per member (G), count, sum x (C), sum x^2 (C)]. Each rank
+    centres its values on a shift (its first pixel per channel, so the centred values are of the
+    order of the standard deviation), takes their mean and variance in float32, and only then
+    expands them to raw moments in float64; see docs/cgbn.md for the error bound. The output is
+    normalized from the centred values too, so it stays exact when |mean| >> std.
+    Backward packet (float32): [sum dy (C), sum dy * xhat (C)].
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, comm, group, name, error):
+        channels, members = weight.numel(), group.size
+        packet = torch.zeros(members + 1 + 2 * channels, dtype=torch.float64, device=x.device)
+        flags, count, sums, squares = packet.split([members, 1, channels, channels])
+        if error is not None:
+            flags[group.rank] = 1
+        elif x.numel():
+            values = x.float()
+            shift = values[0, :, 0, 0].clone()
+            centred = values - _channel_view(shift)
+            local_mean, local_var = torch.batch_norm_update_stats(centred, None, None, 0.0)
+            local_count = x.numel() // channels
+            local_mean = shift.double() + local_mean.double()
+            count.fill_(local_count)
+            sums.copy_(local_mean * local_count)
+            squares.copy_((local_var.double() + local_mean * local_mean) * local_count)
+        comm.allreduce_async(packet, op="sum", group=group, name=f"{name}.forward").wait()
+
+        failed = [group.ranks[i] for i in flags.nonzero().flatten().tolist()]
+        if failed:
+            raise UserError(error or f"Invalid input to {name} on rank(s) {failed} of BN group "
+                                     f"{list(group.ranks)}: see their error")
+        total = int(count.item())
+        if total < MIN_VALUES_PER_CHANNEL:
+            raise UserError(f"Invalid batch for {name}: BN group {list(group.ranks)} has {total} value(s) per "
+                            f"channel in training; batch norm needs at least {MIN_VALUES_PER_CHANNEL}: "
+                            "give the group more images or pixels, or use eval mode")
+        mean64 = sums / total
+        var64 = (squares / total - mean64 * mean64).clamp_min(0)
+        # The mean as float32 head + tail: at |mean| >> std one float32 loses the centred values.
+        mean, var = mean64.float(), var64.float()
+        mean_tail = (mean64 - mean.double()).float()
+        running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+        running_var.mul_(1 - momentum).add_((var64 * (total / (total - 1))).float(), alpha=momentum)
+
+        ctx.save_for_backward(x, weight, mean, mean_tail, var)
+        ctx.eps, ctx.total, ctx.comm, ctx.group, ctx.name = eps, total, comm, group, name
+        if not x.numel():
+            return torch.empty_like(x)
+        centred_mean = (mean64 - shift.double()).float()
+        return F.batch_norm(centred, centred_mean, var, weight, bias, training=False, momentum=0.0,
+                            eps=eps).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        x, weight, mean, mean_tail, var = ctx.saved_tensors
+        channels = weight.numel()
+        invstd = torch.rsqrt(var + ctx.eps)
+        packet = torch.zeros(2 * channels, dtype=torch.float32, device=x.device)
+        if x.numel():
+            values, grad = x.float(), grad_output.float()
+            # Local sum dy * (x - mean) * invstd and sum dy around the float32 head of the mean,
+            # then the tail's share: xhat = (x - mean - mean_tail) * invstd.
+            _, local_sum_dy_xhat, local_sum_dy = torch.ops.aten.native_batch_norm_backward(
+                grad, values, weight, mean, var, None, None, False, ctx.eps, [False, True, True])
+            local_sum_dy_xhat = local_sum_dy_xhat - mean_tail * invstd * local_sum_dy
+            packet.copy_(torch.cat([local_sum_dy, local_sum_dy_xhat]))
+        else:
+            local_sum_dy_xhat = local_sum_dy = torch.zeros_like(weight)
+        sum_dy, sum_dy_xhat = ctx.comm.allreduce_async(
+            packet, op="sum", group=ctx.group, name=f"{ctx.name}.backward").wait().split([channels, channels])
+
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the group,
+            #    = dy_scale * dy + centred_scale * (x - mean) + constant.
+            dy_scale = weight * invstd
+            centred_scale = -dy_scale * invstd * sum_dy_xhat / ctx.total
+            constant = -dy_scale * sum_dy / ctx.total - centred_scale * mean_tail
+            if x.numel():
+                grad_input = torch.addcmul(_channel_view(constant), grad, _channel_view(dy_scale))
+                grad_input.addcmul_(values - _channel_view(mean), _channel_view(centred_scale))
+                grad_input = grad_input.to(x.dtype)
+            else:
+                grad_input = torch.zeros_like(x)
+        return (grad_input, local_sum_dy_xhat, local_sum_dy) + (None,) * 8
+
+
+class CrossGPUBatchNorm2d(_BatchNorm):
+    """MegDet's cross-GPU batch norm over a BN group of ``group_size`` consecutive ranks.
+
+    Input and output: Tensor[N, C, H, W] (N may differ between ranks and may be 0); any floating
+    dtype, statistics in float32/float64 (autocast bf16/fp16 inputs stay in their dtype).
+    group_size: ranks sharing statistics (None: the whole world); the group is created here, so
+    construct layers in the same order on every rank. node_local: raise on every rank if a group
+    would span nodes. name: stable name of this layer's collectives (Horovod caches their
+    negotiation by name); ``convert_model`` uses the module path.
+
+    Hang guard: an invalid input (not 4-D, wrong channel count, not floating point) on any rank is
+    flagged inside the forward allreduce that every member joins anyway, so every member raises the
+    same UserError at no extra collective. Anything else that stops a member from reaching this
+    layer's allreduce (an exception elsewhere, a rank in eval mode while the others train, a rank
+    that does not backpropagate through the layer) fails after the communicator's timeout
+    (MEGDET_COMM_TIMEOUT, default 600 s) instead of hanging.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = DEFAULT_MOMENTUM,
+                 group_size: Optional[int] = None, node_local: bool = False, name: Optional[str] = None):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True)
+        group = bn_group(comm_mod.get(), group_size, node_local)
+        self.group_ranks = group.ranks  # the Group itself holds engine handles that cannot be copied
+        self.name = name or f"cgbn{num_features}"
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_ranks={list(self.group_ranks)}, name={self.name!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        error = _input_error(x, self.num_features, self.name)
+        comm = comm_mod.get()
+        group = comm.new_group(self.group_ranks)  # created at construction; a lookup here
+        if not self.training or group.size == 1:
+            if error is not None:
+                raise UserError(error)
+            if self.training and x.numel() // self.num_features < MIN_VALUES_PER_CHANNEL:
+                raise UserError(f"Invalid batch for {self.name}: shape {tuple(x.shape)} has fewer than "
+                                f"{MIN_VALUES_PER_CHANNEL} values per channel in training; give it more "
+                                "images or pixels, or use eval mode")
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                training=False, momentum=0.0, eps=self.eps)
+        momentum = self.momentum if self.momentum is not None else 1.0 / (int(self.num_batches_tracked) + 1)
+        if group.size == 1:
+            out = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                               training=True, momentum=momentum, eps=self.eps)
+        else:
+            out = _GroupBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                        momentum, self.eps, comm, group, self.name, error)
+        self.num_batches_tracked.add_(1)
+        return out
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics and affine: y = (x - running_mean) / sqrt(running_var + eps)
+    * weight + bias, per channel, on Tensor[N, C, H, W]. All four are buffers (nothing trains); it
+    loads a ``BatchNorm2d`` state dict (``num_batches_tracked`` is dropped)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        error = _input_error(x, self.num_features, type(self).__name__)
+        if error is not None:
+            raise UserError(error)
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        shift = self.bias - self.running_mean * scale
+        return torch.addcmul(_channel_view(shift).to(x.dtype), x, _channel_view(scale).to(x.dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+BATCH_NORMS_2D = (nn.BatchNorm2d, CrossGPUBatchNorm2d, FrozenBatchNorm2d)
+
+
+def convert_model(model: nn.Module, mode: str = "cgbn", group_size: Optional[int] = None,
+                  node_local: bool = False) -> nn.Module:
+    """Replace every 2-d batch norm in ``model`` (``nn.BatchNorm2d``, ``CrossGPUBatchNorm2d``,
+    ``FrozenBatchNorm2d``) by the kind ``mode`` names, keeping weights, biases, running statistics,
+    eps, momentum, device and dtype. In place: returns ``model`` (the new layer if ``model`` itself
+    is one); layers already of that kind (and group size) stay as they are.
+
+    mode "cgbn": CrossGPUBatchNorm2d over groups of ``group_size`` ranks of ``hpc.comm.get()``
+    (collective: call it on every rank), each named after its module path. "frozen":
+    FrozenBatchNorm2d. "bn": nn.BatchNorm2d (for example to evaluate on one process).
+    """
+    if mode not in CONVERT_MODES:
+        raise UserError(f"Invalid mode: {mode!r}; use one of {', '.join(CONVERT_MODES)}")
+    if mode != "cgbn" and (group_size is not None or node_local):
+        raise UserError(f"Invalid arguments: group_size={group_size} and node_local={node_local} apply to "
+                        f"mode 'cgbn' only, not {mode!r}; drop them")
+    group_size = bn_group(comm_mod.get(), group_size, node_local).size if mode == "cgbn" else None
+    return _convert(model, mode, group_size, path="")
+
+
+def _convert(module: nn.Module, mode: str, group_size: Optional[int], path: str) -> nn.Module:
+    if isinstance(module, BATCH_NORMS_2D):
+        if _is_kind(module, mode, group_size):
+            return module
+        return _converted_layer(module, mode, group_size, path or "bn")
+    for child_name, child in module.named_children():
+        converted = _convert(child, mode, group_size, f"{path}.{child_name}" if path else child_name)
+        if converted is not child:
+            setattr(module, child_name, converted)
+    return module
+
+
+def _is_kind(layer: nn.Module, mode: str, group_size: Optional[int]) -> bool:
+    if mode == "cgbn":
+        return isinstance(layer, CrossGPUBatchNorm2d) and len(layer.group_ranks) == group_size
+    return isinstance(layer, FrozenBatchNorm2d if mode == "frozen" else nn.BatchNorm2d)
+
+
+def _converted_layer(layer: nn.Module, mode: str, group_size: Optional[int], path: str) -> nn.Module:
+    if not isinstance(layer, FrozenBatchNorm2d) and not (layer.affine and layer.track_running_stats):
+        raise UserError(f"Invalid layer {path}: {layer} has affine={layer.affine}, track_running_stats="
+                        f"{layer.track_running_stats}; convert_model needs affine=True and "
+                        "track_running_stats=True")
+    if mode == "frozen":
+        new = FrozenBatchNorm2d(layer.num_features, eps=layer.eps)
+        for buffer in ("weight", "bias", "running_mean", "running_var"):
+            setattr(new, buffer, getattr(layer, buffer).detach().clone())
+        return new
+    momentum = getattr(layer, "momentum", DEFAULT_MOMENTUM)
+    if mode == "cgbn":
+        new = CrossGPUBatchNorm2d(layer.num_features, eps=layer.eps, momentum=momentum,
+                                  group_size=group_size, name=f"cgbn.{path}")
+    else:
+        new = nn.BatchNorm2d(layer.num_features, eps=layer.eps, momentum=momentum)
+    trainable = isinstance(layer, FrozenBatchNorm2d)
+    for param in ("weight", "bias"):
+        source = getattr(layer, param)
+        setattr(new, param, nn.Parameter(source.detach().clone(),
+                                         requires_grad=trainable or source.requires_grad))
+    for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+        if hasattr(layer, buffer):
+            setattr(new, buffer, getattr(layer, buffer).detach().clone())
+    new.train(layer.training)
+    return new.to(layer.running_mean.device)

@@ -1,0 +1,155 @@
+"""``megdet bench cgbn``: training-step time of conv + BN + ReLU blocks with local BN, our cross-GPU
+BN and torch's SyncBatchNorm, measured side by side on the same ranks, as ratios to local BN.
+
+    megdet bench cgbn --ranks 2                  # starts 2 ranks per engine itself (horovodrun, torchrun)
+    horovodrun --gloo -np 2 -H localhost:2 megdet bench cgbn --out runs/bench/cgbn-horovod
+    MEGDET_COMM=torch torchrun --nproc-per-node 2 $(which megdet) bench cgbn --out runs/bench/cgbn-torch
+
+A step is forward + backward of the whole stack on this rank's images (no optimizer, no gradient
+allreduce: the difference between the variants is the batch norm). Each step the variants run in
+turn, after a barrier; a step's time is the slowest rank's, and the table gives the median.
+torch's SyncBatchNorm needs the torch engine and CUDA (torch refuses CPU input); where it cannot
+run, its row says why.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from hpc import cgbn
+from hpc import comm as comm_mod
+from hpc import launch
+from hpc.errors import UserError
+from megdet.bench import report
+
+NAME = "cgbn"
+ENGINES = ("horovod", "torch")
+COLUMNS = ("engine", "ranks", "variant", "ms_per_step", "ratio_to_local_bn", "note")
+FORWARDED = ("blocks", "channels", "images", "size", "steps", "warmup", "group_size", "threads")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--ranks", type=int, default=2,
+                        help="when no launcher started us: ranks to start per engine (default: %(default)s)")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="when no launcher started us: engines to run, comma-separated (default: %(default)s)")
+    parser.add_argument("--blocks", type=int, default=4, help="conv + BN + ReLU blocks (default: %(default)s)")
+    parser.add_argument("--channels", type=int, default=64, help="channels per block (default: %(default)s)")
+    parser.add_argument("--images", type=int, default=4, help="images per rank (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=56, help="feature map height = width (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    parser.add_argument("--group-size", type=int, default=None, help="ranks per BN group (default: all)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per rank (default: CPU cores / ranks on this node)")
+
+
+def run(args) -> int:
+    for name in ("ranks", "blocks", "channels", "images", "size", "steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"Invalid --{name}: {getattr(args, name)}; need at least 1")
+    if (launch.detect().size or 1) > 1:
+        return _run_rank(args)
+    if args.ranks < 2:
+        raise UserError(f"Invalid --ranks: {args.ranks}; cross-GPU batch norm needs at least 2 ranks")
+    return _spawn(args)
+
+
+def _spawn(args) -> int:
+    """Start ``args.ranks`` ranks per engine, each writing its own table, then merge the rows."""
+    engines = [e for e in args.engines.split(",") if e]
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown or not engines:
+        raise UserError(f"Invalid --engines: {args.engines!r}; use a comma-separated subset of {', '.join(ENGINES)}")
+    forwarded = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in FORWARDED
+                 if getattr(args, name) is not None]
+    rows: List[Dict] = []
+    for engine in engines:
+        out = Path(args.out) / engine
+        argv = [sys.executable, "-m", "megdet.cli", "bench", NAME, f"--out={out}", *forwarded]
+        if engine == "horovod":
+            command = ["horovodrun", "--gloo", "-np", str(args.ranks), "-H", f"localhost:{args.ranks}", *argv]
+        else:
+            command = ["torchrun", f"--nproc-per-node={args.ranks}", *argv[1:]]  # torchrun -m megdet.cli ...
+        if shutil.which(command[0]) is None:
+            raise UserError(f"{command[0]} is not on PATH: activate the environment that has Horovod and "
+                            f"torch (bash scripts/setup.sh), or pass --engines without {engine}")
+        print(f"megdet bench {NAME}: {' '.join(command)}", flush=True)
+        subprocess.run(command, check=True, env={**os.environ, "MEGDET_COMM": engine})
+        rows += json.loads((out / f"{NAME}.json").read_text())["rows"]
+    table = report.write(args.out, NAME, rows, COLUMNS, inputs=_inputs(args))
+    print(table)
+    return 0
+
+
+def _inputs(args) -> Dict:
+    return {name: getattr(args, name) for name in ("ranks", "engines", *FORWARDED)}
+
+
+def _stack(blocks: int, channels: int) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    for _ in range(blocks):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _run_rank(args) -> int:
+    comm = comm_mod.init()
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // comm.local_size))
+    device = torch.device("cuda", comm.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(0)
+    local = _stack(args.blocks, args.channels).to(device)
+    variants = {"local BN": local,
+                "CGBN": cgbn.convert_model(copy.deepcopy(local), mode="cgbn", group_size=args.group_size)}
+    notes = {"local BN": "nn.BatchNorm2d, no communication",
+             "CGBN": f"hpc.cgbn, groups of {args.group_size or comm.size}, {comm.engine} engine"}
+    if comm.engine == "torch" and device.type == "cuda":
+        group = comm.partition(args.group_size)
+        variants["SyncBatchNorm"] = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(local), group.handle)
+        notes["SyncBatchNorm"] = "torch.nn.SyncBatchNorm"
+    else:
+        notes["SyncBatchNorm"] = ("not run: needs the torch engine" if comm.engine != "torch"
+                                  else "not run: torch's SyncBatchNorm refuses CPU input (GPU only)")
+    images = torch.randn(args.images, args.channels, args.size, args.size, device=device)
+
+    seconds: Dict[str, List[float]] = {name: [] for name in variants}
+    for step in range(args.warmup + args.steps):
+        for name, model in variants.items():
+            comm.barrier()
+            start = time.perf_counter()
+            model(images).sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= args.warmup:
+                seconds[name].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+    slowest = _slowest_rank(comm, seconds)
+    if comm.rank == 0:
+        baseline = statistics.median(slowest["local BN"])
+        rows = []
+        for name in ("local BN", "CGBN", "SyncBatchNorm"):
+            row = {"engine": comm.engine, "ranks": comm.size, "variant": name, "note": notes[name]}
+            if name in slowest:
+                median = statistics.median(slowest[name])
+                row.update(ms_per_step=median * 1e3, ratio_to_local_bn=median / baseline)
+            rows.append(row)
+        print(report.write(args.out, NAME, rows, COLUMNS, inputs=_inputs(args)), flush=True)
+    comm.barrier()
+    return 0
+
+
+def _slowest_rank(comm: comm_mod.Communicator, seconds: Dict[str, List[float]]) -> Dict[str, List[float]]:
+    """Per variant and step, the slowest rank's time (a synchronous step waits for it)."""
+    everyone = comm.allgather_object(seconds)
+    return {name: [max(times) for times in zip(*(rank[name] for rank in everyone))] for name in seconds}

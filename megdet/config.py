@@ -1,0 +1,363 @@
+"""Run configuration: nested dataclasses filled from a YAML preset (one per paper row) and overrides.
+
+    cfg = megdet.config.load("largedet_coco_12min", ["solver.max_iter=100", "train.output_dir=runs/x"])
+    cfg.solver.lr            # resolved: given, or base_lr * batch_size / base_batch (linear scaling rule)
+    cfg.check_world(comm.size, comm.local_size)   # batch, images per rank and BN groups fit this launch
+
+Presets live in ``megdet/configs/NAME.yaml``; ``PRESETS`` lists them. A YAML file or an override may
+only name fields that exist here; every value is checked against the field's type. Bad input raises
+``UserError`` with one line that names the key or value and the fix. Only the builders in the engine
+read a ``Config``; every component takes explicit keyword arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from hpc.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+PRESETS = tuple(sorted(path.stem for path in CONFIG_DIR.glob("*.yaml")))
+
+MODELS = ("resnet50_fpn", "resnet18_fpn")
+NORMS = ("cgbn", "frozen", "bn")
+OPTIMIZERS = ("sgd", "pmd_lamb", "lamb", "lars")
+# Learning-rate factor applied at each of solver.steps (MegDet Sec. 4): normal decays by 0.1 at every
+# step; long decays by 0.1 twice and then halves.
+POLICY_FACTORS = {"normal": None, "long": (0.1, 0.1, 0.5)}
+NORMAL_FACTOR = 0.1
+
+
+@dataclass
+class PaperConfig:
+    """Which published result the preset reproduces, and what the paper reports for it."""
+
+    row: str = ""                         # e.g. "MegDet Table 3, batch 256, BN size 32"
+    gpus: int = 1
+    gpus_per_node: int = 1
+    expected_time: str = ""               # training time the paper reports, e.g. "12 min"
+    box_ap: Optional[float] = None        # COCO box AP@[.5:.95] the paper reports (percent)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50_fpn"            # one of MODELS
+    num_classes: int = 80                 # foreground classes; labels are 1..num_classes
+    norm: str = "frozen"                  # one of NORMS; cgbn = cross-GPU batch norm over bn_size images
+    bn_size: Optional[int] = None         # images per cross-GPU BN group (cgbn only); None: all ranks
+    backbone_weights: Optional[str] = None  # path of ImageNet weights for the backbone; None: random init
+    sublinear_stages: List[str] = field(default_factory=list)  # stages recomputed in backward (memory)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""                       # folder of training shards (megdet pack)
+    val: str = ""                         # folder of validation shards
+    images_per_rank: int = 2              # training images per rank per iteration
+    min_sizes: List[int] = field(default_factory=lambda: [800])  # shorter side, one drawn per image
+    max_size: int = 1333                  # cap on the longer side
+    test_min_size: int = 800
+    flip_prob: float = 0.5                # horizontal flip probability in training
+    num_workers: int = 2                  # data-loading processes per rank
+
+
+@dataclass
+class SolverConfig:
+    optimizer: str = "sgd"                # one of OPTIMIZERS
+    batch_size: int = 16                  # images per iteration over all ranks
+    lr: Optional[float] = None            # None: base_lr * batch_size / base_batch (linear scaling rule)
+    base_lr: float = 0.02
+    base_batch: int = 16
+    max_iter: int = 90000
+    steps: List[int] = field(default_factory=lambda: [60000, 80000])  # iterations where the LR decays
+    policy: str = "normal"                # key of POLICY_FACTORS
+    warmup_iters: int = 0
+    warmup_factor: float = 1.0            # LR at iteration 0 is warmup_factor * lr, linear up to lr
+    momentum: float = 0.9                 # sgd, lars
+    weight_decay: float = 0.0001
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # lamb, pmd_lamb: beta_1, beta_2
+    eps: float = 1e-6                     # lamb, pmd_lamb
+    pmd_alpha: float = 0.012              # PMD-LAMB scale factor alpha
+    pmd_cycle: int = 200                  # PMD-LAMB cycle length T (iterations)
+
+    @property
+    def decay_factors(self) -> List[float]:
+        """The LR factor applied at each of ``steps``."""
+        fixed = POLICY_FACTORS[self.policy]
+        return list(fixed) if fixed is not None else [NORMAL_FACTOR] * len(self.steps)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    output_dir: str = ""                  # "" : runs/<config name>
+    checkpoint_period: int = 1000         # iterations between checkpoints (and one at the end)
+    eval_period: int = 0                  # iterations between evaluations; 0: only at the end
+    target_ap: Optional[float] = None     # stop once box AP (percent) reaches it at an evaluation
+    log_period: int = 20                  # iterations between metrics lines
+
+
+@dataclass
+class EvalConfig:
+    images_per_rank: int = 1
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_image: int = 100
+
+
+@dataclass
+class Config:
+    name: str = ""
+    description: str = ""
+    paper: PaperConfig = field(default_factory=PaperConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def bn_group_ranks(self) -> Optional[int]:
+        """Ranks per cross-GPU BN group (None: the whole world), for ``comm.partition``."""
+        if self.model.norm != "cgbn" or self.model.bn_size is None:
+            return None
+        return self.model.bn_size // self.data.images_per_rank
+
+    def check_world(self, world_size: int, local_size: int) -> None:
+        """Raise ``UserError`` unless the batch, the images per rank and the BN groups fit ``world_size``
+        ranks (``local_size`` of them per node)."""
+        batch, per_rank = self.solver.batch_size, self.data.images_per_rank
+        if batch % world_size:
+            raise UserError(f"solver.batch_size={batch} is not divisible by {world_size} ranks: launch a "
+                            f"divisor of {batch} ranks (e.g. {batch // per_rank} for data.images_per_rank="
+                            f"{per_rank}) or set solver.batch_size to a multiple of {world_size}")
+        if batch // world_size != per_rank:
+            raise UserError(f"solver.batch_size={batch} over {world_size} ranks is {batch // world_size} images "
+                            f"per rank but data.images_per_rank={per_rank}: launch {batch // per_rank} ranks "
+                            f"or set data.images_per_rank={batch // world_size}")
+        group = self.bn_group_ranks()
+        if group is not None and world_size % group:
+            raise UserError(f"model.bn_size={self.model.bn_size} is {group} ranks of {per_rank} images, which "
+                            f"does not divide the world of {world_size} ranks ({local_size} per node): set "
+                            f"model.bn_size to {per_rank} times a divisor of {world_size}, or null for all ranks")
+
+
+def load(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
+    """The config of a preset name (see ``PRESETS``) or a YAML path, with ``key.sub=value`` overrides
+    applied, checked, and ``solver.lr`` resolved."""
+    path = _preset_path(name_or_path)
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML ({_one_line(error)}): fix the file") from None
+    if not isinstance(document, dict):
+        raise UserError(f"{path} must hold a mapping of config sections, not {type(document).__name__}")
+    config = _build(Config, document, str(path), "")
+    for override in overrides:
+        _apply_override(config, override)
+    if not config.name:
+        config.name = path.stem
+    if not config.train.output_dir:
+        config.train.output_dir = os.path.join("runs", config.name)
+    _validate(config)
+    if config.solver.lr is None:
+        config.solver.lr = config.solver.base_lr * config.solver.batch_size / config.solver.base_batch
+    return config
+
+
+def _preset_path(name_or_path: str) -> Path:
+    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise UserError(f"config file {name_or_path} does not exist: give an existing YAML file "
+                            f"or a preset name ({', '.join(PRESETS)})")
+        return path
+    if name_or_path not in PRESETS:
+        close = difflib.get_close_matches(name_or_path, PRESETS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"unknown preset {name_or_path!r}{hint}: choose one of {', '.join(PRESETS)}, "
+                        "or give the path of a .yaml file")
+    return CONFIG_DIR / f"{name_or_path}.yaml"
+
+
+def _field_types(cls) -> Dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, valid: Sequence[str], where: str) -> UserError:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    return UserError(f"unknown config key {key!r} in {where}{hint}: valid keys are "
+                     f"{', '.join(prefix + name for name in valid)}")
+
+
+def _build(cls, values: Dict[str, Any], where: str, prefix: str):
+    """An instance of dataclass ``cls`` from a mapping, every key and value checked."""
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in types:
+            raise _unknown_key(dotted, list(types), where)
+        kind = types[key]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise UserError(f"config key {dotted!r} in {where} must be a mapping of "
+                                f"{', '.join(_field_types(kind))}, not {value!r}")
+            kwargs[key] = _build(kind, value, where, dotted + ".")
+        else:
+            kwargs[key] = _check_value(dotted, value, kind, where)
+    return cls(**kwargs)
+
+
+def _check_value(key: str, value: Any, kind, where: str) -> Any:
+    """``value`` converted to ``kind`` (int, float, str, bool, Optional[...] or List[...]), or UserError."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        try:
+            return _check_value(key, value, next(a for a in args if a is not type(None)), where)
+        except UserError:
+            raise _bad_type(key, value, kind, where) from None
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise _bad_type(key, value, kind, where)
+        return [_check_value(f"{key}[{i}]", item, args[0], where) for i, item in enumerate(value)]
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if kind is str and isinstance(value, str):
+        return value
+    raise _bad_type(key, value, kind, where)
+
+
+def _type_name(kind) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Union:
+        return f"{_type_name(next(a for a in args if a is not type(None)))} or null"
+    if origin in (list, List):
+        return f"a list of {_type_name(args[0])}"
+    return kind.__name__
+
+
+def _bad_type(key, value, kind, where) -> UserError:
+    return UserError(f"config key {key!r} in {where} must be {_type_name(kind)}, not {value!r}: fix the value")
+
+
+def _apply_override(config: Config, override: str) -> None:
+    """Apply one ``section.key=value`` (value in YAML syntax: 0.1, null, [100, 200], text)."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"override {override!r} is not key=value: write e.g. solver.max_iter=100")
+    where = "the overrides"
+    parts = key.split(".")
+    target: Any = config
+    for depth, part in enumerate(parts):
+        types = _field_types(type(target))
+        if part not in types:
+            raise _unknown_key(".".join(parts[:depth + 1]), list(types), where)
+        kind = types[part]
+        if dataclasses.is_dataclass(kind):
+            if depth == len(parts) - 1:
+                raise UserError(f"override {override!r} names a whole section: set its keys, "
+                                f"e.g. {key}.{next(iter(_field_types(kind)))}=...")
+            target = getattr(target, part)
+            continue
+        if depth != len(parts) - 1:
+            raise UserError(f"override {override!r}: {'.'.join(parts[:depth + 1])} is not a section")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        setattr(target, part, _check_value(key, value, kind, where))
+
+
+def _choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise UserError(f"{key}={value!r} is not one of {', '.join(choices)}: choose one of them")
+
+
+def _positive(key: str, value) -> None:
+    if value is None or value <= 0:
+        raise UserError(f"{key}={value} must be positive")
+
+
+def _validate(config: Config) -> None:
+    """Values that are the right type but cannot work, each named with its fix."""
+    model, data, solver, train = config.model, config.data, config.solver, config.train
+    _choice("model.name", model.name, MODELS)
+    _choice("model.norm", model.norm, NORMS)
+    _choice("solver.optimizer", solver.optimizer, OPTIMIZERS)
+    _choice("solver.policy", solver.policy, tuple(POLICY_FACTORS))
+    for key, value in (("model.num_classes", model.num_classes), ("data.images_per_rank", data.images_per_rank),
+                       ("data.max_size", data.max_size), ("data.test_min_size", data.test_min_size),
+                       ("solver.batch_size", solver.batch_size), ("solver.base_lr", solver.base_lr),
+                       ("solver.base_batch", solver.base_batch), ("solver.max_iter", solver.max_iter),
+                       ("solver.pmd_cycle", solver.pmd_cycle), ("train.checkpoint_period", train.checkpoint_period),
+                       ("train.log_period", train.log_period), ("eval.images_per_rank", config.eval.images_per_rank)):
+        _positive(key, value)
+    if solver.lr is not None:
+        _positive("solver.lr", solver.lr)
+    if not data.min_sizes or any(size <= 0 for size in data.min_sizes):
+        raise UserError(f"data.min_sizes={data.min_sizes} must be a non-empty list of positive sizes")
+    if not 0.0 <= data.flip_prob <= 1.0:
+        raise UserError(f"data.flip_prob={data.flip_prob} must be in [0, 1]")
+    if model.bn_size is not None:
+        if model.norm != "cgbn":
+            raise UserError(f"model.bn_size={model.bn_size} applies to model.norm=cgbn only (it is "
+                            f"{model.norm!r}): set model.bn_size=null or model.norm=cgbn")
+        if model.bn_size <= 0 or model.bn_size % data.images_per_rank:
+            raise UserError(f"model.bn_size={model.bn_size} is not a positive multiple of data.images_per_rank="
+                            f"{data.images_per_rank}: a BN group holds whole ranks")
+    if list(solver.steps) != sorted(set(solver.steps)) or any(not 0 < s < solver.max_iter for s in solver.steps):
+        raise UserError(f"solver.steps={solver.steps} must be increasing iterations between 0 and "
+                        f"solver.max_iter={solver.max_iter}")
+    fixed = POLICY_FACTORS[solver.policy]
+    if fixed is not None and len(fixed) != len(solver.steps):
+        raise UserError(f"solver.policy={solver.policy!r} decays the LR {len(fixed)} times but solver.steps="
+                        f"{solver.steps} has {len(solver.steps)}: give {len(fixed)} steps")
+    if not 0 <= solver.warmup_iters <= solver.max_iter:
+        raise UserError(f"solver.warmup_iters={solver.warmup_iters} must be in [0, solver.max_iter="
+                        f"{solver.max_iter}]")
+    if not 0.0 < solver.warmup_factor <= 1.0:
+        raise UserError(f"solver.warmup_factor={solver.warmup_factor} must be in (0, 1]")
+    if len(solver.betas) != 2 or not all(0.0 < b < 1.0 for b in solver.betas):
+        raise UserError(f"solver.betas={solver.betas} must be two values in (0, 1): [beta_1, beta_2]")
+    for key, value in (("eval.score_thresh", config.eval.score_thresh), ("eval.nms_thresh", config.eval.nms_thresh)):
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{key}={value} must be in [0, 1]")
+    _positive("eval.detections_per_image", config.eval.detections_per_image)
+    if data.num_workers < 0:
+        raise UserError(f"data.num_workers={data.num_workers} must be >= 0 (0: load in the training process)")
+    if train.eval_period < 0:
+        raise UserError(f"train.eval_period={train.eval_period} must be >= 0 (0: evaluate at the end only)")
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())

@@ -1,0 +1,299 @@
+"""COCO box evaluation with pycocotools, of a results file or of detections spread over ranks.
+
+    megdet eval --gt annotations/instances_val2017.json --results dets.json --out runs/eval
+    horovodrun -np 8 -H localhost:8 megdet eval largedet_coco_12min --checkpoint runs/x/model_0003360.pt
+
+In a run, each rank turns its detector outputs into per-image arrays, rank 0 gathers them, evaluates
+and writes the COCO results file and the metrics; every rank gets the metrics back:
+
+    local[image_id] = detections_to_array(output, category_ids)        # per evaluated image
+    metrics, table = evaluate_distributed(comm, coco_gt, local, out_dir="runs/x/eval")
+
+Metrics are percentages (36.6 means AP 0.366), named as in ``METRIC_NAMES``: the 12 numbers of
+``COCOeval.summarize``. By default every image of the ground truth is evaluated (an image without
+detections counts as all misses), as the cocoapi demo does.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from hpc.errors import UserError
+from megdet.data.coco import export_coco
+from megdet.data.transforms import build_transform, collate
+from megdet.engine.files import write_json_atomic
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+RESULT_KEYS = ("image_id", "category_id", "bbox", "score")
+GT_KEYS = ("image_id", "category_id", "bbox", "area", "iscrowd")
+RESULTS_FILE = "bbox_results.json"
+METRICS_FILE = "metrics.json"
+
+
+def load_ground_truth(path) -> COCO:
+    """The COCO ground truth in ``path`` (pycocotools' loading messages silenced)."""
+    return ground_truth_from_dict(_read_json(path, "ground truth"), path)
+
+
+def ground_truth_from_dict(dataset: Dict, path="the annotations") -> COCO:
+    """A COCO ground truth from an instances dict (``path`` names it in errors)."""
+    if not isinstance(dataset, dict) or not all(k in dataset for k in ("images", "annotations", "categories")):
+        raise UserError(f"ground truth {path} is not a COCO instances file (needs images, annotations and "
+                        "categories): give an instances_*.json")
+    for index, annotation in enumerate(dataset["annotations"]):
+        missing = [key for key in GT_KEYS if key not in annotation]
+        if missing:
+            raise UserError(f"annotation {index} of {path} lacks {', '.join(missing)}: COCOeval needs "
+                            f"{', '.join(GT_KEYS)} in every annotation")
+    ids = [annotation.get("id") for annotation in dataset["annotations"]]
+    if any(not isinstance(i, int) or i <= 0 for i in ids) or len(set(ids)) != len(ids):
+        # COCOeval records a match as the ground truth's id and treats id 0 as "no match"; the ids
+        # serve nothing else here, so number them 1..N (data sets exported from 0 hit this).
+        dataset["annotations"] = [{**a, "id": n} for n, a in enumerate(dataset["annotations"], start=1)]
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def load_results(path) -> List[Dict]:
+    """The detections of a COCO results file (a list of {image_id, category_id, bbox, score})."""
+    results = _read_json(path, "results")
+    if not isinstance(results, list):
+        raise UserError(f"results file {path} must hold a list of detections, not a {type(results).__name__}")
+    for index, result in enumerate(results):
+        if not isinstance(result, dict) or any(key not in result for key in RESULT_KEYS):
+            raise UserError(f"detection {index} of {path} lacks one of {', '.join(RESULT_KEYS)}: write COCO "
+                            "box results")
+    return results
+
+
+def _read_json(path, what: str):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} file {path} does not exist: check the path") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read {what} file {path} ({error.__class__.__name__}): check the file") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{what} file {path} is not valid JSON ({error.msg} at line {error.lineno}): "
+                        "check the file") from None
+
+
+def detections_to_array(output: Dict[str, torch.Tensor], category_ids: Sequence[int]) -> np.ndarray:
+    """One image's detector output -> float64 [D, 6]: x, y, w, h (original pixels), score, COCO category id.
+
+    output: {"boxes": [D, 4] xyxy original pixels, "scores": [D], "labels": [D] in 1..C}. category_ids:
+    the data set's COCO ids in label order (label l is category_ids[l - 1]). float64 throughout: a
+    float32 copy of a results file's boxes moves its AP in the third digit.
+    """
+    boxes = output["boxes"].detach().cpu().double().reshape(-1, 4).numpy()
+    labels = output["labels"].detach().cpu().numpy().astype(np.int64)
+    if labels.size and (labels.min() < 1 or labels.max() > len(category_ids)):
+        raise ValueError(f"Invalid labels: {sorted(set(labels.tolist()))} (must be in 1..{len(category_ids)})")
+    ids = np.asarray(category_ids, dtype=np.float64)[labels - 1]
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    scores = output["scores"].detach().cpu().double().reshape(-1, 1).numpy()
+    return np.concatenate([xywh, scores, ids[:, None]], axis=1)
+
+
+def arrays_to_results(per_image: Dict[int, np.ndarray]) -> List[Dict]:
+    """Per-image [D, 6] arrays -> COCO results list, images in ascending id order."""
+    results = []
+    for image_id in sorted(per_image):
+        for x, y, w, h, score, category_id in per_image[image_id].tolist():
+            results.append({"image_id": int(image_id), "category_id": int(category_id),
+                            "bbox": [x, y, w, h], "score": score})
+    return results
+
+
+def results_to_arrays(results: Sequence[Dict]) -> Dict[int, np.ndarray]:
+    """The inverse of ``arrays_to_results``: a COCO results list -> per-image [D, 6] arrays."""
+    rows: Dict[int, List[List[float]]] = {}
+    for result in results:
+        rows.setdefault(int(result["image_id"]), []).append(
+            [*result["bbox"], result["score"], result["category_id"]])
+    return {image_id: np.asarray(r, dtype=np.float64).reshape(-1, 6) for image_id, r in rows.items()}
+
+
+def gather_detections(comm, local: Dict[int, np.ndarray], root: int = 0) -> Optional[Dict[int, np.ndarray]]:
+    """Every rank's per-image detections merged on ``root`` (None on the other ranks). An image that
+    several ranks evaluated (a sampler that pads the last round) counts once, from the lowest rank."""
+    pieces = comm.allgather_object(local)
+    if comm.rank != root:
+        return None
+    merged: Dict[int, np.ndarray] = {}
+    for piece in pieces:
+        for image_id, detections in piece.items():
+            merged.setdefault(int(image_id), detections)
+    return merged
+
+
+def evaluate(coco_gt: COCO, results: List[Dict], image_ids: Optional[Sequence[int]] = None
+             ) -> Tuple[Dict[str, float], str]:
+    """(metrics in percent, the printed COCOeval summary) of box ``results`` against ``coco_gt`` over
+    ``image_ids`` (default: every ground-truth image)."""
+    known = set(coco_gt.getImgIds())
+    strangers = sorted({int(r["image_id"]) for r in results} - known)
+    if strangers:
+        raise UserError(f"the results have detections for {len(strangers)} image ids that the ground truth "
+                        f"lacks (e.g. {strangers[:5]}): evaluate against the ground truth of the same images")
+    categories = set(coco_gt.getCatIds())
+    unknown = sorted({int(r["category_id"]) for r in results} - categories)
+    if unknown:
+        raise UserError(f"the results use category ids {unknown[:10]} that the ground truth lacks: map labels "
+                        "to the ground truth's category ids")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        # loadRes adds keys to the dicts it is given: hand it copies.
+        coco_dt = coco_gt.loadRes([dict(r) for r in results]) if results else _empty_results(coco_gt)
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        evaluator.summarize()
+    metrics = {name: float(value) * 100.0 for name, value in zip(METRIC_NAMES, evaluator.stats)}
+    return metrics, summary.getvalue()
+
+
+def _empty_results(coco_gt: COCO) -> COCO:
+    """A detections COCO with no detections (pycocotools' loadRes rejects an empty list)."""
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
+                       "annotations": []}
+    coco_dt.createIndex()
+    return coco_dt
+
+
+def write_evaluation(out_dir, results: List[Dict], metrics: Dict[str, float], extra: Optional[Dict] = None) -> None:
+    """``out_dir/bbox_results.json`` (COCO results) and ``out_dir/metrics.json``, each written atomically."""
+    write_json_atomic(Path(out_dir) / RESULTS_FILE, results)
+    write_json_atomic(Path(out_dir) / METRICS_FILE, {**metrics, **(extra or {})})
+
+
+def evaluate_distributed(comm, coco_gt: COCO, local: Dict[int, np.ndarray], out_dir=None,
+                         image_ids: Optional[Sequence[int]] = None) -> Tuple[Dict[str, float], str]:
+    """Gather the ranks' per-image detections to rank 0, evaluate there, write the results and metrics
+    files to ``out_dir`` (when given), and return (metrics, printed summary) on every rank. Collective.
+    A bad result on rank 0 raises the same ``UserError`` on every rank."""
+    merged = gather_detections(comm, local)
+    outcome: Tuple[Optional[str], Optional[Dict[str, float]], str] = (None, None, "")
+    if comm.rank == 0:
+        try:
+            results = arrays_to_results(merged)
+            metrics, table = evaluate(coco_gt, results, image_ids)
+            if out_dir is not None:
+                write_evaluation(out_dir, results, metrics,
+                                 {"num_images": len(merged), "num_detections": len(results)})
+            outcome = (None, metrics, table)
+        except UserError as error:
+            outcome = (str(error), None, "")
+    error, metrics, table = comm.broadcast_object(outcome)
+    if error is not None:
+        raise UserError(error)
+    return metrics, table
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", nargs="?", help="a preset or YAML file, with --checkpoint: evaluate a trained model")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.val=DIR")
+    parser.add_argument("--checkpoint", help="a checkpoint written by megdet train")
+    parser.add_argument("--gt", help="COCO instances json (ground truth)")
+    parser.add_argument("--results", help="COCO box results json: [{image_id, category_id, bbox, score}, ...]")
+    parser.add_argument("--out", help=f"folder for {METRICS_FILE} (written atomically)")
+
+
+def run(args) -> int:
+    if args.config is not None or args.checkpoint is not None:
+        if args.config is None or args.checkpoint is None:
+            raise UserError("give both CONFIG and --checkpoint CKPT to evaluate a trained model")
+        return evaluate_checkpoint(args.config, args.overrides, args.checkpoint, args.out)
+    if args.gt is None or args.results is None:
+        raise UserError("give both --gt ANNOTATIONS.json and --results DETECTIONS.json, or CONFIG --checkpoint CKPT")
+    return evaluate_files(args.gt, args.results, args.out)
+
+
+def evaluate_files(gt_path, results_path, out_dir=None) -> int:
+    """``megdet eval --gt --results``: print the COCO table, and write the metrics when ``out_dir`` is set."""
+    coco_gt = load_ground_truth(gt_path)
+    results = load_results(results_path)
+    metrics, table = evaluate(coco_gt, results)
+    print(f"bbox: {len(results)} detections on {len(coco_gt.getImgIds())} images of {gt_path}")
+    print(table, end="")
+    if out_dir is not None:
+        path = write_json_atomic(Path(out_dir) / METRICS_FILE,
+                                 {**metrics, "num_images": len(coco_gt.getImgIds()), "num_detections": len(results)})
+        print(f"metrics: {path}")
+    return 0
+
+
+def infer_on_shards(model, dataset, transform, comm, images_per_rank: int) -> Dict[int, np.ndarray]:
+    """This rank's detections (``detections_to_array`` rows per image id) on its share of ``dataset``:
+    images rank, rank + size, ... in batches of ``images_per_rank``. Puts ``model`` in eval mode."""
+    model.eval()
+    category_ids = [int(c["id"]) for c in dataset.categories]
+    indices = list(range(comm.rank, len(dataset), comm.size))
+    local: Dict[int, np.ndarray] = {}
+    with torch.no_grad():
+        for start in range(0, len(indices), images_per_rank):
+            samples = [transform(dataset[i]) for i in indices[start:start + images_per_rank]]
+            images, _, sizes, image_ids = collate(samples)
+            for image_id, output in zip(image_ids, model(images, original_sizes=sizes)):
+                local[image_id] = detections_to_array(output, category_ids)
+    return local
+
+
+def evaluate_on_shards(model, dataset, config, comm, out_dir=None) -> Tuple[Dict[str, float], str]:
+    """Box AP of ``model`` on the shard set ``dataset`` with the ground truth packed in it, every rank
+    inferring its share (collective); (metrics in percent, printed table) on every rank."""
+    transform = build_transform(config, categories=dataset.categories, train=False)
+    local = infer_on_shards(model, dataset, transform, comm, config.eval.images_per_rank)
+    coco_gt = ground_truth_from_dict(export_coco(dataset), dataset.shard_dir) if comm.rank == 0 else None
+    return evaluate_distributed(comm, coco_gt, local, out_dir=out_dir)
+
+
+def evaluate_checkpoint(config_name: str, overrides: Sequence[str], checkpoint_path: str, out_dir=None) -> int:
+    """``megdet eval CONFIG --checkpoint CKPT``: distributed box AP of a trained model on data.val."""
+    from hpc import checkpoint
+    from hpc import comm as comm_mod
+    from hpc.shards import ShardDataset
+    from megdet import config as config_mod
+    from megdet.engine.train import build_model, run_dir
+
+    comm = comm_mod.init()
+    config = config_mod.load(config_name, overrides)
+    error, state, dataset = None, None, None
+    try:
+        if not config.data.val:
+            raise UserError(f"{config.name} has no data.val: pass data.val=SHARDS_DIR")
+        dataset = ShardDataset(config.data.val)
+        state = checkpoint.load(checkpoint_path, required_keys=("model", "model_name"))
+        if (state["model_name"], state.get("num_classes")) != (config.model.name, config.model.num_classes):
+            raise checkpoint.CheckpointError(
+                f"checkpoint {checkpoint_path} holds a {state['model_name']} with {state.get('num_classes')} "
+                f"classes, but {config.name} builds a {config.model.name} with {config.model.num_classes}: "
+                "evaluate it with the config that trained it")
+    except UserError as failure:
+        error = str(failure)
+    comm.agree(error)
+    model = build_model(config)
+    model.load_state_dict(state["model"])
+    out = Path(out_dir) if out_dir else run_dir(config) / "eval"
+    metrics, table = evaluate_on_shards(model, dataset, config, comm, out_dir=out if comm.rank == 0 else None)
+    if comm.rank == 0:
+        print(f"bbox: {len(dataset)} images of {config.data.val} on {comm.size} ranks, {checkpoint_path}")
+        print(table, end="")
+        print(f"metrics: {out / METRICS_FILE}")
+    return 0

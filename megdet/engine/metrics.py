@@ -1,0 +1,139 @@
+"""Training metrics as JSON lines, and ``megdet plot RUN_DIR`` to draw them.
+
+    logger = MetricsLogger(run_dir / METRICS_FILE, enabled=comm.rank == 0, resume_from=start_iter)
+    logger.log(iteration, loss=0.83, loss_cls=0.4, lr=0.32, images_per_s=512.0)
+    logger.log(iteration, AP=36.6, AP50=58.1)      # evaluation lines share the file
+
+Each line is one JSON object: ``{"iter": int, "time": seconds since the epoch, NAME: number, ...}``;
+a value that is not finite (a diverged loss) is written as null. ``megdet plot`` draws the loss
+(``loss`` and every ``loss_*``), ``lr``, ``images_per_s`` and the AP curves (``AP``, ``AP50``,
+``AP75``) against the iteration into ``RUN_DIR/metrics.png``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from hpc.errors import UserError
+from megdet.engine.files import write_atomic
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "metrics.png"
+AP_CURVES = ("AP", "AP50", "AP75")
+PLOT_SIZE_INCHES = (11, 8)
+PLOT_DPI = 100
+
+
+class MetricsLogger:
+    """Appends metrics lines to ``path`` when ``enabled`` (rank 0 only); a no-op elsewhere.
+
+    resume_from: the iteration a resumed run restarts at; lines of later iterations (written after that
+    checkpoint by the interrupted run) are removed so the file has each iteration once.
+    """
+
+    def __init__(self, path, *, enabled: bool, resume_from: Optional[int] = None):
+        self.path = Path(path)
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None and self.path.exists():
+            kept = [line + "\n" for line in self.path.read_text().splitlines()
+                    if _iteration_of(line) is not None and _iteration_of(line) <= resume_from]
+            write_atomic(self.path, "".join(kept))
+
+    def log(self, iteration: int, **scalars: float) -> None:
+        if not self.enabled:
+            return
+        record = {"iter": int(iteration), "time": time.time()}
+        for name, value in scalars.items():
+            value = float(value)
+            record[name] = value if math.isfinite(value) else None
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _iteration_of(line: str) -> Optional[int]:
+    """The "iter" of a metrics line; None for a line torn by a killed run (not JSON)."""
+    try:
+        return int(json.loads(line)["iter"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def read_metrics(path) -> List[Dict]:
+    """The metrics lines of ``path``; UserError when it is missing, empty or not JSON lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no metrics file {path}: give the output folder of a training run (megdet train)")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path} line {number} is not JSON ({error.msg}): remove or fix that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("iter"), int):
+            raise UserError(f"{path} line {number} has no integer \"iter\": it is not a megdet metrics line")
+        records.append(record)
+    if not records:
+        raise UserError(f"metrics file {path} is empty: the run has not logged an iteration yet")
+    return records
+
+
+def _series(records: List[Dict], name: str):
+    points = [(r["iter"], r[name]) for r in records if r.get(name) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_metrics(records: List[Dict], out_path) -> Path:
+    """Draw loss, learning rate, throughput and AP against the iteration into the PNG ``out_path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    names = sorted({key for record in records for key in record})
+    losses = [n for n in names if n == "loss" or n.startswith("loss_")]
+    panels = (("loss", losses, "log"), ("learning rate", ["lr"], "linear"),
+              ("throughput (images/s)", ["images_per_s"], "linear"),
+              ("box AP (%)", [n for n in AP_CURVES if n in names], "linear"))
+    figure, axes = pyplot.subplots(2, 2, figsize=PLOT_SIZE_INCHES)
+    for axis, (title, curves, scale) in zip(axes.ravel(), panels):
+        drawn = False
+        for name in curves:
+            xs, ys = _series(records, name)
+            if xs:
+                axis.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=name)
+                drawn = True
+        axis.set_title(title)
+        axis.set_xlabel("iteration")
+        if drawn:
+            if scale == "log" and all(y > 0 for name in curves for y in _series(records, name)[1]):
+                axis.set_yscale("log")
+            axis.legend(fontsize="small")
+            axis.grid(alpha=0.3)
+        else:
+            axis.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axis.transAxes)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=PLOT_DPI)
+    pyplot.close(figure)
+    return write_atomic(out_path, buffer.getvalue())
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help=f"output folder of a training run (holds {METRICS_FILE})")
+    parser.add_argument("--out", help=f"PNG to write (default: RUN_DIR/{PLOT_FILE})")
+
+
+def run(args) -> int:
+    records = read_metrics(Path(args.run_dir) / METRICS_FILE)
+    path = plot_metrics(records, args.out or Path(args.run_dir) / PLOT_FILE)
+    print(f"plot of {len(records)} metrics lines: {path}")
+    return 0

@@ -1,0 +1,361 @@
+"""Cross-GPU batch norm equals nn.BatchNorm2d on the group's concatenated batch, on real processes.
+
+One launch per (launcher, world size) runs every case in ``body_cgbn``: group sizes 1, 2 and the
+world, equal / uneven / one-empty batches, the large-mean stability case, autocast bf16, eval mode
+with no communication, and the bad inputs that must fail on every rank without a hang.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from hpc import cgbn
+from hpc import comm as comm_mod
+from hpc.errors import UserError
+from tests.multirank import REPO, expect_ok, run_ranks, skip_unless_launcher
+
+CHANNELS, HEIGHT, WIDTH = 3, 3, 5
+MOMENTUM = 0.3
+RTOL, ATOL = 1e-5, 1e-6  # fp32 equivalence: relative, and absolute for values near zero
+
+
+def _batch_layouts(world):
+    """Images per rank: equal, uneven, and rank 0 empty."""
+    return {"equal": [2] * world,
+            "uneven": [1 + r % 3 for r in range(world)],
+            "one empty": [0] + [1 + r for r in range(1, world)]}
+
+
+def _group_sizes(world):
+    return sorted({g for g in (1, 2, world) if world % g == 0})
+
+
+def _step_data(images_per_rank, seed):
+    """The whole world's batch, the same on every rank: inputs and output gradients per rank."""
+    generator = torch.Generator().manual_seed(seed)
+    channel_mean = torch.tensor([-2.0, 0.5, 3.0]).view(1, CHANNELS, 1, 1)
+    channel_std = torch.tensor([0.5, 1.0, 2.0]).view(1, CHANNELS, 1, 1)
+    inputs, grads = [], []
+    for n in images_per_rank:
+        inputs.append(torch.randn(n, CHANNELS, HEIGHT, WIDTH, generator=generator) * channel_std + channel_mean)
+        grads.append(torch.randn(n, CHANNELS, HEIGHT, WIDTH, generator=generator))
+    return inputs, grads
+
+
+def _affine(seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(CHANNELS, generator=generator) + 0.5, torch.randn(CHANNELS, generator=generator)
+
+
+def _close(actual, expected, what, rtol=RTOL, atol=ATOL):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _check_equivalence(comm, group_size, images_per_rank, what):
+    """Two training steps of CGBN on this rank's images against nn.BatchNorm2d on the group's."""
+    layer = cgbn.CrossGPUBatchNorm2d(CHANNELS, momentum=MOMENTUM, group_size=group_size)
+    reference = nn.BatchNorm2d(CHANNELS, momentum=MOMENTUM)
+    weight, bias = _affine(seed=group_size)
+    for module in (layer, reference):
+        module.weight.data.copy_(weight)
+        module.bias.data.copy_(bias)
+    group = comm.partition(group_size)
+    members = list(group.ranks)
+    start = sum(images_per_rank[members[0]:comm.rank])
+    mine = slice(start, start + images_per_rank[comm.rank])
+    for step in range(2):
+        inputs, grads = _step_data(images_per_rank, seed=100 * step + len(images_per_rank))
+        x = inputs[comm.rank].clone().requires_grad_()
+        y = layer(x)
+        (y * grads[comm.rank]).sum().backward()
+        group_x = torch.cat([inputs[r] for r in members]).requires_grad_()
+        group_y = reference(group_x)
+        (group_y * torch.cat([grads[r] for r in members])).sum().backward()
+        _close(y, group_y[mine].detach(), f"{what} step {step} output")
+        _close(x.grad, group_x.grad[mine], f"{what} step {step} input grad")
+    # Weight and bias gradients are this rank's share: their sum over the group is the reference.
+    _close(comm.allreduce(layer.weight.grad, group=group), reference.weight.grad, f"{what} weight grad")
+    _close(comm.allreduce(layer.bias.grad, group=group), reference.bias.grad, f"{what} bias grad")
+    _close(layer.running_mean, reference.running_mean, f"{what} running mean")
+    _close(layer.running_var, reference.running_var, f"{what} running var")
+    assert int(layer.num_batches_tracked) == 2
+
+
+def _check_stability(comm):
+    """Mean 1e4, std 0.1 (ranks offset by 0.05 std): the group variance matches float64 on the
+    concatenated float32 values, where float32 sums of x and x^2 lose it entirely."""
+    generator = torch.Generator().manual_seed(7)
+    shape = (4, CHANNELS, 8, 8)
+    inputs = [1e4 + 0.1 * torch.randn(shape, generator=generator) + 0.005 * r for r in range(comm.size)]
+    grads = [torch.randn(shape, generator=generator) for _ in range(comm.size)]
+    layer = cgbn.CrossGPUBatchNorm2d(CHANNELS, momentum=1.0)  # running stats = this batch's statistics
+    x = inputs[comm.rank].clone().requires_grad_()
+    y = layer(x)
+    (y * grads[comm.rank]).sum().backward()
+
+    values = torch.cat(inputs).double()
+    true_var = values.var(dim=(0, 2, 3))  # unbiased, as the running variance
+    _close(layer.running_var.double(), true_var, "stability running var", rtol=1e-5, atol=0)
+    _close(layer.running_mean.double(), values.mean(dim=(0, 2, 3)), "stability running mean", rtol=1e-7, atol=0)
+    count = values.numel() // CHANNELS
+    naive = torch.cat(inputs)
+    naive_var = ((naive * naive).sum(dim=(0, 2, 3)) - naive.sum(dim=(0, 2, 3)) ** 2 / count) / (count - 1)
+    assert ((naive_var.double() - true_var).abs() / true_var).max() > 1e-2, "the case must defeat naive sums"
+
+    # The input gradient against float64 autograd of the same computation (weight 1, bias 0).
+    exact_x = values.clone().requires_grad_()
+    mean = exact_x.mean(dim=(0, 2, 3), keepdim=True)
+    var = exact_x.var(dim=(0, 2, 3), correction=0, keepdim=True)
+    exact_y = (exact_x - mean) / torch.sqrt(var + layer.eps)
+    (exact_y * torch.cat(grads).double()).sum().backward()
+    mine = slice(shape[0] * comm.rank, shape[0] * (comm.rank + 1))
+    _close(x.grad, exact_x.grad[mine].float(), "stability input grad", rtol=1e-5, atol=1e-4)
+    _close(y, exact_y[mine].detach().float(), "stability output", rtol=1e-5, atol=1e-4)
+
+
+def _check_autocast_bf16(comm):
+    """bf16 activations from an autocast conv: output and gradient stay bf16, statistics are the
+    float32 statistics of the bf16 values."""
+    generator = torch.Generator().manual_seed(11)
+    images = [torch.randn(2, CHANNELS, HEIGHT, WIDTH, generator=generator) for _ in range(comm.size)]
+    conv = nn.Conv2d(CHANNELS, CHANNELS, 1, bias=False)
+    nn.init.eye_(conv.weight.data.view(CHANNELS, CHANNELS))
+    layer = cgbn.CrossGPUBatchNorm2d(CHANNELS, momentum=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        activations = conv(images[comm.rank])
+        y = layer(activations)
+    assert activations.dtype == y.dtype == torch.bfloat16, (activations.dtype, y.dtype)
+    y.float().sum().backward()
+    assert conv.weight.grad is not None and layer.weight.grad.dtype == torch.float32
+    group_values = torch.cat(images).bfloat16().float()
+    reference = nn.BatchNorm2d(CHANNELS, momentum=1.0)
+    expected = reference(group_values)
+    _close(layer.running_mean, reference.running_mean, "bf16 running mean")
+    _close(layer.running_var, reference.running_var, "bf16 running var")
+    mine = slice(2 * comm.rank, 2 * comm.rank + 2)
+    _close(y.float(), expected[mine].detach(), "bf16 output", rtol=1e-2, atol=2e-2)
+
+
+def _check_eval_communicates_nothing(comm):
+    """Eval on rank 0 alone, with batches of different sizes, while the others wait in a barrier:
+    any collective inside would never be matched and the launch would time out."""
+    layer = cgbn.CrossGPUBatchNorm2d(CHANNELS).eval()
+    layer.running_mean.copy_(torch.tensor([1.0, -1.0, 0.5]))
+    layer.running_var.copy_(torch.tensor([4.0, 0.25, 1.0]))
+    layer.weight.data.copy_(torch.tensor([2.0, 1.0, 0.5]))
+    layer.bias.data.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    mean, var, weight, bias = (t.view(1, -1, 1, 1) for t in (layer.running_mean, layer.running_var,
+                                                              layer.weight.detach(), layer.bias.detach()))
+    if comm.rank == 0:
+        for images in (1, 3, 0):
+            x = torch.randn(images, CHANNELS, HEIGHT, WIDTH)
+            _close(layer(x), (x - mean) / torch.sqrt(var + layer.eps) * weight + bias, "eval output")
+    comm.barrier()
+    assert int(layer.num_batches_tracked) == 0
+
+
+def _expect_user_error(fn, *fragments):
+    with pytest.raises(UserError) as caught:
+        fn()
+    message = str(caught.value)
+    assert all(f in message for f in fragments), message
+    return message
+
+
+def _check_bad_input(comm):
+    """Every rank raises the same kind of one-line error, then the layer still works (no desync)."""
+    n, r = comm.size, comm.rank
+    _expect_user_error(lambda: cgbn.CrossGPUBatchNorm2d(CHANNELS, group_size=n + 1),
+                       f"Invalid group_size: {n + 1} does not divide the world of {n} ranks")
+    _expect_user_error(lambda: cgbn.convert_model(nn.BatchNorm2d(CHANNELS), mode="cgbn", group_size=n + 1),
+                       f"{n + 1} does not divide")
+    layer = cgbn.CrossGPUBatchNorm2d(CHANNELS, name="bad-input")
+    good = torch.randn(2, CHANNELS, HEIGHT, WIDTH)
+    flat = torch.randn(2, CHANNELS)
+    message = _expect_user_error(lambda: layer(flat if r == n - 1 else good), "bad-input")
+    if r == n - 1:
+        assert "expected Tensor[N, 3, H, W], got shape (2, 3)" in message, message
+    else:
+        assert f"rank(s) [{n - 1}]" in message, message
+    _expect_user_error(lambda: layer(torch.randn(2, CHANNELS + 1, HEIGHT, WIDTH)), "got shape (2, 4, 3, 5)")
+    _expect_user_error(lambda: layer(torch.zeros(0, CHANNELS, HEIGHT, WIDTH)), "has 0 value(s) per channel")
+    layer(good).sum().backward()  # the same layer still matches up on every rank
+    assert int(layer.num_batches_tracked) == 1
+    lonely = cgbn.CrossGPUBatchNorm2d(CHANNELS, group_size=1)
+    _expect_user_error(lambda: lonely(torch.zeros(0, CHANNELS, HEIGHT, WIDTH)), "fewer than 2 values per channel")
+    # node_local on one host: every group fits.
+    assert cgbn.CrossGPUBatchNorm2d(CHANNELS, group_size=n, node_local=True).group_ranks == tuple(range(n))
+
+
+def body_cgbn(comm):
+    torch.set_num_threads(1)
+    checked = []
+    for group_size in _group_sizes(comm.size):
+        for layout, images_per_rank in _batch_layouts(comm.size).items():
+            if group_size == 1 and layout == "one empty":
+                continue  # a lone empty rank has no statistics: the error is checked in _check_bad_input
+            what = f"world {comm.size}, groups of {group_size}, {layout} {images_per_rank}"
+            _check_equivalence(comm, group_size, images_per_rank, what)
+            checked.append(what)
+    _check_stability(comm)
+    _check_autocast_bf16(comm)
+    _check_eval_communicates_nothing(comm)
+    _check_bad_input(comm)
+    return checked
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("launcher, nprocs", [("horovodrun", 2), ("horovodrun", 3), ("horovodrun", 4),
+                                              ("torch", 2), ("torch", 3), ("torch", 4), ("mpirun", 2)])
+def test_cgbn_equals_batchnorm_on_the_group_batch(launcher, nprocs):
+    values = expect_ok(run_ranks("tests.test_cgbn:body_cgbn", nprocs, launcher, timeout=240))
+    cases = len(_group_sizes(nprocs)) * len(_batch_layouts(nprocs)) - 1  # no lone empty rank
+    assert all(v == values[0] for v in values) and len(values[0]) == cases, values
+
+
+def test_world_of_one_is_plain_batchnorm():
+    comm = comm_mod.LocalCommunicator()
+    assert cgbn.bn_group(comm, None, node_local=True) is comm.world
+    layer, reference = cgbn.CrossGPUBatchNorm2d(CHANNELS), nn.BatchNorm2d(CHANNELS)
+    x = torch.randn(4, CHANNELS, HEIGHT, WIDTH)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outputs = [module(xi) for module, xi in zip((layer, reference), xs)]
+    for out in outputs:
+        (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(xs[0].grad, xs[1].grad)
+    assert torch.equal(layer.weight.grad, reference.weight.grad)
+    assert torch.equal(layer.running_var, reference.running_var)
+
+
+def test_group_size_for_turns_bn_size_into_ranks_and_names_the_numbers():
+    assert cgbn.group_size_for(bn_size_images=32, images_per_rank=2, world_size=128) == 16
+    assert cgbn.group_size_for(bn_size_images=2, images_per_rank=2, world_size=8) == 1
+    with pytest.raises(UserError, match="5 images is not a multiple of 2 images per rank"):
+        cgbn.group_size_for(bn_size_images=5, images_per_rank=2, world_size=8)
+    with pytest.raises(UserError, match="groups of 3 ranks, which does not divide the world of 8 ranks"):
+        cgbn.group_size_for(bn_size_images=6, images_per_rank=2, world_size=8)
+    with pytest.raises(UserError, match="Invalid images_per_rank: 0"):
+        cgbn.group_size_for(bn_size_images=4, images_per_rank=0, world_size=8)
+
+
+def test_node_local_groups_on_two_nodes_of_four_ranks():
+    """Block mapping: ranks 0-3 on node A, 4-7 on node B (local_size 4)."""
+    for rank in range(8):
+        local_rank = rank % 4
+        start = rank // 4 * 4
+        assert cgbn.node_local_error(tuple(range(start, start + 4)), rank, local_rank, 4) is None
+        pair = rank // 2 * 2
+        assert cgbn.node_local_error((pair, pair + 1), rank, local_rank, 4) is None
+        message = cgbn.node_local_error(tuple(range(8)), rank, local_rank, 4)
+        assert message == (f"Invalid group_size: the BN group of ranks 0-7 spans nodes (rank {rank}'s node "
+                           f"holds ranks {start}-{start + 3}); with node_local=True choose a group size "
+                           "that divides the 4 ranks per node")
+    # Round-robin mapping (ranks 0, 2 on one node): the pair [0, 1] spans nodes, as rank 1 sees.
+    assert cgbn.node_local_error((0, 1), rank=1, local_rank=0, local_size=2) is not None
+
+
+def _model_with_trained_batch_norms():
+    """The same small conv + BN model on every call, its BN layers as if trained (eval mode)."""
+    torch.manual_seed(3)
+    generator = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(CHANNELS, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, eps=1e-3, momentum=0.05)))
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.weight.data.copy_(torch.rand(4, generator=generator) + 0.5)
+            layer.bias.data.copy_(torch.randn(4, generator=generator))
+            layer.running_mean.copy_(torch.randn(4, generator=generator))
+            layer.running_var.copy_(torch.rand(4, generator=generator) + 0.5)
+            layer.num_batches_tracked.fill_(7)
+    return model.eval()
+
+
+def test_convert_model_keeps_weights_and_buffers_in_every_mode():
+    x = torch.randn(2, CHANNELS, 6, 6)
+    model = _model_with_trained_batch_norms()
+    expected = model(x)
+    state = model.state_dict()
+
+    frozen = cgbn.convert_model(model, mode="frozen")
+    assert [type(m) for m in (frozen[1], frozen[3][1])] == [cgbn.FrozenBatchNorm2d] * 2
+    assert frozen[3][1].eps == 1e-3 and not any(p.requires_grad for p in frozen[1].parameters())
+    _close(frozen(x), expected, "frozen output")
+
+    loaded = cgbn.convert_model(_model_with_trained_batch_norms(), mode="frozen")
+    for layer in loaded.modules():
+        if isinstance(layer, cgbn.FrozenBatchNorm2d):
+            layer.running_var.fill_(123.0)
+    loaded.load_state_dict(state)  # a BatchNorm2d state dict, num_batches_tracked included
+    _close(loaded(x), expected, "frozen from a BatchNorm2d state dict")
+
+    crossed = cgbn.convert_model(frozen, mode="cgbn")
+    assert isinstance(crossed[3][1], cgbn.CrossGPUBatchNorm2d) and crossed[3][1].name == "cgbn.3.1"
+    assert crossed[3][1].momentum == 0.1 and crossed[3][1].weight.requires_grad
+    _close(crossed.eval()(x), expected, "cgbn eval output")
+
+    plain = cgbn.convert_model(cgbn.convert_model(_model_with_trained_batch_norms(), mode="cgbn"), mode="bn")
+    assert type(plain[3][1]) is nn.BatchNorm2d and plain[3][1].momentum == 0.05 and not plain.training
+    assert int(plain[3][1].num_batches_tracked) == 7
+    _close(plain(x), expected, "bn round trip output")
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in state.items())
+
+    single = cgbn.convert_model(nn.BatchNorm2d(4), mode="frozen")
+    assert isinstance(single, cgbn.FrozenBatchNorm2d)
+    assert cgbn.convert_model(single, mode="frozen") is single, "a layer of the asked kind stays itself"
+    assert cgbn.convert_model(plain, mode="bn")[3][1] is plain[3][1]
+
+
+def test_convert_model_and_frozen_reject_bad_input_with_the_fix():
+    with pytest.raises(UserError, match="Invalid mode: 'sync'; use one of cgbn, frozen, bn"):
+        cgbn.convert_model(nn.BatchNorm2d(4), mode="sync")
+    with pytest.raises(UserError, match="apply to mode 'cgbn' only, not 'frozen'"):
+        cgbn.convert_model(nn.BatchNorm2d(4), mode="frozen", group_size=2)
+    with pytest.raises(UserError, match=r"Invalid layer 0: .* affine=False"):
+        cgbn.convert_model(nn.Sequential(nn.BatchNorm2d(4, affine=False)), mode="frozen")
+    with pytest.raises(UserError, match=r"expected Tensor\[N, 4, H, W\], got shape \(2, 4\)"):
+        cgbn.FrozenBatchNorm2d(4)(torch.randn(2, 4))
+    with pytest.raises(UserError, match="dtype torch.int64"):
+        cgbn.CrossGPUBatchNorm2d(4)(torch.ones(2, 4, 3, 3, dtype=torch.int64))
+
+
+def test_frozen_batch_norm_keeps_bf16_under_autocast_and_passes_gradients():
+    layer = cgbn.convert_model(_model_with_trained_batch_norms(), mode="frozen")
+    x = torch.randn(2, CHANNELS, 6, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+TINY_BENCH = ["--blocks=1", "--channels=4", "--images=2", "--size=8", "--steps=2", "--warmup=1"]
+
+
+@pytest.mark.multirank
+def test_benchmark_runs_once_at_a_tiny_size_on_both_engines(tmp_path):
+    """``megdet bench cgbn --ranks 2`` starts horovodrun and torchrun itself; one merged table."""
+    skip_unless_launcher("horovodrun")
+    done = subprocess.run([sys.executable, "-m", "megdet.cli", "bench", "cgbn", "--ranks=2",
+                           f"--out={tmp_path}", *TINY_BENCH], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "cgbn.json").read_text())["rows"]
+    assert [(r["engine"], r["variant"]) for r in rows] == [
+        (engine, variant) for engine in ("horovod", "torch") for variant in ("local BN", "CGBN", "SyncBatchNorm")]
+    for row in rows:
+        if row["variant"] == "local BN":
+            assert row["ratio_to_local_bn"] == 1.0
+        elif row["variant"] == "CGBN":
+            assert row["ms_per_step"] > 0
+        else:
+            assert row["note"].startswith("not run:") or row["ms_per_step"] > 0
+    assert "| torch | 2 | CGBN |" in (tmp_path / "cgbn.md").read_text()
+
+
+def test_benchmark_needs_two_ranks_and_known_engines():
+    for argv, message in ((["--ranks=1"], "Invalid --ranks: 1"), (["--engines=nccl"], "Invalid --engines: 'nccl'")):
+        done = subprocess.run([sys.executable, "-m", "megdet.cli", "bench", "cgbn", *argv], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr

@@ -1,0 +1,171 @@
+"""Presets match the papers' tables; config errors are one-line UserErrors naming the key and the fix."""
+import re
+
+import pytest
+
+from hpc.errors import UserError
+from megdet import config
+from tests.multirank import REPO
+
+SEEDS = REPO.parent / "shared" / "seeds"
+PAPER_PRESETS = [name for name in config.PRESETS if name != "shapes_r18_cpu"]
+
+
+def paper_text(prefix):
+    paths = sorted(SEEDS.glob(f"{prefix}_*.txt"))
+    if not paths:
+        pytest.skip(f"the papers are absent from {SEEDS}")
+    return paths[0].read_text()
+
+
+def one_line_error(match, function, *args):
+    with pytest.raises(UserError, match=match) as caught:
+        function(*args)
+    assert "\n" not in str(caught.value)
+    return str(caught.value)
+
+
+def test_every_preset_loads_fits_its_paper_world_and_cites_its_row():
+    assert set(config.PRESETS) >= {"megdet_r50_fpn_bs16", "megdet_r50_fpn_bs256_bn32", "megdet_r50_fpn_bs256_bn32_long",
+                                   "largedet_r50_fpn_bs256_pmdlamb", "largedet_r50_fpn_bs512_pmdlamb",
+                                   "largedet_r50_fpn_bs1056_pmdlamb", "largedet_coco_12min", "shapes_r18_cpu"}
+    for name in config.PRESETS:
+        cfg = config.load(name)
+        assert cfg.name == name and cfg.paper.row
+        cfg.check_world(cfg.paper.gpus, min(cfg.paper.gpus, cfg.paper.gpus_per_node))
+        assert cfg.train.output_dir == f"runs/{name}"
+    for name in PAPER_PRESETS:
+        cfg = config.load(name)
+        # MegDet Sec. 4 / LargeDet Sec. 4.1: 0.02 for batch 16, scaled linearly.
+        assert cfg.solver.lr == pytest.approx(0.02 * cfg.solver.batch_size / 16)
+        assert cfg.model.name == "resnet50_fpn" and cfg.model.num_classes == 80
+
+
+def test_megdet_presets_match_table_3_and_section_4():
+    text = paper_text("003")
+    assert "momentum as 0.9 and a weight decay as 0.0001" in text
+    for name, label in (("megdet_r50_fpn_bs16", "16-base"), ("megdet_r50_fpn_bs256_bn32", "256"),
+                        ("megdet_r50_fpn_bs256_bn32_long", "256 (long)")):
+        cfg = config.load(name)
+        bn_size = cfg.model.bn_size if cfg.model.norm == "cgbn" else 0
+        row = (f"{label}\t{bn_size}\t{cfg.paper.gpus}\t{cfg.paper.box_ap}\t"
+               f"{cfg.paper.expected_time.removesuffix(' h')}")
+        assert re.search(rf"^{re.escape(row)}$", text, re.M), row
+        assert (cfg.solver.optimizer, cfg.solver.momentum, cfg.solver.weight_decay) == ("sgd", 0.9, 0.0001)
+        # Policies in epochs of 118,000 images (Sec. 4): normal 8, 10 | 11; long 11, 14, 17 | 18.
+        epochs = {"normal": ([8, 10], 11), "long": ([11, 14, 17], 18)}[cfg.solver.policy]
+        per_epoch = 118000 / cfg.solver.batch_size
+        assert cfg.solver.steps == [round(e * per_epoch) for e in epochs[0]]
+        assert cfg.solver.max_iter == round(epochs[1] * per_epoch)
+    assert config.load("megdet_r50_fpn_bs256_bn32_long").solver.decay_factors == [0.1, 0.1, 0.5]
+    bn32 = config.load("megdet_r50_fpn_bs256_bn32")
+    assert bn32.data.images_per_rank == 4 and bn32.bn_group_ranks() == 8
+    assert bn32.solver.warmup_factor * bn32.solver.lr == pytest.approx(0.02), "warm-up starts at r (Sec. 3.2)"
+
+
+def test_largedet_presets_match_tables_2_3_4():
+    text = paper_text("002")
+    table2 = text.split("**Table 2.**", 1)[1].split("We summarize", 1)[0]
+    pmd_rows, batch, gpus = {}, None, None
+    for line in table2.splitlines():
+        cells = line.split("\t")
+        if len(cells) == 4 and cells[0].isdigit():
+            batch, gpus = int(cells[0]), int(cells[1])
+        if len(cells) == 4 and cells[2] == "PMD-LAMB":
+            pmd_rows[batch] = (gpus, float(cells[3]))
+    for batch in (256, 512, 1056):
+        cfg = config.load(f"largedet_r50_fpn_bs{batch}_pmdlamb")
+        assert (cfg.paper.gpus, cfg.paper.box_ap) == pmd_rows[batch]
+        assert cfg.solver.batch_size == batch and cfg.solver.optimizer == "pmd_lamb"
+        # Sec. 4.1: 90000 iterations, steps 60000 and 80000 at batch 16, shortened in proportion.
+        assert cfg.solver.max_iter == round(90000 * 16 / batch + 1e-9)
+        assert cfg.solver.steps == [round(60000 * 16 / batch), round(80000 * 16 / batch)]
+        assert (cfg.solver.weight_decay, cfg.solver.betas) == (0.0005, [0.9, 0.999])
+        assert (cfg.solver.pmd_alpha, cfg.solver.pmd_cycle) == (0.012, 200)  # Table 3's choice
+        assert cfg.model.norm == "cgbn"
+    fast = config.load("largedet_coco_12min")
+    row = re.search(r"^Faster\t(\d+),(\d+)\t(\d+)\tbox:([\d.]+)\t(\S+)$", text, re.M)
+    assert fast.solver.steps == [int(row[1]), int(row[2])] and fast.solver.max_iter == int(row[3])
+    assert fast.paper.box_ap == float(row[4]) and fast.paper.expected_time == row[5]
+    assert "reaches 36.6, we stop" in text and fast.train.target_ap == 36.6
+    assert (fast.solver.batch_size, fast.paper.gpus, fast.solver.lr) == (320, 160, pytest.approx(0.4))
+
+
+def test_demo_preset_shares_batch_norm_across_its_two_ranks():
+    demo = config.load("shapes_r18_cpu")
+    demo.check_world(2, 2)
+    assert demo.model.norm == "cgbn" and demo.bn_group_ranks() == 2 and demo.solver.optimizer == "pmd_lamb"
+    assert demo.model.name == "resnet18_fpn"
+
+
+def test_overrides_are_typed_and_resolve_the_learning_rate():
+    cfg = config.load("largedet_r50_fpn_bs256_pmdlamb",
+                      ["solver.batch_size=512", "data.images_per_rank=8", "solver.steps=[100, 200]",
+                       "solver.max_iter=300", "model.bn_size=null", "solver.weight_decay=1e-4",
+                       "train.output_dir=runs/x", "solver.warmup_iters=10"])
+    assert cfg.solver.lr == pytest.approx(0.64), "the linear scaling rule follows the overridden batch"
+    assert cfg.solver.steps == [100, 200] and cfg.model.bn_size is None and cfg.solver.weight_decay == 1e-4
+    assert cfg.train.output_dir == "runs/x"
+    assert config.load("megdet_r50_fpn_bs16", ["solver.lr=0.05"]).solver.lr == 0.05, "a given lr wins"
+    assert config.load("megdet_r50_fpn_bs16").to_dict()["solver"]["lr"] == 0.02
+
+
+def test_yaml_files_and_their_errors(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("solver:\n  max_iter: 10\n  steps: [5]\n")
+    cfg = config.load(str(path))
+    assert cfg.name == "mine" and cfg.solver.max_iter == 10
+    path.write_text("solver:\n  max_itr: 10\n")
+    message = one_line_error("unknown config key 'solver.max_itr'", config.load, str(path))
+    assert "did you mean max_iter?" in message and "solver.max_iter" in message and "solver.pmd_cycle" in message
+    path.write_text("trainer:\n  seed: 1\n")
+    one_line_error(r"unknown config key 'trainer'.*valid keys are name, description, paper, model", config.load,
+                   str(path))
+    path.write_text("model: resnet50\n")
+    one_line_error("config key 'model' .* must be a mapping", config.load, str(path))
+    path.write_text("solver: [unclosed\n")
+    one_line_error("is not valid YAML", config.load, str(path))
+    one_line_error("config file nowhere/x.yaml does not exist", config.load, "nowhere/x.yaml")
+
+
+@pytest.mark.parametrize("override, match", [
+    ("solver.lrr=0.1", r"unknown config key 'solver.lrr' in the overrides \(did you mean lr\?\): valid keys are "
+                       r"solver.optimizer, solver.batch_size"),
+    ("solvr.lr=0.1", r"unknown config key 'solvr' in the overrides \(did you mean solver\?\)"),
+    ("solver.max_iter=abc", r"config key 'solver.max_iter' in the overrides must be int, not 'abc'"),
+    ("solver.max_iter=1.5", r"must be int, not 1.5"),
+    ("model.bn_size=true", r"'model.bn_size' in the overrides must be int or null, not True"),
+    ("solver.steps=7", r"must be a list of int, not 7"),
+    ("solver.steps=[1, x]", r"'solver.steps\[1\]' in the overrides must be int, not 'x'"),
+    ("solver", r"override 'solver' is not key=value"),
+    ("solver=3", r"override 'solver=3' names a whole section"),
+    ("solver.lr.x=3", r"solver.lr is not a section"),
+    ("solver.optimizer=adam", r"solver.optimizer='adam' is not one of sgd, pmd_lamb, lamb, lars"),
+    ("model.norm=frozen", r"model.bn_size=32 applies to model.norm=cgbn only"),
+    ("model.bn_size=30", r"model.bn_size=30 is not a positive multiple of data.images_per_rank=4"),
+    ("solver.steps=[5000, 4000]", r"solver.steps=\[5000, 4000\] must be increasing"),
+    ("solver.policy=long", r"decays the LR 3 times but solver.steps=\[3688, 4609\] has 2"),
+])
+def test_bad_overrides_are_one_line_errors(override, match):
+    one_line_error(match, config.load, "megdet_r50_fpn_bs256_bn32", [override])
+
+
+def test_unknown_preset_lists_the_presets():
+    message = one_line_error(r"unknown preset 'largedet_coco_12mn' \(did you mean largedet_coco_12min\?\)",
+                             config.load, "largedet_coco_12mn")
+    assert all(name in message for name in config.PRESETS)
+
+
+def test_check_world_names_the_numbers_and_the_fix():
+    cfg = config.load("megdet_r50_fpn_bs256_bn32")  # 256 images, 4 per rank, BN groups of 8 ranks
+    cfg.check_world(64, 8)
+    one_line_error(r"solver.batch_size=256 is not divisible by 48 ranks: launch a divisor of 256 ranks "
+                   r"\(e.g. 64 for data.images_per_rank=4\)", cfg.check_world, 48, 8)
+    one_line_error(r"solver.batch_size=256 over 128 ranks is 2 images per rank but data.images_per_rank=4: "
+                   r"launch 64 ranks or set data.images_per_rank=2", cfg.check_world, 128, 8)
+    small = config.load("megdet_r50_fpn_bs256_bn32", ["solver.batch_size=24", "model.bn_size=16"])
+    one_line_error(r"model.bn_size=16 is 4 ranks of 4 images, which does not divide the world of 6 ranks",
+                   small.check_world, 6, 6)
+    whole = config.load("megdet_r50_fpn_bs256_bn32", ["model.bn_size=null"])
+    whole.check_world(64, 8)
+    assert whole.bn_group_ranks() is None
