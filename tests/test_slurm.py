@@ -1,0 +1,87 @@
+"""Rendered job scripts on a real one-node Slurm (tests/slurm.py starts it): sbatch, the launch inside the
+allocation under each launcher, Horovod over MPI, output files per job id, USR1 forwarded to the ranks,
+``scontrol requeue`` and the resumed second run."""
+import json
+import sys
+import time
+
+import pytest
+
+from tests.slurm import slurm  # noqa: F401  (the session fixture)
+from tests.test_jobs import job_env, render
+
+pytestmark = pytest.mark.multirank
+
+# What the 2-rank test job runs on each rank. When `megdet train` exists this becomes a short shapes run,
+# e.g. 'megdet train shapes_r18_cpu solver.max_iter=20 train.output_dir="$RUN_DIR" "${RESUME_ARGS[@]}"',
+# and the test below checks its "finished" line.
+RANK_COMMAND = "megdet doctor"
+JOB_WAIT_S = 180
+
+
+def render_cpu_job(tmp_path, command, *options):
+    """``megdet job`` for 2 CPU ranks on one node of the test Slurm (1 core each, no GPUs)."""
+    _, script = render(tmp_path, "--scheduler", "slurm", "--gpus", "2", "--cpu", "--cpus-per-rank", "1",
+                       "--config", "shapes_r18_cpu", "--time", "00:10:00", "--command", command, *options,
+                       name="job.sbatch")
+    return script
+
+
+def output_of(tmp_path, job_id):
+    """The job's stdout and stderr files, named by job name and id (%x-%j)."""
+    out, err = (tmp_path / f"shapes_r18_cpu-2cpu-{job_id}.{kind}" for kind in ("out", "err"))
+    assert out.exists() and err.exists(), sorted(p.name for p in tmp_path.iterdir())
+    return out.read_text(), err.read_text()
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "srun", "horovodrun"])
+def test_a_rendered_job_runs_two_ranks_under_sbatch(slurm, tmp_path, launcher):  # noqa: F811
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train-00000.h5").write_bytes(b"shard")
+    local = tmp_path / "node-local"
+    script = render_cpu_job(tmp_path, RANK_COMMAND, "--launcher", launcher, "--data", "shards",
+                            "--stage-to-local", str(local))
+    job_id = slurm.submit(script, cwd=tmp_path, env=job_env())
+    info = slurm.wait(job_id, timeout=JOB_WAIT_S)
+    out, err = output_of(tmp_path, job_id)
+    assert info.state == "COMPLETED" and info.exit_code == "0:0", f"{info.state} {info.exit_code}\n{out}\n{err}"
+    assert f"[job] Slurm job {job_id} (restart 0) on {slurm.node}" in out
+    # srun --mpi=pmi2 gives the ranks PMI variables, so the doctor names the launch "mpirun" there too.
+    engine_launcher = "horovodrun" if launcher == "horovodrun" else "mpirun"
+    assert f"world of 2 ranks, engine horovod, launcher {engine_launcher} under slurm" in out, out + err
+    assert "allreduce over the world and over groups: ok" in out
+    assert (local / "train-00000.h5").read_bytes() == b"shard"  # staged once on the node before the launch
+    assert "[job] exit status 0" in out
+
+
+def test_usr1_reaches_every_rank_and_the_requeued_job_resumes(slurm, tmp_path):  # noqa: F811
+    """USR1 as ``--signal=B:USR1@120`` delivers it (to the batch shell only: ``scancel --batch``) reaches
+    both ranks through the script and mpirun; the script requeues the job; the second run (restart 1)
+    resumes from the checkpoint the first one wrote."""
+    command = f'{sys.executable} -m tests.rank_probe reports "$RUN_DIR" "${{RESUME_ARGS[@]}}"'
+    job_id = slurm.submit(render_cpu_job(tmp_path, command), cwd=tmp_path, env=job_env())
+    ready = [tmp_path / f"reports/rank{rank}-run0.ready" for rank in range(2)]
+    deadline = time.monotonic() + JOB_WAIT_S
+    while not all(path.exists() for path in ready):
+        if time.monotonic() > deadline or slurm.job(job_id).state not in ("PENDING", "RUNNING", "CONFIGURING"):
+            pytest.fail(f"the ranks of job {job_id} never became ready: {slurm.job(job_id).state}\n"
+                        f"{output_of(tmp_path, job_id)}")
+        time.sleep(0.5)
+    slurm.command(["scancel", "--batch", "--signal=USR1", job_id])
+
+    second = tmp_path / "reports/rank0-run1.json"
+    while not second.exists() and time.monotonic() < deadline + JOB_WAIT_S:
+        time.sleep(0.5)
+    info = slurm.wait(job_id, timeout=JOB_WAIT_S)
+    out, err = output_of(tmp_path, job_id)
+    assert info.state == "COMPLETED" and info.restarts == 1, f"{info.state} restarts {info.restarts}\n{out}\n{err}"
+    reports = {(r, n): json.loads((tmp_path / f"reports/rank{r}-run{n}.json").read_text())
+               for r in range(2) for n in range(2)}
+    checkpoint = "runs/shapes_r18_cpu/probe.pt"
+    for rank in range(2):
+        assert reports[rank, 0] == {"rank": rank, "run": 0, "resume": None, "signals": ["SIGUSR1"]}
+        assert reports[rank, 1] == {"rank": rank, "run": 1, "resume": checkpoint, "signals": []}
+    # Both runs append to the same output file (--open-mode=append).
+    assert "[job] USR1: stopping the ranks" in out and f"requeueing job {job_id}" in out
+    assert f"[job] Slurm job {job_id} (restart 1)" in out and f"[job] resuming from {checkpoint}" in out
