@@ -1,0 +1,179 @@
+"""``megdet pack``: pack one COCO split into HDF5 shards, alone or on K ranks; export it back.
+
+    megdet pack --coco-json annotations/instances_val2017.json --images val2017 --out shards/val2017
+    mpirun -np 8 megdet pack --coco-json annotations/instances_train2017.json --images train2017 \\
+        --out shards/train2017 --shards 64 --format raw --max-size 1333
+    megdet pack --out shards/val2017 --export-json val2017_from_shards.json
+
+Under ``mpirun`` each rank packs shards rank, rank + K, ... (mpi4py) and rank 0 writes the manifest;
+the shards are the same, byte for byte, whatever K is. Running the same command again resumes:
+shards that a previous run completed and that still match their checksum and plan are kept.
+The manifest is removed when packing starts and written when every shard is done.
+"""
+from __future__ import annotations
+
+import re
+import time
+import traceback
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hpc import launch
+from hpc.errors import UserError
+from hpc.shards import ShardDataset
+from hpc.shards import manifest as manifest_mod
+from hpc.shards import writer
+from megdet.data.coco import export_coco, load_coco
+
+DEFAULT_SHARD_SIZE = "1GiB"
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--coco-json", help="COCO annotation file of the split to pack")
+    parser.add_argument("--images", help="folder holding the split's image files")
+    parser.add_argument("--out", required=True, help="shard folder (created; re-running resumes)")
+    sizing = parser.add_mutually_exclusive_group()
+    sizing.add_argument("--shard-size", help=f"largest shard, e.g. 512MiB or 1GiB (default: {DEFAULT_SHARD_SIZE})")
+    sizing.add_argument("--shards", type=int,
+                        help="number of shards of equal image counts (e.g. a multiple of the training ranks)")
+    parser.add_argument("--format", choices=writer.FORMATS, default="jpeg",
+                        help="jpeg: the encoded files as they are; raw: decoded RGB pixels (default: %(default)s)")
+    parser.add_argument("--max-size", type=int,
+                        help=f"raw only: longer image side in pixels (default: {writer.DEFAULT_RAW_MAX_SIZE})")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave out images that cannot be decoded or do not match their size (counted "
+                             "in the manifest) instead of stopping")
+    parser.add_argument("--export-json", help="write the annotation file back from the shards in --out")
+
+
+def parse_size(text: str) -> int:
+    """``"1GiB"`` -> 1073741824; decimal (KB, MB, GB) and binary (KiB, MiB, GiB) units."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    if match is None or match.group(2) not in SIZE_UNITS:
+        raise UserError(f"Invalid --shard-size: {text!r}; use a size such as 512MiB or 1GiB")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+
+
+class _OneProcess:
+    """The two mpi4py collectives packing uses, for a run without ``mpirun``."""
+
+    rank, size = 0, 1
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return obj
+
+    def allgather(self, obj: Any) -> List[Any]:
+        return [obj]
+
+
+def _world():
+    """mpi4py's COMM_WORLD when ``mpirun`` started several processes, else a one-process stand-in."""
+    started = launch.detect()
+    if started.is_mpi and (started.size or 1) > 1:
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD
+    return _OneProcess()
+
+
+def run(args) -> int:
+    if args.coco_json is None and args.export_json is None:
+        raise UserError("Invalid arguments: give --coco-json and --images to pack, and/or --export-json to export")
+    world = _world()
+    if args.coco_json is not None:
+        pack(args, world)
+    if args.export_json is not None and world.rank == 0:
+        export(Path(args.out), Path(args.export_json))
+    return 0
+
+
+def _log(world, message: str) -> None:
+    prefix = f"[rank {world.rank}/{world.size}] " if world.size > 1 else ""
+    print(f"megdet pack: {prefix}{message}", flush=True)
+
+
+def pack(args, world) -> None:
+    """Pack on every rank of ``world``; every rank raises the same ``UserError`` if any rank fails."""
+    if args.images is None:
+        raise UserError("Invalid arguments: --coco-json needs --images (the folder of the image files)")
+    fmt = args.format
+    max_size = writer.DEFAULT_RAW_MAX_SIZE if fmt == "raw" and args.max_size is None else args.max_size
+    writer.check_options(fmt=fmt, max_size=max_size)
+    shard_bytes = None if args.shards is not None else parse_size(args.shard_size or DEFAULT_SHARD_SIZE)
+    source = load_coco(args.coco_json, args.images)  # every rank: same file, same errors, no collective yet
+    out_dir = Path(args.out)
+    started = time.perf_counter()
+
+    # rank 0 plans (one stat per image file), every rank learns the plan or rank 0's error
+    plan: Any = None
+    failure: Optional[Exception] = None
+    if world.rank == 0:
+        try:
+            _prepare_out_dir(out_dir)
+            sizes = writer.expected_bytes(source.entries, fmt=fmt, max_size=max_size)
+            plan = (sizes, writer.plan_shards(sizes, shard_bytes=shard_bytes, num_shards=args.shards))
+        except Exception as error:  # the other ranks wait in bcast: they must hear of it
+            failure, plan = error, _describe(error)
+    plan = world.bcast(plan, root=0)
+    if failure is not None:
+        raise failure
+    if isinstance(plan, str):
+        raise UserError(plan)
+    sizes, shard_ranges = plan
+
+    summaries: List[manifest_mod.ShardSummary] = []
+    report = None
+    try:
+        summaries = writer.pack_rank_shards(
+            source.entries, sizes, shard_ranges, out_dir=out_dir, rank=world.rank, size=world.size, fmt=fmt,
+            max_size=max_size, skip_bad=args.skip_bad, source_sha256=source.sha256,
+            log=lambda message: _log(world, message))
+    except Exception as error:  # every rank must reach the allgather below, or the others hang in it
+        failure, report = error, _describe(error)
+    reports = world.allgather((report, summaries))
+    if failure is not None:
+        raise failure
+    for rank, (other_report, _) in enumerate(reports):
+        if other_report is not None:
+            raise UserError(f"rank {rank} failed: {other_report}")
+
+    if world.rank == 0:
+        shards = sorted((s for _, rank_summaries in reports for s in rank_summaries), key=lambda s: s.file)
+        options = {"format": fmt, "max_size": max_size, "skip_bad": args.skip_bad,
+                   "shard_bytes": shard_bytes, "num_shards": len(shard_ranges)}
+        manifest = manifest_mod.write_manifest(out_dir, shards=shards, options=options,
+                                               dataset=source.dataset_metadata())
+        seconds = time.perf_counter() - started
+        _log(world, f"{manifest['num_images']} images in {len(shards)} shards ({manifest['num_skipped']} skipped; "
+                    f"boxes {source.box_fixes}) in {seconds:.1f} s, {len(source.entries) / seconds:.1f} images/s "
+                    f"-> {out_dir / manifest_mod.MANIFEST_NAME}")
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and remove its manifest: until every shard is done the set is incomplete."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / manifest_mod.MANIFEST_NAME).unlink(missing_ok=True)
+    except OSError as error:
+        raise UserError(f"Invalid --out: {out_dir} cannot be written ({error}); choose a writable folder") from None
+
+
+def _describe(error: Exception) -> str:
+    """One line for the other ranks: a ``UserError``'s message, or a bug's type, message and place."""
+    if isinstance(error, UserError):
+        return str(error)
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    return f"{type(error).__name__}: {error} ({frame.filename}:{frame.lineno}; its traceback is on that rank)"
+
+
+def export(shard_dir: Path, export_path: Path) -> None:
+    """Write the annotation file packed in ``shard_dir`` to ``export_path``."""
+    dataset = ShardDataset(str(shard_dir))
+    coco = export_coco(dataset)
+    dataset.close()
+    export_path.parent.mkdir(parents=True, exist_ok=True)
+    manifest_mod.write_json_atomic(export_path, coco)
+    print(f"megdet pack: {len(coco['images'])} images, {len(coco['annotations'])} annotations -> {export_path}",
+          flush=True)
