@@ -1,0 +1,260 @@
+"""Data-parallel training: gradients averaged across ranks, gradient accumulation, and a divergence guard.
+
+    horovodrun --gloo -np 8 -H localhost:8 python train.py       # Horovod, tensor fusion
+    MEGDET_COMM=torch torchrun --nproc-per-node 8 train.py       # torch.distributed, bucketed allreduce
+
+    comm = hpc.comm.init()
+    optimizer = DistributedOptimizer(PMDLAMB(param_groups(model, weight_decay=5e-4), lr=lr), model,
+                                     batch_size=images_per_step, backward_passes_per_step=2)
+    scheduler = ScheduledLR(optimizer.optimizer, schedule)
+    for iteration in range(schedule.max_iter):
+        for images, targets in micro_batches:                    # backward_passes_per_step of them
+            optimizer.backward(model(images, targets))           # loss scaled by 1 / passes
+        optimizer.step()                                         # False when the step was skipped
+        optimizer.zero_grad()
+        scheduler.step()
+
+Engines (``hpc.comm``): horovod wraps the optimizer in Horovod's ``DistributedOptimizer`` (gradient
+allreduces named by parameter, fused by Horovod's tensor fusion); torch reduces gradients in buckets
+of about ``bucket_mb`` MiB with ``comm.allreduce_async``, launched from gradient hooks during the
+backward pass in the same bucket order on every rank; local does no communication. Every engine
+averages the gradients, so a step over N ranks x B images equals one over N*B images on one rank.
+
+At construction the parameters, buffers and optimizer state of rank 0 are broadcast to every rank.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from hpc import comm as comm_mod
+from hpc.errors import UserError
+
+COMPRESSIONS = ("none", "fp16")
+# Five skipped steps in a row: a transient overflow skips one or two; a diverged run skips every one.
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 5
+# DDP's default bucket size.
+DEFAULT_BUCKET_MB = 25
+MIB = 1 << 20
+
+
+class DivergenceError(UserError):
+    """The loss or the gradients stayed non-finite for too many steps in a row."""
+
+
+def broadcast_model_and_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
+                                  comm: comm_mod.Communicator, root: int = 0) -> None:
+    """Overwrite every rank's parameters, buffers (BN running statistics) and optimizer state
+    (moments, step counters, hyper-parameters) with global rank ``root``'s. Collective."""
+    if comm.size == 1:
+        return
+    tensors = [p.data for p in model.parameters()] + list(model.buffers())
+    for same_kind in _by_dtype_and_device(tensors):
+        flat = comm.broadcast(_flatten_dense_tensors(same_kind), root=root)
+        for tensor, value in zip(same_kind, _unflatten_dense_tensors(flat, same_kind)):
+            tensor.copy_(value)
+    state = comm.broadcast_object(optimizer.state_dict() if comm.rank == root else None, root=root)
+    if comm.rank != root:
+        optimizer.load_state_dict(state)
+
+
+def _by_dtype_and_device(tensors: List[Tensor]) -> List[List[Tensor]]:
+    """``tensors`` split into lists of one dtype and device each, order kept within each list."""
+    kinds: Dict[tuple, List[Tensor]] = {}
+    for tensor in tensors:
+        kinds.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    return list(kinds.values())
+
+
+class _BucketedAllreduce:
+    """Averages gradients in buckets over the torch engine while the backward pass runs.
+
+    Buckets hold about ``bucket_bytes`` of gradients of one dtype, filled in reverse parameter order
+    (the order backward produces them). A bucket is launched when all its gradients are ready and
+    every earlier bucket has been launched, so all ranks issue the same collectives in the same order.
+    """
+
+    def __init__(self, comm: comm_mod.Communicator, params: List[nn.Parameter], bucket_bytes: int, fp16: bool):
+        self.comm, self.fp16 = comm, fp16
+        self.buckets: List[List[nn.Parameter]] = []
+        for same_kind in _by_dtype_and_device(list(reversed(params))):
+            bucket, size = [], 0
+            for param in same_kind:
+                if bucket and size + param.numel() * param.element_size() > bucket_bytes:
+                    self.buckets.append(bucket)
+                    bucket, size = [], 0
+                bucket.append(param)
+                size += param.numel() * param.element_size()
+            self.buckets.append(bucket)
+        self._bucket_of = {param: index for index, bucket in enumerate(self.buckets) for param in bucket}
+        self.armed = False  # set during the last backward pass of a step
+        self._reset()
+        for param in params:
+            param.register_post_accumulate_grad_hook(self._on_gradient)
+
+    def _reset(self) -> None:
+        self._ready = [0] * len(self.buckets)
+        self._next = 0
+        self._flights: List[tuple] = []
+
+    def _on_gradient(self, param: nn.Parameter) -> None:
+        if not self.armed:
+            return
+        self._ready[self._bucket_of[param]] += 1
+        while self._next < len(self.buckets) and self._ready[self._next] == len(self.buckets[self._next]):
+            self._launch(self._next)
+
+    def _launch(self, index: int) -> None:
+        grads = [p.grad for p in self.buckets[index]]
+        flat = _flatten_dense_tensors(grads)
+        if self.fp16:
+            flat = flat.to(torch.float16)
+        handle = self.comm.allreduce_async(flat, op="average", name=f"grad_bucket.{index}")
+        self._flights.append((handle, grads))
+        self._next = index + 1
+
+    def synchronize(self) -> None:
+        """Launch the buckets not launched yet (a parameter without a gradient contributes zeros, as
+        it may have one on another rank), wait for all, and write the averages into ``.grad``."""
+        for index in range(self._next, len(self.buckets)):
+            for param in self.buckets[index]:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+            self._launch(index)
+        for handle, grads in self._flights:
+            averaged = handle.wait()
+            for grad, value in zip(grads, _unflatten_dense_tensors(averaged, grads)):
+                grad.copy_(value)
+        self._reset()
+
+
+class DistributedOptimizer:
+    """Wraps ``optimizer`` for data-parallel training of ``model``; see the module docstring.
+
+    batch_size: images per optimizer step over all ranks and passes (for the divergence message).
+    backward_passes_per_step: k micro-batches accumulated per step; ``backward`` divides the loss by k,
+    so the step sees the gradient of the mean loss over all k micro-batches of all ranks.
+    compression: "fp16" sends gradients as float16 (half the bytes) and restores their dtype after.
+    max_consecutive_skips: K. A step whose loss (on any rank) or averaged gradient is non-finite is
+    skipped on every rank (the ranks agree through one one-element allreduce) and counted in
+    ``skipped_steps``; K skipped steps in a row raise ``DivergenceError`` on every rank.
+    iteration: the index of the next step (set it when resuming, for the messages).
+
+    ``optimizer`` is the one that steps (on Horovod, Horovod's wrapper around the one passed in,
+    sharing its param groups and state): attach LR schedulers to it.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, batch_size: int,
+                 comm: Optional[comm_mod.Communicator] = None, backward_passes_per_step: int = 1,
+                 compression: str = "none", max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+                 bucket_mb: float = DEFAULT_BUCKET_MB):
+        if batch_size < 1:
+            raise ValueError(f"Invalid batch_size: {batch_size} (images per step over all ranks, >= 1)")
+        if backward_passes_per_step < 1:
+            raise ValueError(f"Invalid backward_passes_per_step: {backward_passes_per_step} (must be >= 1)")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"Invalid compression: {compression!r} (use one of {', '.join(COMPRESSIONS)})")
+        if max_consecutive_skips < 1:
+            raise ValueError(f"Invalid max_consecutive_skips: {max_consecutive_skips} (must be >= 1)")
+        if bucket_mb <= 0:
+            raise ValueError(f"Invalid bucket_mb: {bucket_mb} (must be > 0)")
+        self.comm = comm if comm is not None else comm_mod.get()
+        self.batch_size, self.backward_passes_per_step = batch_size, backward_passes_per_step
+        self.max_consecutive_skips = max_consecutive_skips
+        self.iteration = self.skipped_steps = self.consecutive_skips = 0
+        self._passes = 0
+        self._loss_nonfinite: Optional[Tensor] = None  # on the loss's device: no synchronisation per pass
+
+        broadcast_model_and_optimizer(model, optimizer, self.comm)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        if not self._params:
+            raise ValueError(f"Invalid model: {type(model).__name__} has no trainable parameters")
+        self._horovod = self.comm.engine == "horovod" and self.comm.size > 1
+        self._buckets = None
+        if self._horovod:
+            hvd = self.comm.hvd
+            wrapped = hvd.DistributedOptimizer(
+                optimizer, named_parameters=list(model.named_parameters()),
+                compression=hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none,
+                backward_passes_per_step=backward_passes_per_step, op=hvd.Average)
+            wrapped.state = optimizer.state  # Horovod builds a new optimizer on the same param groups
+            self.optimizer = wrapped
+        else:
+            self.optimizer = optimizer
+            if self.comm.size > 1:
+                self._buckets = _BucketedAllreduce(self.comm, self._params, int(bucket_mb * MIB),
+                                                   fp16=compression == "fp16")
+
+    def backward(self, loss: Tensor) -> None:
+        """Back-propagate ``loss / backward_passes_per_step`` (the mean over this micro-batch), noting
+        whether it is finite. Call it exactly backward_passes_per_step times per ``step()``."""
+        if self._passes == self.backward_passes_per_step:
+            raise UserError(f"backward() was called {self._passes + 1} times before step(), but "
+                            f"backward_passes_per_step is {self.backward_passes_per_step}: call step() after "
+                            f"every {self.backward_passes_per_step} micro-batches or raise backward_passes_per_step")
+        nonfinite = ~torch.isfinite(loss.detach()).all()
+        self._loss_nonfinite = nonfinite if self._loss_nonfinite is None else self._loss_nonfinite | nonfinite
+        self._passes += 1
+        if self._buckets is not None:
+            self._buckets.armed = self._passes == self.backward_passes_per_step
+        (loss / self.backward_passes_per_step).backward()
+
+    def step(self) -> bool:
+        """Average the gradients, then step unless some rank's loss or the averaged gradient is not
+        finite. Returns whether the parameters were updated; raises ``DivergenceError`` on every rank
+        after ``max_consecutive_skips`` skipped steps in a row."""
+        if self._passes != self.backward_passes_per_step:
+            raise UserError(f"step() after {self._passes} backward() calls, but backward_passes_per_step is "
+                            f"{self.backward_passes_per_step}: call backward() once per micro-batch")
+        if self._horovod:
+            self.optimizer.synchronize()
+        elif self._buckets is not None:
+            self._buckets.synchronize()
+        finite = self._agree_finite()
+        if finite:
+            if self._horovod:
+                with self.optimizer.skip_synchronize():
+                    self.optimizer.step()
+            else:
+                self.optimizer.step()
+            self.consecutive_skips = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+        iteration = self.iteration
+        self.iteration += 1
+        self._passes = 0
+        self._loss_nonfinite = None
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            lr = max(group["lr"] for group in self.optimizer.param_groups)
+            raise DivergenceError(
+                f"training diverged: the loss or gradients were not finite for {self.consecutive_skips} steps "
+                f"in a row, the last at iteration {iteration} (learning rate {lr:g}, batch size {self.batch_size}): "
+                "lower the learning rate or lengthen the warm-up (the linear scaling rule breaks down past "
+                "batch ~256), or train with PMD-LAMB")
+        return finite
+
+    def _agree_finite(self) -> bool:
+        """True on every rank when no rank's loss was non-finite and the averaged gradients are finite."""
+        grads = [p.grad for p in self._params if p.grad is not None]
+        # The max-abs norm is NaN or inf exactly when some element is, and cannot overflow.
+        grad_nonfinite = bool(grads) and not torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()
+        flag = torch.tensor([float(bool(self._loss_nonfinite) or grad_nonfinite)], device=self._params[0].device)
+        return self.comm.allreduce(flag, op="sum", name="divergence_guard").item() == 0
+
+    def zero_grad(self) -> None:
+        """Set every gradient to None (Horovod's wrapper takes no arguments)."""
+        self.optimizer.zero_grad()
+
+    def state_dict(self) -> Dict:
+        """The optimizer's state and the guard's counters."""
+        return {"optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
+                "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration, self.skipped_steps = state["iteration"], state["skipped_steps"]
+        self.consecutive_skips = state["consecutive_skips"]

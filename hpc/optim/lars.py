@@ -1,0 +1,86 @@
+"""LARS: layer-wise adaptive rate scaling (You et al., "Large Batch Training of Convolutional Networks",
+2017) with heavy-ball momentum.
+
+    optimizer = LARS(param_groups(model, weight_decay=1e-4), lr=linear_scaling_rule(batch_size=256))
+
+Per parameter tensor x with gradient g:
+    trust = eta * ||x|| / (||g|| + wd * ||x||), and trust = 1 when ||x|| or ||g|| is 0
+    b    = mu * b + trust * (g + wd * x)
+    x   -= lr * b
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import Tensor
+
+from hpc.optim.lamb import check_hyperparameter
+
+# You et al. 2017 use a trust coefficient eta = 0.001.
+DEFAULT_TRUST_COEFFICIENT = 1e-3
+
+
+def lars_kernel(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *, lr: float,
+                momentum: float, trust_coefficient: float, weight_decay: float) -> None:
+    """One LARS step over all tensors at once (multi-tensor ``torch._foreach_*`` ops)."""
+    if not params:
+        return
+    param_norms = torch.stack(torch._foreach_norm(params))
+    grad_norms = torch.stack(torch._foreach_norm(grads))
+    # trust = eta * ||x|| / (||g|| + wd * ||x||)
+    defined = (param_norms > 0) & (grad_norms > 0)
+    trust = torch.where(defined, trust_coefficient * param_norms / (grad_norms + weight_decay * param_norms),
+                        torch.ones_like(param_norms))
+    # trust * (g + wd * x)
+    updates = torch._foreach_add(grads, params, alpha=weight_decay)
+    torch._foreach_mul_(updates, trust.unbind())
+    # b = mu * b + update;  x -= lr * b
+    torch._foreach_mul_(momentum_buffers, momentum)
+    torch._foreach_add_(momentum_buffers, updates)
+    torch._foreach_add_(params, momentum_buffers, alpha=-lr)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS with momentum.
+
+    params: tensors or param groups (``hpc.optim.param_groups``); lr: global learning rate (> 0);
+    momentum: mu in [0, 1); trust_coefficient: eta (> 0); weight_decay: wd (>= 0).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.9,
+                 trust_coefficient: float = DEFAULT_TRUST_COEFFICIENT, weight_decay: float = 1e-4):
+        super().__init__(params, dict(lr=lr, momentum=momentum, trust_coefficient=trust_coefficient,
+                                      weight_decay=weight_decay))
+
+    def add_param_group(self, param_group: Dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_hyperparameter("learning rate", group["lr"], group["lr"] > 0, "must be > 0")
+        check_hyperparameter("momentum", group["momentum"], 0 <= group["momentum"] < 1, "must be in [0, 1)")
+        check_hyperparameter("trust_coefficient", group["trust_coefficient"], group["trust_coefficient"] > 0,
+                             "must be > 0")
+        check_hyperparameter("weight_decay", group["weight_decay"], group["weight_decay"] >= 0, "must be >= 0")
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LARS does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                buffers.append(state["momentum_buffer"])
+            lars_kernel(params, grads, buffers, lr=group["lr"], momentum=group["momentum"],
+                        trust_coefficient=group["trust_coefficient"], weight_decay=group["weight_decay"])
+        return loss
