@@ -25,6 +25,12 @@ EXIT_USER_ERROR = 2
 COMMANDS = {
     "doctor": ("hpc.doctor", "check the launch: ranks, engine, Horovod build, a world and a group allreduce"),
     "bench": ("megdet.bench", "benchmarks that print ratios measured side by side"),
+    "job": ("megdet.job", "write a Slurm or PBS script that trains a preset on N GPUs (checked, resumable)"),
+    "synth": ("megdet.data.synth", "write a synthetic COCO data set of shapes (JPEG + instances json), from a seed"),
+    "train": ("megdet.engine.train", "train a detector from a preset (under horovodrun, mpirun, srun or alone)"),
+    "eval": ("megdet.engine.evaluate", "COCO box AP of a trained model on shards, or of a results file (pycocotools)"),
+    "plot": ("megdet.engine.metrics", "draw loss, learning rate, throughput and AP curves of a run to PNG"),
+    "pack": ("megdet.pack", "pack a COCO split into HDF5 shards (alone or under mpirun); export it back"),
 }
 
 

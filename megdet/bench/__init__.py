@@ -10,6 +10,10 @@ import importlib
 
 # name: (module, one-line help)
 BENCHMARKS = {}
+BENCHMARKS["loader"] = ("megdet.bench.loader", "images/s from loose files, jpeg shards, raw shards and the JPEG decode limit")
+BENCHMARKS["cgbn"] = ("megdet.bench.cgbn", "train-step time of conv+BN+ReLU blocks: local BN, CGBN, SyncBatchNorm")
+BENCHMARKS["optim"] = ("megdet.bench.optim", "one optimizer step over ResNet-50-sized parameters: SGD, PMD-LAMB foreach and naive, LAMB, LARS")
+BENCHMARKS["model"] = ("megdet.bench.model", "forward+backward s/image of the detector, with and without sublinear memory, vs torchvision")
 
 
 def add_arguments(parser) -> None:

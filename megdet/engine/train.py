@@ -134,6 +134,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg)
         self.model.train()
+        torch.manual_seed(cfg.train.seed + comm.rank)  # the detector's sampling differs between ranks
         self.optimizer = DistributedOptimizer(build_optimizer(cfg, self.model), self.model,
                                               batch_size=cfg.solver.batch_size, comm=comm)
         self.schedule = build_schedule(cfg)

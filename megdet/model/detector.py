@@ -1,0 +1,281 @@
+"""Faster R-CNN with FPN on ResNet (Ren et al. 2015; Lin et al. 2017), and the one builder that turns a
+preset name plus overrides into a model.
+
+    model = build_detector("resnet50_fpn", num_classes=80, norm="cgbn", bn_group_size=8,
+                           backbone_weights="resnet50-0676ba61.pth")
+    losses = model(images, targets)            # train mode: {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
+    detections = model.eval()(images, original_sizes=sizes)   # [{"boxes", "scores", "labels"}, ...]
+
+Shapes: N images, image i is (3, Hi, Wi) float RGB in 0..255, already resized; the batch is padded to
+(N, 3, H, W) with H, W multiples of 32. Boxes are (x1, y1, x2, y2) in pixels; labels are 1..K.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from hpc.errors import UserError
+from megdet.model.anchors import AnchorGenerator
+from megdet.model.box_coder import BoxCoder
+from megdet.model.fpn import FPN, LEVEL_STRIDES
+from megdet.model.matching import Matcher
+from megdet.model.resnet import STAGE_MODULES, STAGE_NAMES, ResNet, load_torchvision_checkpoint
+from megdet.model.roi_heads import BoxHead, BoxPredictor, MultiScaleRoIAlign, RoIHeads
+from megdet.model.rpn import RPN, RPNHead
+
+logger = logging.getLogger(__name__)
+
+# ImageNet statistics of RGB in 0..255 (the torchvision checkpoints were trained with these).
+IMAGENET_PIXEL_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_PIXEL_STD = (58.395, 57.12, 57.375)
+RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+ROI_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+# RoIs are pooled from P2-P5; P6 only carries RPN anchors.
+ROI_LEVEL_STRIDES = LEVEL_STRIDES[:4]
+
+# Every setting of the model; the presets are detectron2's Faster R-CNN R50-FPN defaults unless noted.
+DEFAULTS = dict(
+    depth=50,
+    freeze_at=2,                      # stem + res2 frozen (only useful with ImageNet weights)
+    fpn_channels=256,
+    anchor_sizes=(32, 64, 128, 256, 512),
+    anchor_aspect_ratios=(0.5, 1.0, 2.0),
+    rpn_iou_thresholds=(0.3, 0.7),
+    rpn_batch_size_per_image=256,
+    rpn_positive_fraction=0.5,
+    rpn_pre_nms_topk=(2000, 1000),    # (train, test), per level and image
+    rpn_post_nms_topk=(1000, 1000),   # (train, test), per image
+    rpn_nms_threshold=0.7,
+    rpn_smooth_l1_beta=0.0,           # 0 = L1
+    roi_iou_threshold=0.5,
+    roi_batch_size_per_image=512,
+    roi_positive_fraction=0.25,
+    box_head_dim=1024,
+    pooler_resolution=7,
+    pooler_sampling_ratio=0,          # adaptive
+    pooler_aligned=True,
+    roi_smooth_l1_beta=0.0,           # 0 = L1
+    score_threshold=0.05,
+    nms_threshold=0.5,
+    detections_per_image=100,
+    crowd_ioa_threshold=0.7,
+    pixel_mean=IMAGENET_PIXEL_MEAN,
+    pixel_std=IMAGENET_PIXEL_STD,
+    size_divisibility=32,
+)
+PRESETS = {
+    # CPU-sized for demos and tests at small input sizes (shorter side ~256-512 px, few objects):
+    # trained from scratch (nothing frozen), half-width FPN and box head, half the proposals and RoIs.
+    "resnet18_fpn": dict(DEFAULTS, depth=18, freeze_at=0, fpn_channels=128, box_head_dim=512,
+                         rpn_pre_nms_topk=(1000, 1000), rpn_post_nms_topk=(500, 500),
+                         roi_batch_size_per_image=256),
+    "resnet50_fpn": dict(DEFAULTS, depth=50),
+    "resnet101_fpn": dict(DEFAULTS, depth=101),
+}
+MODEL_NAMES = tuple(PRESETS)
+NORMS = ("cgbn", "frozen", "bn")
+
+
+class FasterRCNN(nn.Module):
+    """``forward(images, targets=None, original_sizes=None)``; see the module docstring.
+
+    Args:
+        backbone: ``ResNet``; fpn: ``FPN``; rpn: ``RPN``; roi_heads: ``RoIHeads``.
+        num_classes: K, labels are 1..K.
+        pixel_mean, pixel_std: per RGB channel, in 0..255; images are normalised as (x - mean) / std.
+        size_divisibility: the batch is padded to a multiple of this (the coarsest backbone stride);
+            images smaller than it are refused.
+    """
+
+    def __init__(self, *, backbone: ResNet, fpn: FPN, rpn: RPN, roi_heads: RoIHeads, num_classes: int,
+                 pixel_mean: Sequence[float], pixel_std: Sequence[float], size_divisibility: int):
+        super().__init__()
+        self.backbone = backbone
+        self.fpn = fpn
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.num_classes = num_classes
+        self.size_divisibility = size_divisibility
+        for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32).view(3, 1, 1), persistent=False)
+
+    def forward(self, images: Sequence[torch.Tensor], targets: Optional[Sequence[Dict[str, torch.Tensor]]] = None,
+                original_sizes: Optional[Sequence[Tuple[int, int]]] = None):
+        self.check_images(images)
+        image_sizes = [(int(image.shape[1]), int(image.shape[2])) for image in images]
+        if self.training:
+            if targets is None:
+                raise UserError("the detector is in train mode but got no targets; pass targets, or call "
+                                "model.eval() for detections")
+            self.check_targets(targets, len(images))
+        batch = self.pad_and_normalise(images)
+        features = list(self.fpn(self.backbone(batch)).values())
+        proposals, rpn_losses = self.rpn(features, image_sizes, targets)
+        outputs = self.roi_heads(features[:len(ROI_LEVEL_STRIDES)], proposals, image_sizes, targets)
+        if self.training:
+            return {**rpn_losses, **outputs}
+        return self.rescale(outputs, image_sizes, image_sizes if original_sizes is None else original_sizes)
+
+    def pad_and_normalise(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """N images (3, Hi, Wi) -> (N, 3, H, W), normalised, zero-padded (= the mean colour) at the bottom
+        and right to multiples of ``size_divisibility``."""
+        divisor = self.size_divisibility
+        height = -(-max(image.shape[1] for image in images) // divisor) * divisor
+        width = -(-max(image.shape[2] for image in images) // divisor) * divisor
+        batch = images[0].new_zeros((len(images), 3, height, width))
+        for slot, image in zip(batch, images):
+            slot[:, :image.shape[1], :image.shape[2]] = (image - self.pixel_mean) / self.pixel_std
+        if self.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last):
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def check_images(self, images: Sequence[torch.Tensor]) -> None:
+        """UserError for anything but a non-empty list of finite float (3, H, W) tensors of at least
+        ``size_divisibility`` pixels per side."""
+        if isinstance(images, torch.Tensor) or len(images) == 0:
+            raise UserError("images must be a non-empty list of Tensor[3, H, W] (one per image), got "
+                            f"{type(images).__name__}")
+        for index, image in enumerate(images):
+            if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+                shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+                raise UserError(f"image {index} has shape {shape}; each image must be a Tensor[3, H, W] (RGB)")
+            if not image.is_floating_point():
+                raise UserError(f"image {index} has dtype {image.dtype}; convert images to float32 RGB in 0..255")
+            if min(image.shape[1:]) < self.size_divisibility:
+                raise UserError(f"image {index} is {image.shape[1]}x{image.shape[2]} pixels, smaller than the "
+                                f"network's stride {self.size_divisibility}; resize it to at least "
+                                f"{self.size_divisibility} pixels per side")
+            if not torch.isfinite(image).all():
+                raise UserError(f"image {index} contains NaN or infinite pixels; check the decoding and transforms")
+
+    def check_targets(self, targets: Sequence[Dict[str, torch.Tensor]], num_images: int) -> None:
+        """UserError unless there is one target per image with finite boxes (K, 4), x2 > x1 and y2 > y1,
+        labels (K,) in 1..K and iscrowd (K,)."""
+        if len(targets) != num_images:
+            raise UserError(f"got {len(targets)} targets for {num_images} images; give one target dict per image")
+        for index, target in enumerate(targets):
+            missing = {"boxes", "labels", "iscrowd"} - set(target)
+            if missing:
+                raise UserError(f"target {index} lacks {sorted(missing)}; each target needs boxes, labels, iscrowd")
+            boxes, labels, crowd = target["boxes"], target["labels"], target["iscrowd"]
+            count = boxes.shape[:1]
+            if boxes.dim() != 2 or boxes.shape[1] != 4 or labels.shape != count or crowd.shape != count:
+                raise UserError(f"target {index}: boxes {tuple(boxes.shape)}, labels {tuple(labels.shape)}, iscrowd "
+                                f"{tuple(crowd.shape)}; need Tensor[K, 4], Tensor[K], Tensor[K]")
+            if crowd.dtype != torch.bool or labels.dtype != torch.int64 or not boxes.is_floating_point():
+                raise UserError(f"target {index}: dtypes boxes {boxes.dtype}, labels {labels.dtype}, iscrowd "
+                                f"{crowd.dtype}; need float boxes, int64 labels, bool iscrowd")
+            not_finite = ~torch.isfinite(boxes).all(dim=1)
+            if not_finite.any():
+                raise UserError(f"target {index}: box {int(not_finite.nonzero()[0])} is not finite; "
+                                "fix the annotations")
+            empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+            if empty.any():
+                first = int(empty.nonzero()[0])
+                raise UserError(f"target {index}: box {first} {boxes[first].tolist()} has x2 <= x1 or y2 <= y1 "
+                                f"({int(empty.sum())} such boxes); drop empty boxes in the data transforms")
+            out_of_range = (labels < 1) | (labels > self.num_classes)
+            if out_of_range.any():
+                raise UserError(f"target {index}: label {int(labels[out_of_range][0])} is outside "
+                                f"1..{self.num_classes}; map category ids to contiguous labels 1..num_classes")
+
+    @staticmethod
+    def rescale(detections: List[Dict[str, torch.Tensor]], image_sizes: Sequence[Tuple[int, int]],
+                original_sizes: Sequence[Tuple[int, int]]) -> List[Dict[str, torch.Tensor]]:
+        """Boxes from input-image pixels to original-image pixels (x by W0/W, y by H0/H)."""
+        if len(original_sizes) != len(image_sizes):
+            raise UserError(f"got {len(original_sizes)} original_sizes for {len(image_sizes)} images; give one "
+                            "(height, width) per image")
+        for detection, (height, width), (original_h, original_w) in zip(detections, image_sizes, original_sizes):
+            scale = detection["boxes"].new_tensor([original_w / width, original_h / height] * 2)
+            detection["boxes"] = detection["boxes"] * scale
+        return detections
+
+
+def build_detector(name: str = "resnet50_fpn", *, num_classes: int, norm: str = "cgbn",
+                   bn_group_size: Optional[int] = None, backbone_weights: Optional[str] = None,
+                   sublinear_stages: Sequence[str] = (), **overrides) -> FasterRCNN:
+    """The detector ``name`` (one of ``MODEL_NAMES``) for labels 1..``num_classes``.
+
+    Args:
+        norm: backbone norm layers, "cgbn" (cross-GPU BN over ``bn_group_size`` ranks, None = all; a
+            collective: call on every rank), "frozen" (fixed statistics and affine) or "bn" (per-process).
+        backbone_weights: a torchvision ResNet ImageNet checkpoint file; None trains from scratch.
+        sublinear_stages: backbone stages (of res2..res5) recomputed in backward instead of stored
+            (``hpc.memory.recompute``): one more forward of each, none of their activations kept.
+        overrides: any key of ``DEFAULTS`` (e.g. ``fpn_channels=256``, ``rpn_post_nms_topk=(500, 500)``).
+    """
+    from hpc.cgbn import convert_model
+    from hpc.memory import recompute
+
+    if name not in PRESETS:
+        raise UserError(f"unknown model {name!r}; use one of {', '.join(MODEL_NAMES)}")
+    if norm not in NORMS:
+        raise UserError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
+    if norm != "cgbn" and bn_group_size is not None:
+        raise UserError(f"bn_group_size={bn_group_size} applies to norm 'cgbn' only, not {norm!r}; drop it")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise UserError(f"num_classes={num_classes!r}; need a positive integer (labels are 1..num_classes)")
+    unknown = set(overrides) - set(DEFAULTS)
+    if unknown:
+        raise UserError(f"unknown model settings {sorted(unknown)}; known: {', '.join(DEFAULTS)}")
+    settings = dict(PRESETS[name], **overrides)
+    unknown_stages = set(sublinear_stages) - set(STAGE_NAMES)
+    if unknown_stages:
+        raise UserError(f"sublinear_stages {sorted(unknown_stages)} are not backbone stages; use some of "
+                        f"{', '.join(STAGE_NAMES)}")
+    if len(settings["anchor_sizes"]) != len(LEVEL_STRIDES):
+        raise UserError(f"anchor_sizes={settings['anchor_sizes']} needs one size per level P2-P6 "
+                        f"({len(LEVEL_STRIDES)} sizes)")
+
+    backbone = ResNet(depth=settings["depth"])
+    if backbone_weights is not None:
+        load_torchvision_checkpoint(backbone, backbone_weights)
+    if norm != "bn":
+        backbone = convert_model(backbone, mode=norm, group_size=bn_group_size)
+    backbone.freeze(settings["freeze_at"], lambda module: convert_model(module, mode="frozen"))
+    recompute(backbone, [STAGE_MODULES[stage] for stage in sublinear_stages])
+
+    channels = settings["fpn_channels"]
+    fpn = FPN(in_channels=[backbone.out_channels[stage] for stage in STAGE_NAMES], out_channels=channels)
+    anchor_generator = AnchorGenerator(sizes=settings["anchor_sizes"], aspect_ratios=settings["anchor_aspect_ratios"],
+                                       strides=LEVEL_STRIDES)
+    rpn_low, rpn_high = settings["rpn_iou_thresholds"]
+    rpn = RPN(
+        head=RPNHead(in_channels=channels, num_anchors=anchor_generator.num_anchors_per_position),
+        anchor_generator=anchor_generator,
+        matcher=Matcher(low_threshold=rpn_low, high_threshold=rpn_high, allow_low_quality_matches=True,
+                        crowd_ioa_threshold=settings["crowd_ioa_threshold"]),
+        box_coder=BoxCoder(RPN_BOX_WEIGHTS),
+        batch_size_per_image=settings["rpn_batch_size_per_image"],
+        positive_fraction=settings["rpn_positive_fraction"],
+        pre_nms_topk=settings["rpn_pre_nms_topk"],
+        post_nms_topk=settings["rpn_post_nms_topk"],
+        nms_threshold=settings["rpn_nms_threshold"],
+        smooth_l1_beta=settings["rpn_smooth_l1_beta"],
+    )
+    resolution = settings["pooler_resolution"]
+    roi_heads = RoIHeads(
+        pooler=MultiScaleRoIAlign(output_size=resolution, strides=ROI_LEVEL_STRIDES,
+                                  sampling_ratio=settings["pooler_sampling_ratio"], aligned=settings["pooler_aligned"]),
+        box_head=BoxHead(in_channels=channels, pooled_size=resolution, hidden=settings["box_head_dim"]),
+        predictor=BoxPredictor(hidden=settings["box_head_dim"], num_classes=num_classes),
+        matcher=Matcher(low_threshold=settings["roi_iou_threshold"], high_threshold=settings["roi_iou_threshold"],
+                        allow_low_quality_matches=False, crowd_ioa_threshold=settings["crowd_ioa_threshold"]),
+        box_coder=BoxCoder(ROI_BOX_WEIGHTS),
+        num_classes=num_classes,
+        batch_size_per_image=settings["roi_batch_size_per_image"],
+        positive_fraction=settings["roi_positive_fraction"],
+        smooth_l1_beta=settings["roi_smooth_l1_beta"],
+        score_threshold=settings["score_threshold"],
+        nms_threshold=settings["nms_threshold"],
+        detections_per_image=settings["detections_per_image"],
+    )
+    logger.info("built %s: ResNet-%d, norm %s, freeze_at %d, FPN %d ch, sublinear stages %s", name,
+                settings["depth"], norm, settings["freeze_at"], channels, tuple(sublinear_stages) or "none")
+    return FasterRCNN(backbone=backbone, fpn=fpn, rpn=rpn, roi_heads=roi_heads, num_classes=num_classes,
+                      pixel_mean=settings["pixel_mean"], pixel_std=settings["pixel_std"],
+                      size_divisibility=settings["size_divisibility"])

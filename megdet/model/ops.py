@@ -1,0 +1,316 @@
+"""Box and RoI operators: ``box_iou``, ``box_ioa``, ``nms``, ``batched_nms``, ``roi_align``.
+
+``nms``, ``batched_nms`` and ``roi_align`` call torchvision's compiled kernels when torchvision imports
+and a tiny call of each runs; otherwise they call the pure-PyTorch versions in this module (vectorised:
+no Python loop per box). The choice is made and logged once, at first use. ``box_iou`` is plain tensor
+arithmetic either way (as torchvision's own).
+
+Boxes are ``Tensor[N, 4]`` in ``(x1, y1, x2, y2)`` format, in pixels, with ``x1 <= x2`` and ``y1 <= y2``;
+a box's width is ``x2 - x1`` (no "+1"). RoIs for ``roi_align`` are ``Tensor[K, 5]``:
+``(batch_index, x1, y1, x2, y2)`` in input-image pixels.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+# Above this many boxes, the pure batched NMS runs one NMS per group (sum of squares of the group sizes
+# of work) instead of one NMS over all boxes shifted apart per group (the square of the sum); below it,
+# the loop's overhead would dominate (many classes with few boxes each).
+COORDINATE_TRICK_MAX_BOXES = 1000
+# Rows of the IoU matrix computed at a time when building the suppression matrix (bounds float memory).
+IOU_ROWS_PER_CHUNK = 2048
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """Areas ``Tensor[N]`` of ``boxes`` ``Tensor[N, 4]`` (x1, y1, x2, y2); negative extents count as 0."""
+    return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+
+
+def clip_boxes(boxes: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+    """``boxes`` ``Tensor[N, 4]`` (x1, y1, x2, y2) clipped to an image of ``(height, width)``:
+    x into [0, width], y into [0, height]."""
+    height, width = image_size
+    x = boxes[:, 0::2].clamp(min=0, max=width)
+    y = boxes[:, 1::2].clamp(min=0, max=height)
+    return torch.stack((x[:, 0], y[:, 0], x[:, 1], y[:, 1]), dim=1)
+
+
+def nonempty(boxes: torch.Tensor) -> torch.Tensor:
+    """``Tensor[N]`` bool: True where ``boxes`` ``Tensor[N, 4]`` (x1, y1, x2, y2) has x2 > x1 and y2 > y1."""
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
+def _intersection(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Pairwise intersection areas ``Tensor[N, M]`` of ``Tensor[N, 4]`` and ``Tensor[M, 4]`` (x1, y1, x2, y2)."""
+    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
+    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    extent = (bottom_right - top_left).clamp(min=0)
+    return extent[..., 0] * extent[..., 1]
+
+
+def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Intersection over union ``Tensor[N, M]`` of every pair of ``boxes1`` ``Tensor[N, 4]`` and
+    ``boxes2`` ``Tensor[M, 4]`` (x1, y1, x2, y2). Two empty boxes give 0/0 = NaN, as torchvision's."""
+    inter = _intersection(boxes1, boxes2)
+    union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter
+    return inter / union
+
+
+def box_ioa(boxes: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """Intersection over the area of each of ``boxes`` ``Tensor[N, 4]``, with each of ``regions``
+    ``Tensor[M, 4]`` (x1, y1, x2, y2): ``Tensor[N, M]``; how much of a box lies inside a region
+    (used for crowd regions). Empty boxes give 0."""
+    inter = _intersection(boxes, regions)
+    return inter / box_area(boxes).clamp(min=torch.finfo(boxes.dtype).tiny)[:, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure-PyTorch implementations
+
+
+def _suppression_matrix(boxes: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """``Tensor[N, N]`` bool: ``[j, i]`` is True when box j comes before box i and IoU(j, i) > threshold.
+
+    ``boxes`` ``Tensor[N, 4]`` (x1, y1, x2, y2) sorted by decreasing score. Tests ``inter > t * union``
+    (no division; two empty boxes, 0 > 0, do not suppress each other, as NaN > t in torchvision), with
+    in-place operations on one (rows, N) buffer at a time."""
+    n = boxes.shape[0]
+    x1, y1, x2, y2 = boxes.unbind(dim=1)
+    areas = box_area(boxes)
+    suppresses = torch.empty((n, n), dtype=torch.bool, device=boxes.device)
+    columns = torch.arange(n, device=boxes.device)
+    for start in range(0, n, IOU_ROWS_PER_CHUNK):
+        rows = slice(start, start + IOU_ROWS_PER_CHUNK)
+        inter = torch.minimum(x2[rows, None], x2[None, :]).sub_(torch.maximum(x1[rows, None], x1[None, :]))
+        height = torch.minimum(y2[rows, None], y2[None, :]).sub_(torch.maximum(y1[rows, None], y1[None, :]))
+        inter.clamp_(min=0).mul_(height.clamp_(min=0))
+        union = (areas[rows, None] + areas[None, :]).sub_(inter)
+        suppresses[rows] = (inter > union.mul_(iou_threshold)) & (columns[None, :] > columns[rows, None])
+    return suppresses
+
+
+def nms_pytorch(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy non-maximum suppression in pure PyTorch; same contract as ``nms``.
+
+    Vectorised as a fixed point ("Cluster-NMS", Zheng et al. 2020): a box survives when no surviving
+    higher-scored box overlaps it by IoU > threshold. Starting from "all survive" and re-applying that
+    rule to the whole vector, box i is final after i rounds (it depends only on boxes before it), and the
+    fixed point is unique, so the result equals greedy NMS exactly. Rounds = the longest suppression
+    chain (a handful in practice), each one (N,) x (N, N) matrix-vector product.
+    """
+    if boxes.shape[0] == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    # As 0/1 floats so that "is suppressed by a survivor" is one matrix-vector product per round.
+    suppresses = _suppression_matrix(boxes[order], iou_threshold).float()
+    survives = torch.ones(order.shape[0], dtype=torch.bool, device=boxes.device)
+    while True:
+        updated = (survives.float() @ suppresses) == 0
+        if torch.equal(updated, survives):
+            return order[survives]
+        survives = updated
+
+
+def batched_nms_pytorch(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
+                        iou_threshold: float) -> torch.Tensor:
+    """NMS within each group in pure PyTorch; same contract as ``batched_nms``."""
+    if boxes.shape[0] == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    if boxes.shape[0] <= COORDINATE_TRICK_MAX_BOXES:
+        # Shift each group by more than the extent of all boxes so that boxes of different groups never
+        # overlap; then one NMS does them all.
+        extent = boxes.max() - boxes.min() + 1
+        return nms_pytorch(boxes + (groups.to(boxes) * extent)[:, None], scores, iou_threshold)
+    kept = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    for group in torch.unique(groups):  # one NMS per class or level, never one per box
+        members = torch.nonzero(groups == group).squeeze(1)
+        kept[members[nms_pytorch(boxes[members], scores[members], iou_threshold)]] = True
+    keep = torch.nonzero(kept).squeeze(1)
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+
+
+def _axis_taps(coords: torch.Tensor, real: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cells and summed bilinear weights along one axis for every bin, with RoIAlign's border rules
+    (Caffe2/detectron/torchvision): a sample more than one cell outside the map (coord < -1 or
+    coord > size) weighs 0; inside that margin it is clamped to [0, size - 1].
+
+    ``coords`` (K, P, G): sample positions in cells of each RoI's P bins; ``real`` (K, 1, G): which of
+    the G samples exist (RoIs with fewer samples are padded). Returns ``cells`` (K, P, T) int64 and
+    ``weights`` (K, P, T), the sum over a bin's samples of their low/high weights per cell. The samples
+    of a bin span few consecutive cells, so taps on the same cell are merged into a window of T cells
+    from the bin's lowest one, unless the window would be longer than the 2G separate taps (large bins
+    at a fixed sampling ratio).
+    """
+    inside = (coords >= -1.0) & (coords <= size) & real
+    coords = coords.clamp(min=0)
+    low = coords.floor().long()
+    at_last_cell = low >= size - 1
+    low = torch.where(at_last_cell, torch.full_like(low, size - 1), low)
+    high = torch.where(at_last_cell, low, low + 1)
+    frac = torch.where(at_last_cell, torch.zeros_like(coords), coords - low.to(coords.dtype))
+    # (K, P, G, 2) -> (K, P, 2G)
+    cells = torch.stack((low, high), dim=-1).flatten(2)
+    weights = (torch.stack((1 - frac, frac), dim=-1) * inside[..., None].to(coords.dtype)).flatten(2)
+    weighted = weights != 0
+    # the lowest weighted cell of each bin (inverted RoIs sample in decreasing order)
+    first = torch.where(weighted, cells, torch.full_like(cells, size)).min(dim=-1, keepdim=True).values
+    first = first.clamp(max=size - 1)
+    offsets = torch.where(weighted, cells - first, torch.zeros_like(cells))
+    window = int(offsets.max()) + 1
+    if window >= cells.shape[-1]:
+        return cells, weights
+    merged = weights.new_zeros(weights.shape[:-1] + (window,)).scatter_add_(-1, offsets, weights)
+    window_cells = (first + torch.arange(window, device=cells.device)).clamp(max=size - 1)
+    return window_cells, merged
+
+
+def roi_align_pytorch(features: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int],
+                      spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+    """RoIAlign in pure PyTorch; same contract as ``roi_align``.
+
+    Bilinear sampling on a regular grid is separable: a bin's average is a weighted sum over a small
+    window of rows times a window of columns. So every output bin is a weighted sum of a few feature
+    cells, and the whole op is one ``embedding_bag`` (gather + weighted sum, with its backward) over
+    the features laid out as a table of cells: no tensor of per-sample features is materialised.
+
+    Shapes: features (N, C, H, W); rois (K, 5); returns (K, C, PH, PW).
+    """
+    n, channels, height, width = features.shape
+    pooled_h, pooled_w = output_size
+    k = rois.shape[0]
+    if k == 0:
+        return features.new_zeros((0, channels, pooled_h, pooled_w))
+    # sample positions in float32 at least (bf16/fp16 features would put them off by whole cells)
+    coord_dtype = torch.promote_types(features.dtype, torch.float32)
+    rois = rois.detach().to(coord_dtype)
+    half_cell = 0.5 if aligned else 0.0
+    x1 = rois[:, 1] * spatial_scale - half_cell
+    y1 = rois[:, 2] * spatial_scale - half_cell
+    roi_w = rois[:, 3] * spatial_scale - half_cell - x1
+    roi_h = rois[:, 4] * spatial_scale - half_cell - y1
+    if not aligned:  # legacy RoIAlign forces RoIs to at least one cell
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_w, bin_h = roi_w / pooled_w, roi_h / pooled_h
+    if sampling_ratio > 0:
+        grid_h = torch.full((k,), sampling_ratio, dtype=torch.int64, device=rois.device)
+        grid_w = grid_h
+    else:  # adaptive: about one sample per feature cell; empty or inverted RoIs get no samples
+        grid_h = torch.ceil(bin_h).clamp(min=0).long()
+        grid_w = torch.ceil(bin_w).clamp(min=0).long()
+    max_grid_h, max_grid_w = int(grid_h.max()), int(grid_w.max())
+    if max_grid_h == 0 or max_grid_w == 0:
+        return features.new_zeros((k, channels, pooled_h, pooled_w))
+
+    def sample_positions(start, bin_size, grid, pooled, max_grid):
+        """(K, pooled, max_grid) sample coordinates and (K, 1, max_grid) mask of real samples."""
+        bins = torch.arange(pooled, device=rois.device, dtype=coord_dtype)
+        steps = torch.arange(max_grid, device=rois.device)
+        offsets = (steps.to(coord_dtype) + 0.5) / grid.clamp(min=1)[:, None]            # (K, G)
+        coords = start[:, None, None] + (bins[None, :, None] + offsets[:, None, :]) * bin_size[:, None, None]
+        return coords, (steps[None, :] < grid[:, None])[:, None, :]
+
+    rows, row_weights = _axis_taps(*sample_positions(y1, bin_h, grid_h, pooled_h, max_grid_h), height)
+    cols, col_weights = _axis_taps(*sample_positions(x1, bin_w, grid_w, pooled_w, max_grid_w), width)
+    row_weights = row_weights / (grid_h * grid_w).clamp(min=1).to(coord_dtype)[:, None, None]
+
+    image_offset = rois[:, 0].long() * (height * width)
+    # (K, PH, 1, TY, 1) and (K, 1, PW, 1, TX) -> (K, PH, PW, TY, TX) -> (K*PH*PW, TY*TX): one bag per bin
+    bags = k * pooled_h * pooled_w
+    cell_index = (image_offset[:, None, None, None, None] + rows[:, :, None, :, None] * width
+                  + cols[:, None, :, None, :]).reshape(bags, -1)
+    tap_weight = (row_weights[:, :, None, :, None] * col_weights[:, None, :, None, :]).reshape(bags, -1)
+    # (N, C, H, W) -> (N*H*W, C): one row per feature cell
+    table = features.permute(0, 2, 3, 1).reshape(n * height * width, channels)
+    pooled = F.embedding_bag(cell_index, table, per_sample_weights=tap_weight.to(features.dtype), mode="sum")
+    # (K*PH*PW, C) -> (K, C, PH, PW)
+    return pooled.reshape(k, pooled_h, pooled_w, channels).permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch
+
+
+@functools.lru_cache(maxsize=None)
+def backend() -> str:
+    """``"torchvision"`` when torchvision's compiled nms and roi_align import and run, else ``"pytorch"``;
+    decided and logged once per process."""
+    try:
+        import torchvision.ops
+
+        boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0], [1.0, 1.0, 5.0, 5.0]])
+        torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8]), 0.5)
+        torchvision.ops.roi_align(torch.zeros(1, 1, 8, 8), torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]]),
+                                  (2, 2), 1.0, 2, True)
+    except Exception as error:  # any failure to import or run means the kernels are unusable here
+        logger.info("megdet.model.ops: pure-PyTorch nms/roi_align (torchvision ops unusable: %s: %s)",
+                    type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        return "pytorch"
+    logger.info("megdet.model.ops: torchvision %s nms/roi_align", torchvision.__version__)
+    return "torchvision"
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy non-maximum suppression.
+
+    Args:
+        boxes: ``Tensor[N, 4]`` (x1, y1, x2, y2).
+        scores: ``Tensor[N]``.
+        iou_threshold: a box is discarded when its IoU with a kept, higher-scored box is > this.
+    Returns:
+        ``Tensor[K]`` int64 indices of the kept boxes, by decreasing score.
+    """
+    if backend() == "torchvision":
+        import torchvision.ops
+
+        return torchvision.ops.nms(boxes, scores, iou_threshold)
+    return nms_pytorch(boxes, scores, iou_threshold)
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
+                iou_threshold: float) -> torch.Tensor:
+    """Non-maximum suppression within each group (class or level); boxes of different groups never
+    suppress each other.
+
+    Args:
+        boxes: ``Tensor[N, 4]`` (x1, y1, x2, y2); scores: ``Tensor[N]``; groups: ``Tensor[N]`` int64.
+    Returns:
+        ``Tensor[K]`` int64 indices of the kept boxes, by decreasing score.
+    """
+    if backend() == "torchvision":
+        import torchvision.ops
+
+        return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)
+    return batched_nms_pytorch(boxes, scores, groups, iou_threshold)
+
+
+def roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int],
+              spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+    """RoIAlign (He et al. 2017): average of bilinear samples on a regular grid in each output bin.
+
+    Args:
+        features: ``Tensor[N, C, H, W]``.
+        rois: ``Tensor[K, 5]`` (batch_index, x1, y1, x2, y2) in input pixels; ``spatial_scale`` maps
+            them to feature cells (1 / stride).
+        output_size: (PH, PW) bins.
+        sampling_ratio: samples per bin along each axis; 0 = adaptive, ``ceil(roi_size / output_size)``.
+        aligned: shift RoIs by -0.5 cell so that a pixel's centre samples that pixel (detectron2's
+            ROIAlignV2); False is the original, which also forces RoIs to at least 1 x 1 cell.
+    Returns:
+        ``Tensor[K, C, PH, PW]``; gradients flow to ``features`` only.
+    """
+    if backend() == "torchvision":
+        import torchvision.ops
+
+        # coordinates in bf16/fp16 would be off by pixels: pool in float32 at least
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        return torchvision.ops.roi_align(features.to(dtype), rois.to(dtype), output_size, spatial_scale,
+                                         sampling_ratio, aligned).to(features.dtype)
+    return roi_align_pytorch(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+

@@ -1,0 +1,201 @@
+"""Fast R-CNN box head on FPN: multi-level RoIAlign, two fully connected layers, class scores and
+class-specific box deltas; target assignment, losses and inference post-processing.
+
+Shapes: N images; R RoIs over the batch (Ri of image i); C FPN channels; S x S pooled bins;
+K classes (labels 1..K, 0 = background); D detections of an image.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megdet.model.box_coder import BoxCoder
+from megdet.model.matching import IGNORE, Matcher, sample_labels
+from megdet.model.ops import batched_nms, box_area, clip_boxes, nonempty, roi_align
+
+# A RoI's level is floor(CANONICAL_LEVEL + log2(sqrt(area) / CANONICAL_BOX_SIZE)) (FPN paper, eq. 1):
+# an ImageNet-sized 224 x 224 RoI pools from P4.
+CANONICAL_BOX_SIZE = 224
+CANONICAL_LEVEL = 4
+# Keeps log2 finite for empty boxes and puts a box of exactly 112 px on level 3, as detectron2.
+LEVEL_MAPPING_EPS = 1e-8
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """RoIAlign each RoI on the FPN level its size maps to.
+
+    Args:
+        output_size: S (7 in the papers).
+        strides: strides of the levels that RoIs may be pooled from, finest first (4, 8, 16, 32: P2-P5).
+        sampling_ratio: samples per bin per axis, 0 = adaptive (detectron2's default).
+        aligned: half-pixel correction (detectron2's ROIAlignV2).
+    """
+
+    def __init__(self, *, output_size: int, strides: Sequence[int], sampling_ratio: int, aligned: bool):
+        super().__init__()
+        self.output_size = output_size
+        self.strides = tuple(strides)
+        self.min_level = int(math.log2(self.strides[0]))
+        self.max_level = int(math.log2(self.strides[-1]))
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    def level_of(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Index into ``strides`` ``Tensor[R]`` int64 for ``boxes`` ``Tensor[R, 4]`` (x1, y1, x2, y2)."""
+        size = torch.sqrt(box_area(boxes))
+        level = torch.floor(CANONICAL_LEVEL + torch.log2(size / CANONICAL_BOX_SIZE + LEVEL_MAPPING_EPS))
+        return level.clamp(min=self.min_level, max=self.max_level).long() - self.min_level
+
+    def forward(self, features: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``features``: levels (N, C, Hi, Wi) matching ``strides``; ``boxes``: N tensors (Ri, 4) in input
+        pixels. Returns (R, C, S, S) in the order of the concatenated boxes."""
+        rois = torch.cat([torch.cat((torch.full_like(b[:, :1], i), b), dim=1) for i, b in enumerate(boxes)])
+        levels = self.level_of(rois[:, 1:])
+        pooled, order = [], []
+        for level, (level_features, stride) in enumerate(zip(features, self.strides)):
+            members = torch.nonzero(levels == level).squeeze(1)
+            pooled.append(roi_align(level_features, rois[members], (self.output_size, self.output_size),
+                                    1.0 / stride, self.sampling_ratio, self.aligned))
+            order.append(members)
+        return torch.cat(pooled)[torch.argsort(torch.cat(order))]
+
+
+class BoxHead(nn.Module):
+    """(R, C, S, S) -> (R, hidden): flatten, then two fully connected layers with ReLU ("2fc")."""
+
+    def __init__(self, *, in_channels: int, pooled_size: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_channels * pooled_size * pooled_size, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        for fc in (self.fc1, self.fc2):
+            nn.init.kaiming_uniform_(fc.weight, a=1)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc2(F.relu(self.fc1(pooled.flatten(1)))))
+
+
+class BoxPredictor(nn.Module):
+    """(R, hidden) -> class logits (R, K + 1) (column 0 = background) and deltas (R, K*4), one box per class."""
+
+    def __init__(self, *, hidden: int, num_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(hidden, num_classes + 1)
+        self.bbox_pred = nn.Linear(hidden, num_classes * 4)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.cls_score(hidden), self.bbox_pred(hidden)
+
+
+class RoIHeads(nn.Module):
+    """Box losses in training, detections in inference.
+
+    Args:
+        pooler, box_head, predictor: the network.
+        matcher: proposals -> ground truth (IoU 0.5, no low-quality matches).
+        box_coder: ``BoxCoder((10, 10, 5, 5))``.
+        batch_size_per_image, positive_fraction: RoIs sampled per image (512 at 0.25).
+        smooth_l1_beta: box loss; 0 is L1 (detectron2's default).
+        score_threshold, nms_threshold, detections_per_image: inference (0.05, 0.5 per class, 100).
+    """
+
+    def __init__(self, *, pooler: MultiScaleRoIAlign, box_head: BoxHead, predictor: BoxPredictor,
+                 matcher: Matcher, box_coder: BoxCoder, num_classes: int, batch_size_per_image: int,
+                 positive_fraction: float, smooth_l1_beta: float, score_threshold: float,
+                 nms_threshold: float, detections_per_image: int):
+        super().__init__()
+        self.pooler = pooler
+        self.box_head = box_head
+        self.predictor = predictor
+        self.matcher = matcher
+        self.box_coder = box_coder
+        self.num_classes = num_classes
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+        self.smooth_l1_beta = smooth_l1_beta
+        self.score_threshold = score_threshold
+        self.nms_threshold = nms_threshold
+        self.detections_per_image = detections_per_image
+
+    def forward(self, features: Sequence[torch.Tensor], proposals: Sequence[torch.Tensor],
+                image_sizes: Sequence[Tuple[int, int]],
+                targets: Optional[Sequence[Dict[str, torch.Tensor]]] = None):
+        """Training: ``{"loss_cls", "loss_box"}``. Inference: N dicts of "boxes" (D, 4) in input pixels
+        (clipped), "scores" (D,), "labels" (D,) int64 in 1..K."""
+        if self.training:
+            rois, classes, regression_targets = self.sample_rois(proposals, targets)
+        else:
+            rois = list(proposals)
+        logits, deltas = self.predictor(self.box_head(self.pooler(features, rois)))
+        if self.training:
+            return self.losses(logits, deltas, classes, regression_targets)
+        return self.detections(logits, deltas, rois, image_sizes)
+
+    @torch.no_grad()
+    def sample_rois(self, proposals: Sequence[torch.Tensor], targets: Sequence[Dict[str, torch.Tensor]]):
+        """Add each image's non-crowd ground truth to its proposals, match, sample. Returns N tensors (Ri, 4)
+        of RoIs, their classes (R,) (0 = background) and box targets (R, 4) (zeros for background)."""
+        rois, classes, regression_targets = [], [], []
+        for image_proposals, target in zip(proposals, targets):
+            gt_boxes, is_crowd = target["boxes"], target["iscrowd"]
+            candidates = torch.cat((image_proposals, gt_boxes[~is_crowd]))
+            matched, match_labels = self.matcher(gt_boxes, is_crowd, candidates)
+            labels = torch.zeros_like(matched)
+            foreground = match_labels > 0
+            labels[foreground] = target["labels"][matched[foreground]]
+            labels[match_labels == IGNORE] = IGNORE
+            positive, negative = sample_labels(labels, batch_size=self.batch_size_per_image,
+                                               positive_fraction=self.positive_fraction)
+            sampled = torch.cat((positive, negative))
+            image_targets = torch.zeros((sampled.numel(), 4), dtype=candidates.dtype, device=candidates.device)
+            if positive.numel():
+                image_targets[:positive.numel()] = self.box_coder.encode(candidates[positive],
+                                                                         gt_boxes[matched[positive]])
+            rois.append(candidates[sampled])
+            classes.append(labels[sampled])
+            regression_targets.append(image_targets)
+        return rois, torch.cat(classes), torch.cat(regression_targets)
+
+    def losses(self, logits: torch.Tensor, deltas: torch.Tensor, classes: torch.Tensor,
+               regression_targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Cross-entropy over all sampled RoIs (mean); box loss of each foreground RoI's own class, summed
+        and divided by the number of sampled RoIs (detectron2). Both are 0, not NaN, without RoIs."""
+        num_sampled = max(classes.numel(), 1)
+        loss_cls = F.cross_entropy(logits, classes, reduction="sum") / num_sampled
+        foreground = torch.nonzero(classes > 0).squeeze(1)
+        # (R, K*4) -> (R, K, 4); pick each foreground RoI's class (labels 1..K -> column 0..K-1)
+        foreground_deltas = deltas.view(deltas.shape[0], -1, 4)[foreground, classes[foreground] - 1]
+        loss_box = F.smooth_l1_loss(foreground_deltas, regression_targets[foreground], beta=self.smooth_l1_beta,
+                                    reduction="sum") / num_sampled
+        return {"loss_cls": loss_cls, "loss_box": loss_box}
+
+    @torch.no_grad()
+    def detections(self, logits: torch.Tensor, deltas: torch.Tensor, rois: Sequence[torch.Tensor],
+                   image_sizes: Sequence[Tuple[int, int]]) -> List[Dict[str, torch.Tensor]]:
+        """Per image: decode every class's box, clip, keep scores > threshold and non-empty boxes, NMS per
+        class, keep the top ``detections_per_image``."""
+        probabilities = F.softmax(logits.float(), dim=1)
+        boxes = self.box_coder.decode(deltas, torch.cat(rois))                  # (R, K*4)
+        detections = []
+        start = 0
+        for image_rois, image_size in zip(rois, image_sizes):
+            stop = start + image_rois.shape[0]
+            # (Ri, K*4) -> (Ri*K, 4); scores (Ri, K) -> (Ri*K,), row-major so class = index % K
+            image_boxes = clip_boxes(boxes[start:stop].reshape(-1, 4), image_size)
+            image_scores = probabilities[start:stop, 1:].reshape(-1)
+            image_classes = torch.arange(1, self.num_classes + 1, device=logits.device).repeat(stop - start)
+            keep = torch.nonzero((image_scores > self.score_threshold) & nonempty(image_boxes)).squeeze(1)
+            kept = keep[batched_nms(image_boxes[keep], image_scores[keep], image_classes[keep],
+                                    self.nms_threshold)][:self.detections_per_image]
+            detections.append({"boxes": image_boxes[kept], "scores": image_scores[kept],
+                               "labels": image_classes[kept]})
+            start = stop
+        return detections

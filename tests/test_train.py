@@ -1,0 +1,153 @@
+"""`megdet train` and `megdet eval CONFIG --checkpoint` as users launch them: 2 ranks under horovodrun.
+
+One small synthetic set (64-pixel shapes) and one straight 40-iteration run are shared by the tests.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from hpc import checkpoint
+from tests.multirank import REPO, _base_env, launch_command, skip_unless_launcher
+
+pytestmark = [pytest.mark.multirank, pytest.mark.slow]
+MEGDET = [sys.executable, "-m", "megdet.cli"]
+TINY = ["data.min_sizes=[64]", "data.max_size=96", "data.test_min_size=64", "data.images_per_rank=2",
+        "data.num_workers=0", "solver.batch_size=4", "model.bn_size=4", "solver.max_iter=40", "solver.steps=[30]",
+        "solver.warmup_iters=5", "train.log_period=5", "train.checkpoint_period=20", "eval.images_per_rank=4"]
+
+
+def megdet(args, nprocs=1, timeout=600, **env):
+    argv = [*MEGDET, *args]
+    if nprocs > 1:
+        skip_unless_launcher("horovodrun")
+        argv = launch_command("horovodrun", nprocs, argv)
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_base_env(env))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    done = megdet(["synth", "--out", str(root / "shapes"), "--train", "24", "--val", "8", "--size", "64"])
+    assert done.returncode == 0, done.stderr
+    for split in ("train", "val"):
+        done = megdet(["pack", "--coco-json", str(root / "shapes" / "annotations" / f"instances_{split}.json"),
+                       "--images", str(root / "shapes" / split), "--out", str(root / split)])
+        assert done.returncode == 0, done.stderr
+    return root
+
+
+def tiny_config(shards, out, val=True):
+    return ["shapes_r18_cpu", *TINY, f"data.train={shards / 'train'}", f"data.val={shards / 'val' if val else ''}",
+            f"train.output_dir={out}"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(shards):
+    out = shards / "straight"
+    done = megdet(["train", *tiny_config(shards, out)], nprocs=2)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, done
+
+
+def test_a_run_trains_checkpoints_evaluates_and_plots(straight_run):
+    out, done = straight_run
+    assert "finished 40 iterations on 2 ranks" in done.stdout
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in done.stdout
+    assert sorted(p.name for p in out.glob("model_*.pt")) == ["model_0000020.pt", "model_0000040.pt"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["AP50"] <= 100.0 and metrics["num_images"] == 8
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [line for line in lines if "loss" in line]
+    assert [line["iter"] for line in train_lines] == list(range(5, 41, 5))
+    assert all(line["images_per_s"] > 0 and line["lr"] > 0 for line in train_lines)
+    assert train_lines[-1]["loss"] < train_lines[0]["loss"], "40 steps on 24 images must lower the loss"
+    assert (out / "metrics.png").stat().st_size > 10_000
+
+
+def _rank_processes(launcher_process):
+    """The rank processes themselves (horovodrun starts each through a shell)."""
+    return [p for p in psutil.Process(launcher_process.pid).children(recursive=True)
+            if p.name().startswith("python") and "megdet.cli" in p.cmdline()]
+
+
+def test_sigusr1_on_one_rank_checkpoints_and_resume_is_exact(shards, straight_run):
+    """SIGUSR1 reaches one rank only; both stop at the same iteration, checkpoint, exit 75. Resuming
+    then gives the same parameters as the straight 40-iteration run."""
+    out = shards / "interrupted"
+    argv = launch_command("horovodrun", 2, [*MEGDET, "train", *tiny_config(shards, out, val=False)])
+    first = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=_base_env({}), start_new_session=True)
+    deadline = time.time() + 600
+    while not (out / "model_0000020.pt").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    ranks = _rank_processes(first)
+    assert len(ranks) == 2 and first.poll() is None, "the run ended before iteration 20"
+    os.kill(ranks[1].pid, signal.SIGUSR1)
+    log, _ = first.communicate(timeout=300)
+    assert first.returncode != 0
+    assert f"exiting with {checkpoint.EXIT_PREEMPTED} so the job can be requeued" in log, log[-3000:]
+    # horovodrun itself exits 1 and reports each rank's status; mpirun and srun pass 75 on.
+    assert f"exit with status code {checkpoint.EXIT_PREEMPTED}." in log, log[-3000:]
+    stopped_at = checkpoint.latest(out)
+    stopped_iteration = int(stopped_at.stem.split("_")[1])
+    assert 20 <= stopped_iteration < 40
+    assert checkpoint.load(stopped_at)["iteration"] == stopped_iteration
+
+    resumed = megdet(["train", *tiny_config(shards, out, val=False), "--resume"], nprocs=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {stopped_at} at iteration {stopped_iteration}" in resumed.stdout
+    straight = checkpoint.load(straight_run[0] / "model_0000040.pt")
+    again = checkpoint.load(out / "model_0000040.pt")
+    for name, value in straight["model"].items():
+        assert torch.allclose(value.double(), again["model"][name].double(), rtol=0, atol=1e-6), name
+    assert again["optimizer"]["iteration"] == 40
+    metric_iters = [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metric_iters == sorted(set(metric_iters)), "each iteration once in the metrics after a resume"
+
+
+def test_distributed_evaluation_equals_one_process(shards, straight_run):
+    ckpt = str(straight_run[0] / "model_0000040.pt")
+    metrics = []
+    for nprocs in (1, 2):
+        eval_dir = shards / f"eval{nprocs}"
+        done = megdet(["eval", *tiny_config(shards, straight_run[0]), "--checkpoint", ckpt, "--out", str(eval_dir)],
+                      nprocs=nprocs)
+        assert done.returncode == 0, done.stderr[-3000:]
+        metrics.append(json.loads((eval_dir / "metrics.json").read_text()))
+    assert metrics[0] == metrics[1]
+
+
+def _error_lines(done, command):
+    return [line for line in (done.stdout + done.stderr).splitlines() if f"megdet {command}: error" in line]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("solver.max_itr=5", "unknown key solver.max_itr"),
+    ("solver.batch_size=5", "batch_size=5"),
+    ("model.bn_size=3", "bn_size=3"),
+    ("data.train=/nonexistent/shards", "/nonexistent/shards"),
+])
+def test_bad_input_is_one_line_on_every_rank_and_writes_nothing(shards, override, message):
+    out = shards / f"bad-{override.split('=')[0]}"
+    done = megdet(["train", *tiny_config(shards, out), override], nprocs=2, timeout=180)
+    assert done.returncode != 0
+    lines = _error_lines(done, "train")
+    assert len(lines) == 2 and all(message in line for line in lines), done.stdout[-2000:] + done.stderr[-2000:]
+    assert {"(rank 0/2)" in lines[0] or "(rank 0/2)" in lines[1], "(rank 1/2)" in lines[0] or "(rank 1/2)" in lines[1]} == {True}
+    assert not out.exists(), "no partial output after a bad input"
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_name(shards, straight_run):
+    ckpt = straight_run[0] / "model_0000040.pt"
+    done = megdet(["eval", *tiny_config(shards, straight_run[0]), "model.name=resnet50_fpn", "--checkpoint", str(ckpt)])
+    assert done.returncode == 2
+    assert _error_lines(done, "eval") == [
+        f"megdet eval: error: checkpoint {ckpt} holds a resnet18_fpn with 3 classes, but shapes_r18_cpu builds a "
+        "resnet50_fpn with 3: evaluate it with the config that trained it"]
