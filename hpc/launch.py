@@ -91,3 +91,13 @@ def check_world_size(launch: Launch, engine: str, engine_size: int, mpi_built: O
     else:
         fix = "check WORLD_SIZE/RANK/MASTER_ADDR, or launch with torchrun"
     raise LaunchError(f"{started}: {fix}")
+
+
+def threads_per_rank(local_size: int, env: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    """Compute threads for each of ``local_size`` ranks on this host: the cores shared out evenly, or
+    None when ``OMP_NUM_THREADS`` is set (the user decided). Without this every rank starts one
+    thread per core, and N ranks on N cores run N^2 spinning threads, several times slower."""
+    env = os.environ if env is None else env
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, (os.cpu_count() or 1) // max(1, local_size))

@@ -129,7 +129,7 @@ def _error_lines(done, command):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("solver.max_itr=5", "unknown key solver.max_itr"),
+    ("solver.max_itr=5", "unknown config key 'solver.max_itr'"),
     ("solver.batch_size=5", "batch_size=5"),
     ("model.bn_size=3", "bn_size=3"),
     ("data.train=/nonexistent/shards", "/nonexistent/shards"),

@@ -267,12 +267,11 @@ def evaluate_on_shards(model, dataset, config, comm, out_dir=None) -> Tuple[Dict
 def evaluate_checkpoint(config_name: str, overrides: Sequence[str], checkpoint_path: str, out_dir=None) -> int:
     """``megdet eval CONFIG --checkpoint CKPT``: distributed box AP of a trained model on data.val."""
     from hpc import checkpoint
-    from hpc import comm as comm_mod
     from hpc.shards import ShardDataset
     from megdet import config as config_mod
-    from megdet.engine.train import build_model, run_dir
+    from megdet.engine.train import build_model, init_rank, run_dir
 
-    comm = comm_mod.init()
+    comm = init_rank()
     config = config_mod.load(config_name, overrides)
     error, state, dataset = None, None, None
     try:
@@ -288,7 +287,7 @@ def evaluate_checkpoint(config_name: str, overrides: Sequence[str], checkpoint_p
     except UserError as failure:
         error = str(failure)
     comm.agree(error)
-    model = build_model(config)
+    model = build_model(config, inference=True)
     model.load_state_dict(state["model"])
     out = Path(out_dir) if out_dir else run_dir(config) / "eval"
     metrics, table = evaluate_on_shards(model, dataset, config, comm, out_dir=out if comm.rank == 0 else None)

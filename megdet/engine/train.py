@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from hpc import checkpoint
 from hpc import comm as comm_mod
+from hpc import launch
 from hpc.errors import UserError
 from hpc.distributed import DistributedOptimizer
 from hpc.optim import LAMB, LARS, PMDLAMB, param_groups
@@ -44,10 +45,16 @@ from megdet.engine.metrics import METRICS_FILE, PLOT_FILE, MetricsLogger, plot_m
 from megdet.model import build_detector
 
 
-def build_model(cfg: config_mod.Config) -> torch.nn.Module:
-    """The detector of ``cfg.model`` (a collective under cross-GPU BN: call it on every rank)."""
-    return build_detector(cfg.model.name, num_classes=cfg.model.num_classes, norm=cfg.model.norm,
-                          bn_group_size=cfg.bn_group_ranks() if cfg.model.norm == "cgbn" else None,
+def build_model(cfg: config_mod.Config, *, inference: bool = False) -> torch.nn.Module:
+    """The detector of ``cfg.model`` (a collective under cross-GPU BN: call it on every rank).
+
+    inference: for evaluation only. Batch norm in eval mode uses the running statistics, so cross-GPU
+    BN becomes plain BN (same parameters and buffers) and any number of ranks can evaluate.
+    """
+    cross_gpu = cfg.model.norm == "cgbn" and not inference
+    return build_detector(cfg.model.name, num_classes=cfg.model.num_classes,
+                          norm="bn" if cfg.model.norm == "cgbn" and inference else cfg.model.norm,
+                          bn_group_size=cfg.bn_group_ranks() if cross_gpu else None,
                           backbone_weights=cfg.model.backbone_weights,
                           sublinear_stages=tuple(cfg.model.sublinear_stages),
                           score_threshold=cfg.eval.score_thresh, nms_threshold=cfg.eval.nms_thresh,
@@ -143,13 +150,16 @@ class Trainer:
             self._load(self.resume_path)
         self.sampler = DistributedShardSampler(self.train_set.aspect_groups, batch_size=cfg.data.images_per_rank,
                                                rank=comm.rank, world_size=comm.size, seed=cfg.train.seed)
-        self.metrics = MetricsLogger(self.out / METRICS_FILE, enabled=comm.rank == 0,
-                                     resume_from=self.start_iter if self.resume_path else None)
+        self.metrics = MetricsLogger(self.out / METRICS_FILE, enabled=comm.rank == 0, resume_from=self.start_iter)
         if comm.rank == 0:
             write_atomic(self.out / "config.yaml", cfg.to_yaml())
 
     def _resume_path(self, resume: Optional[str]) -> Optional[Path]:
         if resume is None:
+            existing = checkpoint.latest(self.out)
+            if existing is not None:
+                raise UserError(f"{self.out} already holds checkpoints (latest {existing.name}): pass --resume to "
+                                "continue that run, or set train.output_dir to a new folder")
             return None
         if resume == "auto":
             return checkpoint.latest(self.out)
@@ -193,13 +203,14 @@ class Trainer:
         workers = self.cfg.data.num_workers
         return torch.utils.data.DataLoader(
             batches, sampler=_batch_keys(self.sampler, self.start_iter, self.cfg.solver.max_iter), batch_size=None,
-            collate_fn=_as_is, num_workers=workers, prefetch_factor=2 if workers else None)
+            collate_fn=_as_is, num_workers=workers, prefetch_factor=2 if workers else None,
+            # its own generator: a DataLoader draws a seed from the global one, which a resume restores
+            generator=torch.Generator().manual_seed(self.cfg.train.seed))
 
     def train(self) -> int:
         """Run to ``solver.max_iter`` (or the target AP); returns the process exit status."""
         cfg, comm = self.cfg, self.comm
-        logged_losses: Dict[str, float] = {}
-        window = {"images": 0, "time": 0.0, "data": 0.0, "degenerate": 0}
+        window = {"images": 0, "time": 0.0, "data": 0.0, "degenerate": 0, "steps": 0, "losses": {}}
         progress = tqdm(total=cfg.solver.max_iter, initial=self.start_iter, disable=comm.rank != 0,
                         desc=cfg.name, unit="it", dynamic_ncols=True, mininterval=2.0)
         tick = time.perf_counter()
@@ -218,15 +229,18 @@ class Trainer:
             window["time"] += now - tick
             window["data"] += data_done - tick
             window["degenerate"] += degenerate
+            window["steps"] += 1
+            for name, value in {"loss": total, **losses}.items():
+                window["losses"][name] = window["losses"].get(name, 0.0) + value.detach()
             tick = now
             done = iteration + 1
             progress.update(1)
 
             if done % cfg.train.log_period == 0 or done == cfg.solver.max_iter:
-                logged_losses = self._log(done, {"loss": total, **losses}, lr, window)
+                logged_losses = self._log(done, lr, window)
                 progress.set_postfix(loss=f"{logged_losses['loss']:.3f}", lr=f"{lr:.3g}",
                                      img_s=f"{logged_losses['images_per_s']:.1f}", refresh=False)
-                window = dict.fromkeys(window, 0)
+                window = {**dict.fromkeys(window, 0), "losses": {}}
             if done % cfg.train.checkpoint_period == 0 and done < cfg.solver.max_iter:
                 self.save(done)
             if cfg.train.eval_period and done % cfg.train.eval_period == 0 and done < cfg.solver.max_iter:
@@ -247,11 +261,12 @@ class Trainer:
         progress.close()
         return self._finish(cfg.solver.max_iter)
 
-    def _log(self, iteration: int, losses: Dict[str, torch.Tensor], lr: float, window: Dict) -> Dict[str, float]:
-        """Average the losses over ranks (one allreduce) and write a metrics line; returns what was logged."""
-        names = sorted(losses)
-        averaged = self.comm.allreduce(torch.stack([losses[n].detach().float() for n in names]), op="average",
-                                       name="train_log")
+    def _log(self, iteration: int, lr: float, window: Dict) -> Dict[str, float]:
+        """Average the window's losses over its steps and the ranks (one allreduce), write a metrics line;
+        returns what was logged."""
+        names = sorted(window["losses"])
+        sums = torch.stack([window["losses"][n].float() for n in names])
+        averaged = self.comm.allreduce(sums / window["steps"], op="average", name="train_log")
         scalars = {name: value for name, value in zip(names, averaged.tolist())}
         seconds = max(window["time"], 1e-9)
         scalars.update(lr=lr, images_per_s=window["images"] / seconds, data_fraction=window["data"] / seconds,
@@ -290,7 +305,16 @@ def add_arguments(parser) -> None:
                         help="continue from CHECKPOINT, or (no value) from the run folder's latest one if any")
 
 
-def run(args) -> int:
+def init_rank() -> comm_mod.Communicator:
+    """Start the communicator and share the host's cores out between its ranks."""
     comm = comm_mod.init()
+    threads = launch.threads_per_rank(comm.local_size)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return comm
+
+
+def run(args) -> int:
+    comm = init_rank()
     cfg = config_mod.load(args.config, args.overrides)
     return Trainer(cfg, comm, resume=args.resume).train()
