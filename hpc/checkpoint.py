@@ -16,7 +16,6 @@ import os
 import random
 import re
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from hpc.errors import UserError
+from hpc.files import atomic_open
 
 # Exit status of a run stopped by a signal after checkpointing: EX_TEMPFAIL from sysexits.h, which a
 # job script reads as "requeue me" (any other non-zero status is a failure).
@@ -52,19 +52,9 @@ def latest(directory: os.PathLike) -> Optional[Path]:
 
 def save(path: os.PathLike, state: Dict[str, Any]) -> Path:
     """Write ``state`` with torch.save to ``path`` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            torch.save(state, tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_open(path) as handle:
+        torch.save(state, handle)
+    return Path(path)
 
 
 def load(path: os.PathLike, required_keys=("model",)) -> Dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any, List, Optional
 
 from hpc import launch
 from hpc.errors import UserError
+from hpc.files import write_json_atomic
 from hpc.shards import ShardDataset
 from hpc.shards import manifest as manifest_mod
 from hpc.shards import writer
@@ -174,6 +175,6 @@ def export(shard_dir: Path, export_path: Path) -> None:
     coco = export_coco(dataset)
     dataset.close()
     export_path.parent.mkdir(parents=True, exist_ok=True)
-    manifest_mod.write_json_atomic(export_path, coco)
+    write_json_atomic(export_path, coco)
     print(f"megdet pack: {len(coco['images'])} images, {len(coco['annotations'])} annotations -> {export_path}",
           flush=True)

@@ -67,6 +67,24 @@ def apply_layerwise_update(params: List[Tensor], updates: List[Tensor], step_siz
     torch._foreach_addcmul_(params, updates, phi.mul_(-step_size).unbind())
 
 
+class GroupwiseOptimizer(torch.optim.Optimizer):
+    """``step(closure)`` re-evaluates the loss if asked, then ``step_group(group)`` for each param group
+    with gradients disabled: the one loop every optimizer here shares."""
+
+    def step_group(self, group: Dict) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self.step_group(group)
+        return loss
+
+
 def lamb_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                 *, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
     """One LAMB step over all tensors at once (multi-tensor ``torch._foreach_*`` ops)."""
@@ -90,7 +108,7 @@ def lamb_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor
     apply_layerwise_update(params, updates, lr)
 
 
-class LAMB(torch.optim.Optimizer):
+class LAMB(GroupwiseOptimizer):
     """LAMB with bias correction (the common form), layer-wise trust ratio phi = ||x|| / ||u||.
 
     params: tensors or param groups (``hpc.optim.param_groups``); lr: learning rate (> 0);
@@ -106,19 +124,12 @@ class LAMB(torch.optim.Optimizer):
         super().add_param_group(param_group)
         check_adam_hyperparameters(self.param_groups[-1])
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            group["step"] += 1
-            beta1, beta2 = group["betas"]
-            lamb_kernel(*gather_moments(self, group), step=group["step"], lr=group["lr"], beta1=beta1,
-                        beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-        return loss
+    def step_group(self, group: Dict) -> None:
+        group["step"] += 1
+        beta1, beta2 = group["betas"]
+        lamb_kernel(*gather_moments(self, group), step=group["step"], lr=group["lr"], beta1=beta1,
+                    beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
 
-__all__ = ["LAMB", "lamb_kernel", "layerwise_ratios", "apply_layerwise_update", "gather_moments",
+__all__ = ["LAMB", "GroupwiseOptimizer", "lamb_kernel", "layerwise_ratios", "apply_layerwise_update", "gather_moments",
            "check_hyperparameter", "check_adam_hyperparameters"]

@@ -10,12 +10,12 @@ Per parameter tensor x with gradient g:
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List
 
 import torch
 from torch import Tensor
 
-from hpc.optim.lamb import check_hyperparameter
+from hpc.optim.lamb import GroupwiseOptimizer, check_hyperparameter
 
 # You et al. 2017 use a trust coefficient eta = 0.001.
 DEFAULT_TRUST_COEFFICIENT = 1e-3
@@ -41,7 +41,7 @@ def lars_kernel(params: List[Tensor], grads: List[Tensor], momentum_buffers: Lis
     torch._foreach_add_(params, momentum_buffers, alpha=-lr)
 
 
-class LARS(torch.optim.Optimizer):
+class LARS(GroupwiseOptimizer):
     """LARS with momentum.
 
     params: tensors or param groups (``hpc.optim.param_groups``); lr: global learning rate (> 0);
@@ -62,25 +62,18 @@ class LARS(torch.optim.Optimizer):
                              "must be > 0")
         check_hyperparameter("weight_decay", group["weight_decay"], group["weight_decay"] >= 0, "must be >= 0")
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, buffers = [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("LARS does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(p.grad)
-                buffers.append(state["momentum_buffer"])
-            lars_kernel(params, grads, buffers, lr=group["lr"], momentum=group["momentum"],
-                        trust_coefficient=group["trust_coefficient"], weight_decay=group["weight_decay"])
-        return loss
+    def step_group(self, group: Dict) -> None:
+        params, grads, buffers = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("LARS does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            buffers.append(state["momentum_buffer"])
+        lars_kernel(params, grads, buffers, lr=group["lr"], momentum=group["momentum"],
+                    trust_coefficient=group["trust_coefficient"], weight_decay=group["weight_decay"])

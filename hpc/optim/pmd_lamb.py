@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from hpc.optim.lamb import apply_layerwise_update, check_adam_hyperparameters, check_hyperparameter, gather_moments
+from hpc.optim.lamb import (GroupwiseOptimizer, apply_layerwise_update, check_adam_hyperparameters,
+                            check_hyperparameter, gather_moments)
 
 # LargeDet Table 3: alpha = 0.012 and T = 200 are the best of the ablation (batch 256).
 DEFAULT_ALPHA = 0.012
@@ -62,7 +63,7 @@ def pmd_lamb_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Te
     apply_layerwise_update(params, updates, lr * alpha)
 
 
-class PMDLAMB(torch.optim.Optimizer):
+class PMDLAMB(GroupwiseOptimizer):
     """PMD-LAMB (LargeDet Algorithm 1); ``T=None`` is LAMB without bias correction.
 
     params: tensors or param groups (``hpc.optim.param_groups``); lr: eta (> 0), the global learning
@@ -90,16 +91,9 @@ class PMDLAMB(torch.optim.Optimizer):
                                                            and not isinstance(cycle, bool) and cycle >= 1),
                              "the cycle length must be an integer >= 1, or None for no moments decay")
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            group["step"] += 1
-            beta1, beta2 = group["betas"]
-            pmd_lamb_kernel(*gather_moments(self, group), xi=moments_decay(group["step"], group["T"]),
-                            lr=group["lr"], alpha=group["alpha"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                            weight_decay=group["weight_decay"])
-        return loss
+    def step_group(self, group: Dict) -> None:
+        group["step"] += 1
+        beta1, beta2 = group["betas"]
+        pmd_lamb_kernel(*gather_moments(self, group), xi=moments_decay(group["step"], group["T"]),
+                        lr=group["lr"], alpha=group["alpha"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                        weight_decay=group["weight_decay"])

@@ -9,6 +9,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from hpc.files import write_atomic
+
 
 def machine() -> Dict[str, str]:
     """What the figures were measured on."""
@@ -31,11 +33,8 @@ def markdown_table(rows: List[Dict], columns: Sequence[str]) -> str:
 def write(out_dir: str, name: str, rows: List[Dict], columns: Sequence[str], inputs: Dict) -> str:
     """Write ``{name}.json`` (inputs, machine, rows) and ``{name}.md`` under ``out_dir``; return the table."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows, columns)
     payload = {"benchmark": name, "inputs": inputs, "machine": machine(), "rows": rows}
-    for suffix, text in ((".json", json.dumps(payload, indent=2, default=str)), (".md", table + "\n")):
-        tmp = out / f".{name}{suffix}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / f"{name}{suffix}")
+    write_atomic(out / f"{name}.json", json.dumps(payload, indent=2, default=str))
+    write_atomic(out / f"{name}.md", table + "\n")
     return table

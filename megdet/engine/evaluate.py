@@ -29,7 +29,7 @@ from pycocotools.cocoeval import COCOeval
 from hpc.errors import UserError
 from megdet.data.coco import export_coco
 from megdet.data.transforms import build_transform, collate
-from megdet.engine.files import write_json_atomic
+from hpc.files import write_json_atomic
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 RESULT_KEYS = ("image_id", "category_id", "bbox", "score")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from hpc.errors import UserError
-from megdet.engine.files import write_atomic
+from hpc.files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from hpc import checkpoint
 from hpc import comm as comm_mod
 from hpc import launch
 from hpc.errors import UserError
+from hpc.files import write_atomic
 from hpc.distributed import DistributedOptimizer
 from hpc.optim import LAMB, LARS, PMDLAMB, param_groups
 from hpc.schedule import Schedule
@@ -40,7 +41,6 @@ from hpc.shards import DistributedShardSampler, ShardDataset
 from megdet import config as config_mod
 from megdet.data.transforms import build_transform, collate
 from megdet.engine import evaluate as evaluate_mod
-from megdet.engine.files import write_atomic
 from megdet.engine.metrics import METRICS_FILE, PLOT_FILE, MetricsLogger, plot_metrics, read_metrics
 from megdet.model import build_detector
 
