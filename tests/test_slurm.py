@@ -2,21 +2,24 @@
 allocation under each launcher, Horovod over MPI, output files per job id, USR1 forwarded to the ranks,
 ``scontrol requeue`` and the resumed second run."""
 import json
+import subprocess
 import sys
 import time
 
 import pytest
 
+from tests.multirank import REPO
 from tests.slurm import slurm  # noqa: F401  (the session fixture)
 from tests.test_jobs import job_env, render
 
 pytestmark = pytest.mark.multirank
 
-# What the 2-rank test job runs on each rank. When `megdet train` exists this becomes a short shapes run,
-# e.g. 'megdet train shapes_r18_cpu solver.max_iter=20 train.output_dir="$RUN_DIR" "${RESUME_ARGS[@]}"',
-# and the test below checks its "finished" line.
+# The launcher matrix runs the doctor (seconds per job); the train tests below run `megdet train`.
 RANK_COMMAND = "megdet doctor"
 JOB_WAIT_S = 180
+TINY_TRAIN = ("data.min_sizes=[64] data.max_size=64 data.test_min_size=64 data.images_per_rank=2 "
+              "data.num_workers=0 solver.batch_size=4 model.bn_size=4 solver.warmup_iters=2 train.log_period=2 "
+              "eval.images_per_rank=4")
 
 
 def render_cpu_job(tmp_path, command, *options):
@@ -85,3 +88,53 @@ def test_usr1_reaches_every_rank_and_the_requeued_job_resumes(slurm, tmp_path): 
     # Both runs append to the same output file (--open-mode=append).
     assert "[job] USR1: stopping the ranks" in out and f"requeueing job {job_id}" in out
     assert f"[job] Slurm job {job_id} (restart 1)" in out and f"[job] resuming from {checkpoint}" in out
+
+
+@pytest.fixture(scope="module")
+def shapes_shards(tmp_path_factory):
+    """Synthetic shapes packed into train and val shards, 64 pixels."""
+    root = tmp_path_factory.mktemp("slurm-shapes")
+    megdet = [sys.executable, "-m", "megdet.cli"]
+    subprocess.run([*megdet, "synth", "--out", str(root / "shapes"), "--train", "16", "--val", "4", "--size", "64"],
+                   cwd=REPO, check=True, capture_output=True, env=job_env())
+    for split in ("train", "val"):
+        subprocess.run([*megdet, "pack", "--coco-json", str(root / "shapes" / "annotations" / f"instances_{split}.json"),
+                        "--images", str(root / "shapes" / split), "--out", str(root / split)],
+                       cwd=REPO, check=True, capture_output=True, env=job_env())
+    return root
+
+
+def train_command(shards, max_iter, val=True):
+    return (f'megdet train shapes_r18_cpu {TINY_TRAIN} solver.max_iter={max_iter} solver.steps=[{max_iter - 1}] '
+            f'train.checkpoint_period=1000 data.train={shards / "train"} data.val={shards / "val" if val else ""} '
+            'train.output_dir="$RUN_DIR" "${RESUME_ARGS[@]}"')
+
+
+def test_a_rendered_job_trains_on_two_ranks_under_sbatch(slurm, tmp_path, shapes_shards):  # noqa: F811
+    job_id = slurm.submit(render_cpu_job(tmp_path, train_command(shapes_shards, 6)), cwd=tmp_path, env=job_env())
+    info = slurm.wait(job_id, timeout=JOB_WAIT_S)
+    out, err = output_of(tmp_path, job_id)
+    assert info.state == "COMPLETED" and info.exit_code == "0:0", f"{info.state} {info.exit_code}\n{out}\n{err}"
+    assert "megdet train: finished 6 iterations on 2 ranks" in out, out + err
+    assert "Average Precision  (AP) @[ IoU=0.50      | area=   all | maxDets=100 ]" in out
+
+
+def test_usr1_checkpoints_the_training_and_the_requeued_job_finishes_it(slurm, tmp_path, shapes_shards):  # noqa: F811
+    """The real cycle: training runs, USR1 before the time limit, every rank stops at one iteration and
+    rank 0 checkpoints (exit 75), the script requeues the job, the second run resumes and finishes."""
+    job_id = slurm.submit(render_cpu_job(tmp_path, train_command(shapes_shards, 60, val=False)), cwd=tmp_path,
+                          env=job_env())
+    metrics = tmp_path / "runs" / "shapes_r18_cpu" / "metrics.jsonl"
+    deadline = time.monotonic() + JOB_WAIT_S
+    while not (metrics.exists() and metrics.read_text().strip()):
+        if time.monotonic() > deadline or slurm.job(job_id).state not in ("PENDING", "RUNNING", "CONFIGURING"):
+            pytest.fail(f"job {job_id} never started training: {slurm.job(job_id).state}\n{output_of(tmp_path, job_id)}")
+        time.sleep(0.5)
+    slurm.command(["scancel", "--batch", "--signal=USR1", job_id])
+    info = slurm.wait(job_id, timeout=3 * JOB_WAIT_S)
+    out, err = output_of(tmp_path, job_id)
+    assert info.state == "COMPLETED" and info.restarts == 1, f"{info.state} restarts {info.restarts}\n{out}\n{err}"
+    assert "megdet train: stop signal: checkpoint" in out and f"requeueing job {job_id}" in out, out + err
+    assert "[job] ranks stopped (exit 75)" in out
+    assert "megdet train: resumed from" in out and "megdet train: finished 60 iterations on 2 ranks" in out, out + err
+

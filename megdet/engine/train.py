@@ -15,8 +15,10 @@ checkpoints ``model_<iteration>.pt``, and at the end ``bbox_results.json``, ``me
 
 ``--resume`` continues from the latest checkpoint of the run folder (or the file given) exactly:
 model, optimizer moments (PMD-LAMB's cycle position), iteration (schedule and sampler position) and
-every rank's random state. SIGTERM or SIGUSR1 (Slurm's ``--signal=USR1@120``) make every rank stop at
-the same iteration, checkpoint, and exit with status 75 (``EXIT_PREEMPTED``) so a job script requeues.
+every rank's random state. SIGTERM or SIGUSR1 (Slurm's ``--signal=B:USR1@120``, which the job scripts in
+``jobs/`` forward to the launcher) make every rank stop at the same iteration, checkpoint, and exit with
+status 75 (``EXIT_PREEMPTED``) so a job script requeues. ``mpirun`` and ``srun`` pass that status on;
+``horovodrun`` exits 1 and prints each rank's status.
 """
 from __future__ import annotations
 
