@@ -3,9 +3,12 @@
     stop = StopSignals()                       # SIGTERM, SIGUSR1 (Slurm's warning before the time limit)
     for it in range(start, max_iter):
         ...
-        if stop.agreed(comm):                  # every rank stops at the same iteration
+        flag = torch.tensor([float(stop.received is not None)])
+        if comm.allreduce(flag).item() > 0:    # any rank signalled: all stop at the same iteration
             save(checkpoint_path(out, it), state)     # rank 0
             sys.exit(EXIT_PREEMPTED)
+
+(``megdet train`` sends that flag inside the allreduce it already does for its metrics.)
 
 A checkpoint is written to a temporary file in the same folder and renamed, so a crash mid-write
 leaves the previous checkpoint intact and never a truncated one under the final name.
@@ -95,11 +98,10 @@ def gather_rng_states(comm) -> Optional[List[Dict[str, Any]]]:
 
 
 class StopSignals:
-    """Record SIGTERM / SIGUSR1 instead of dying, so the run can checkpoint first.
+    """Record SIGTERM / SIGUSR1 in ``received`` instead of dying, so the run can checkpoint first.
 
-    ``agreed(comm)`` is a collective (one tiny allreduce): it is true on every rank as soon as any rank
-    has received a signal, so all ranks checkpoint at the same iteration even when the signal reached
-    only some of them (``scancel --signal`` to the batch step, a node-local kill).
+    The ranks must agree on when to stop (a signal may reach only some of them: ``scancel --signal`` to
+    the batch step, a node-local kill): reduce ``received is not None`` across ranks, as above.
     """
 
     def __init__(self, signals=STOP_SIGNALS):
@@ -108,10 +110,6 @@ class StopSignals:
 
     def _handle(self, signum, _frame) -> None:
         self.received = signum
-
-    def agreed(self, comm) -> bool:
-        flag = torch.tensor([0.0 if self.received is None else 1.0])
-        return comm.allreduce(flag, op="sum", name="stop_signal").item() > 0
 
     def restore(self) -> None:
         """Put the previous handlers back."""

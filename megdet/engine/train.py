@@ -238,8 +238,9 @@ class Trainer:
             done = iteration + 1
             progress.update(1)
 
+            stop_requested = False
             if done % cfg.train.log_period == 0 or done == cfg.solver.max_iter:
-                logged_losses = self._log(done, lr, window)
+                logged_losses, stop_requested = self._log(done, lr, window)
                 progress.set_postfix(loss=f"{logged_losses['loss']:.3f}", lr=f"{lr:.3g}",
                                      img_s=f"{logged_losses['images_per_s']:.1f}", refresh=False)
                 window = {**dict.fromkeys(window, 0), "losses": {}}
@@ -253,7 +254,7 @@ class Trainer:
                               f"iteration {done}: stopping", flush=True)
                     self.save(done)
                     return self._finish(done, evaluated=True)
-            if self.stop.agreed(comm):
+            if stop_requested:
                 path = self.save(done)
                 if comm.rank == 0:
                     print(f"megdet train: stop signal: checkpoint {path} at iteration {done}; exiting with "
@@ -263,18 +264,21 @@ class Trainer:
         progress.close()
         return self._finish(cfg.solver.max_iter)
 
-    def _log(self, iteration: int, lr: float, window: Dict) -> Dict[str, float]:
-        """Average the window's losses over its steps and the ranks (one allreduce), write a metrics line;
-        returns what was logged."""
+    def _log(self, iteration: int, lr: float, window: Dict) -> Tuple[Dict[str, float], bool]:
+        """Average the window's losses over its steps and the ranks and write a metrics line; returns what
+        was logged and whether any rank has received a stop signal. One allreduce carries both, so stop
+        signals cost no collective of their own: every rank learns of one at the same metrics line
+        (``train.log_period`` iterations, well inside Slurm's 120 s warning)."""
         names = sorted(window["losses"])
         sums = torch.stack([window["losses"][n].float() for n in names])
-        averaged = self.comm.allreduce(sums / window["steps"], op="average", name="train_log")
-        scalars = {name: value for name, value in zip(names, averaged.tolist())}
+        stop_flag = torch.tensor([float(self.stop.received is not None)])
+        averaged = self.comm.allreduce(torch.cat([sums / window["steps"], stop_flag]), op="average", name="train_log")
+        scalars = {name: value for name, value in zip(names, averaged[:-1].tolist())}
         seconds = max(window["time"], 1e-9)
         scalars.update(lr=lr, images_per_s=window["images"] / seconds, data_fraction=window["data"] / seconds,
                        skipped_steps=self.optimizer.skipped_steps, dropped_boxes=window["degenerate"])
         self.metrics.log(iteration, **scalars)
-        return scalars
+        return scalars, averaged[-1].item() > 0
 
     def evaluate(self, iteration: int) -> Dict[str, float]:
         """Box AP on the validation shards (every rank infers its share), logged; returns the metrics."""
