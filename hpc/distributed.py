@@ -166,6 +166,7 @@ class DistributedOptimizer:
         self.max_consecutive_skips = max_consecutive_skips
         self.iteration = self.skipped_steps = self.consecutive_skips = 0
         self._passes = 0
+        self._synchronized = False  # this step's gradients are averaged already
         self._loss_nonfinite: Optional[Tensor] = None  # on the loss's device: no synchronisation per pass
 
         broadcast_model_and_optimizer(model, optimizer, self.comm)
@@ -202,17 +203,30 @@ class DistributedOptimizer:
             self._buckets.armed = self._passes == self.backward_passes_per_step
         (loss / self.backward_passes_per_step).backward()
 
-    def step(self) -> bool:
-        """Average the gradients, then step unless some rank's loss or the averaged gradient is not
-        finite. Returns whether the parameters were updated; raises ``DivergenceError`` on every rank
-        after ``max_consecutive_skips`` skipped steps in a row."""
+    def _check_passes(self, caller: str) -> None:
         if self._passes != self.backward_passes_per_step:
-            raise UserError(f"step() after {self._passes} backward() calls, but backward_passes_per_step is "
+            raise UserError(f"{caller}() after {self._passes} backward() calls, but backward_passes_per_step is "
                             f"{self.backward_passes_per_step}: call backward() once per micro-batch")
+
+    def synchronize(self) -> None:
+        """Wait for the gradient allreduces that the last backward pass launched (launching any it did
+        not), leaving the averaged gradients in ``.grad``. ``step()`` calls it unless it was called since
+        the last ``backward()``; call it yourself only to time the communication apart."""
+        self._check_passes("synchronize")
+        if self._synchronized:
+            return
         if self._horovod:
             self.optimizer.synchronize()
         elif self._buckets is not None:
             self._buckets.synchronize()
+        self._synchronized = True
+
+    def step(self) -> bool:
+        """Average the gradients (``synchronize``), then step unless some rank's loss or the averaged
+        gradient is not finite. Returns whether the parameters were updated; raises ``DivergenceError``
+        on every rank after ``max_consecutive_skips`` skipped steps in a row."""
+        self._check_passes("step")
+        self.synchronize()
         finite = self._agree_finite()
         if finite:
             if self._horovod:
@@ -227,6 +241,7 @@ class DistributedOptimizer:
         iteration = self.iteration
         self.iteration += 1
         self._passes = 0
+        self._synchronized = False
         self._loss_nonfinite = None
         if self.consecutive_skips >= self.max_consecutive_skips:
             lr = max(group["lr"] for group in self.optimizer.param_groups)

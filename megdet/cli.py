@@ -29,7 +29,7 @@ COMMANDS = {
     "synth": ("megdet.data.synth", "write a synthetic COCO data set of shapes (JPEG + instances json), from a seed"),
     "train": ("megdet.engine.train", "train a detector from a preset (under horovodrun, mpirun, srun or alone)"),
     "eval": ("megdet.engine.evaluate", "COCO box AP of a trained model on shards, or of a results file (pycocotools)"),
-    "plot": ("megdet.engine.metrics", "draw loss, learning rate, throughput and AP curves of a run to PNG"),
+    "plot": ("megdet.engine.metrics", "draw a run's loss, learning rate, throughput and AP curves, or a benchmark's results, to PNG"),
     "pack": ("megdet.pack", "pack a COCO split into HDF5 shards (alone or under mpirun); export it back"),
 }
 

@@ -29,6 +29,8 @@ PRESETS = tuple(sorted(path.stem for path in CONFIG_DIR.glob("*.yaml")))
 MODELS = ("resnet50_fpn", "resnet18_fpn")
 NORMS = ("cgbn", "frozen", "bn")
 OPTIMIZERS = ("sgd", "pmd_lamb", "lamb", "lars")
+# solver.layer_adaptation: which param groups (hpc.optim.param_groups) take LAMB's ratio ||x|| / ||u||.
+LAYER_ADAPTATION = {"all": ("weights", "norm", "bias"), "weights": ("weights",)}
 # Learning-rate factor applied at each of solver.steps (MegDet Sec. 4): normal decays by 0.1 at every
 # step; long decays by 0.1 twice and then halves.
 POLICY_FACTORS = {"normal": None, "long": (0.1, 0.1, 0.5)}
@@ -54,6 +56,8 @@ class ModelConfig:
     bn_size: Optional[int] = None         # images per cross-GPU BN group (cgbn only); None: all ranks
     backbone_weights: Optional[str] = None  # path of ImageNet weights for the backbone; None: random init
     sublinear_stages: List[str] = field(default_factory=list)  # stages recomputed in backward (memory)
+    anchor_sizes: Optional[List[int]] = None  # anchor side (pixels) on P2..P6; None: 32, 64, 128, 256, 512
+    rois_per_image: Optional[int] = None  # RoIs sampled per image for the box head; None: the model's (512)
 
 
 @dataclass
@@ -86,6 +90,7 @@ class SolverConfig:
     eps: float = 1e-6                     # lamb, pmd_lamb
     pmd_alpha: float = 0.012              # PMD-LAMB scale factor alpha
     pmd_cycle: int = 200                  # PMD-LAMB cycle length T (iterations)
+    layer_adaptation: str = "all"         # lamb, pmd_lamb: "all" tensors (Algorithm 1) or "weights" only
 
     @property
     def decay_factors(self) -> List[float]:
@@ -315,6 +320,14 @@ def _validate(config: Config) -> None:
     _choice("model.norm", model.norm, NORMS)
     _choice("solver.optimizer", solver.optimizer, OPTIMIZERS)
     _choice("solver.policy", solver.policy, tuple(POLICY_FACTORS))
+    _choice("solver.layer_adaptation", solver.layer_adaptation, tuple(LAYER_ADAPTATION))
+    if solver.layer_adaptation != "all" and solver.optimizer not in ("lamb", "pmd_lamb"):
+        raise UserError(f"solver.layer_adaptation={solver.layer_adaptation!r} applies to lamb and pmd_lamb, not "
+                        f"{solver.optimizer}: drop it or set solver.layer_adaptation=all")
+    if model.anchor_sizes is not None and (len(model.anchor_sizes) != 5 or min(model.anchor_sizes) <= 0):
+        raise UserError(f"model.anchor_sizes={model.anchor_sizes} needs 5 positive sizes, one per level P2-P6")
+    if model.rois_per_image is not None:
+        _positive("model.rois_per_image", model.rois_per_image)
     for key, value in (("model.num_classes", model.num_classes), ("data.images_per_rank", data.images_per_rank),
                        ("data.max_size", data.max_size), ("data.test_min_size", data.test_min_size),
                        ("solver.batch_size", solver.batch_size), ("solver.base_lr", solver.base_lr),

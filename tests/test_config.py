@@ -145,6 +145,10 @@ def test_yaml_files_and_their_errors(tmp_path):
     ("model.bn_size=30", r"model.bn_size=30 is not a positive multiple of data.images_per_rank=4"),
     ("solver.steps=[5000, 4000]", r"solver.steps=\[5000, 4000\] must be increasing"),
     ("solver.policy=long", r"decays the LR 3 times but solver.steps=\[3688, 4609\] has 2"),
+    ("solver.layer_adaptation=bias", r"solver.layer_adaptation='bias' is not one of all, weights"),
+    ("solver.layer_adaptation=weights", r"applies to lamb and pmd_lamb, not sgd: drop it"),
+    ("model.anchor_sizes=[16, 32]", r"model.anchor_sizes=\[16, 32\] needs 5 positive sizes"),
+    ("model.rois_per_image=0", r"model.rois_per_image=0 must be positive"),
 ])
 def test_bad_overrides_are_one_line_errors(override, match):
     one_line_error(match, config.load, "megdet_r50_fpn_bs256_bn32", [override])
@@ -169,3 +173,20 @@ def test_check_world_names_the_numbers_and_the_fix():
     whole = config.load("megdet_r50_fpn_bs256_bn32", ["model.bn_size=null"])
     whole.check_world(64, 8)
     assert whole.bn_group_ranks() is None
+
+
+def test_solver_and_model_options_reach_the_optimizer_and_the_detector():
+    import torch
+    from torch import nn
+
+    from megdet.engine.train import build_optimizer, model_settings
+
+    cfg = config.load("shapes_r18_cpu", ["solver.layer_adaptation=weights", "model.anchor_sizes=[8, 16, 32, 64, 128]",
+                                         "model.rois_per_image=64"])
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 5, 5))
+    adapted = {group["name"]: group["layer_adaptation"] for group in build_optimizer(cfg, model).param_groups}
+    assert adapted == {"weights": True, "norm": False, "bias": False}
+    cfg.solver.layer_adaptation = "all"
+    assert all(group["layer_adaptation"] for group in build_optimizer(cfg, model).param_groups)
+    assert model_settings(cfg) == {"anchor_sizes": (8, 16, 32, 64, 128), "roi_batch_size_per_image": 64}

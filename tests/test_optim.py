@@ -172,6 +172,25 @@ def test_zero_tensor_moves_with_phi_one():
     torch.testing.assert_close(bias.detach(), -2.0 * 0.5 * r)
 
 
+@pytest.mark.parametrize("optimizer", ["pmd_lamb", "lamb"])
+def test_group_without_layer_adaptation_takes_phi_one(optimizer):
+    """A group with layer_adaptation=False moves by the plain Adam step: two copies of a tensor, one in
+    an adapted group and one not, move by steps whose sizes differ by exactly phi = ||x|| / ||u||."""
+    start = torch.full((4,), 1e-3, dtype=torch.float64)
+    adapted, plain = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    grad = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    adapted.grad, plain.grad = grad.clone(), grad.clone()
+    groups = [{"params": [adapted]}, {"params": [plain], "layer_adaptation": False}]
+    built = PMDLAMB(groups, lr=1.0, weight_decay=0.0) if optimizer == "pmd_lamb" else LAMB(groups, lr=0.012,
+                                                                                          weight_decay=0.0)
+    built.step()
+    plain_step, adapted_step = start - plain.detach(), start - adapted.detach()
+    phi = float(start.norm() / (plain_step / 0.012).norm())
+    assert phi < 0.01, "the test needs a tensor whose norm is far below its update's"
+    torch.testing.assert_close(adapted_step, phi * plain_step)
+    assert plain_step.abs().max() > 0.005  # an Adam step of about lr * alpha = 0.012 per element
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda ps: PMDLAMB(ps, lr=0.0), "Invalid learning rate: 0.0"),
     (lambda ps: PMDLAMB(ps, lr=-0.1), "Invalid learning rate: -0.1"),

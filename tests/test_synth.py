@@ -77,11 +77,32 @@ def test_boxes_are_tight_to_the_visible_pixels_of_each_shape():
     assert objects > 100 and overlapping > 5 and empty >= 1
 
 
+def test_object_count_and_size_follow_the_layout_options():
+    """--max-objects caps the shapes per image; --object-size bounds their extent (a shape's box side
+    lies within its drawn extent times the rotation and aspect spread, so check the box's geometric
+    mean side against the range with that slack)."""
+    sides = []
+    for index in range(30):
+        rendered = synth.render_image(synth.image_rng(5, "train", index), SIZE, max_objects=2, object_size=(0.3, 0.4))
+        assert len(rendered.annotations) <= 2
+        short = min(rendered.image.shape[:2])
+        sides += [np.sqrt(a["bbox"][2] * a["bbox"][3]) / short for a in rendered.annotations]
+    default = [np.sqrt(a["bbox"][2] * a["bbox"][3]) / min(r.image.shape[:2])
+               for r in (synth.render_image(synth.image_rng(5, "train", i), SIZE) for i in range(30))
+               for a in r.annotations]
+    assert len(sides) >= 30 and 0.15 < min(sides) and max(sides) < 0.7
+    assert min(default) < 0.12, "the default range reaches much smaller shapes"
+
+
 def test_bad_arguments_and_existing_output_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="--size 16 is too small: use at least 64 pixels"):
         synth.synthesize(tmp_path / "x", COUNTS, seed=0, size=16)
     with pytest.raises(UserError, match="--val 0: give at least 1 image"):
         synth.synthesize(tmp_path / "x", {"train": 1, "val": 0}, seed=0, size=SIZE)
+    with pytest.raises(UserError, match="--max-objects 0: give at least 1"):
+        synth.synthesize(tmp_path / "x", COUNTS, seed=0, size=SIZE, max_objects=0)
+    with pytest.raises(UserError, match="--object-size 0.5,0.1: give MIN,MAX fractions"):
+        synth.synthesize(tmp_path / "x", COUNTS, seed=0, size=SIZE, object_size=(0.5, 0.1))
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="already exists and is not empty"):

@@ -61,8 +61,16 @@ def gather_moments(optimizer: torch.optim.Optimizer, group: Dict) -> Tuple[List[
     return params, grads, exp_avgs, exp_avg_sqs
 
 
-def apply_layerwise_update(params: List[Tensor], updates: List[Tensor], step_size: float) -> None:
-    """x -= step_size * phi * u for every tensor, phi = ||x|| / ||u|| (1 where either is 0)."""
+def apply_layerwise_update(params: List[Tensor], updates: List[Tensor], step_size: float,
+                           layer_adaptation: bool = True) -> None:
+    """x -= step_size * phi * u for every tensor, phi = ||x|| / ||u|| (1 where either is 0).
+
+    layer_adaptation=False: phi = 1 (an Adam step of size ``step_size``), as LAMB's reference code does
+    for biases and normalisation parameters, whose norms start at or near 0 and would hardly move.
+    """
+    if not layer_adaptation:
+        torch._foreach_add_(params, updates, alpha=-step_size)
+        return
     phi = layerwise_ratios(torch._foreach_norm(params), torch._foreach_norm(updates))
     torch._foreach_addcmul_(params, updates, phi.mul_(-step_size).unbind())
 
@@ -86,7 +94,8 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
 
 
 def lamb_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-                *, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+                *, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                layer_adaptation: bool = True) -> None:
     """One LAMB step over all tensors at once (multi-tensor ``torch._foreach_*`` ops)."""
     if not params:
         return
@@ -105,7 +114,7 @@ def lamb_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor
     # u_t = r_t + wd * x
     if weight_decay != 0:
         torch._foreach_add_(updates, params, alpha=weight_decay)
-    apply_layerwise_update(params, updates, lr)
+    apply_layerwise_update(params, updates, lr, layer_adaptation)
 
 
 class LAMB(GroupwiseOptimizer):
@@ -113,12 +122,14 @@ class LAMB(GroupwiseOptimizer):
 
     params: tensors or param groups (``hpc.optim.param_groups``); lr: learning rate (> 0);
     betas: (b1, b2) in [0, 1); eps: added to sqrt(v_hat) (> 0); weight_decay: wd, decoupled into u.
+    A param group with ``layer_adaptation=False`` takes phi = 1 (see ``apply_layerwise_update``).
     The step counter t is kept per param group (``group["step"]``) and saved in ``state_dict``.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, step=0))
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, step=0,
+                                      layer_adaptation=True))
 
     def add_param_group(self, param_group: Dict) -> None:
         super().add_param_group(param_group)
@@ -128,7 +139,8 @@ class LAMB(GroupwiseOptimizer):
         group["step"] += 1
         beta1, beta2 = group["betas"]
         lamb_kernel(*gather_moments(self, group), step=group["step"], lr=group["lr"], beta1=beta1,
-                    beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+                    beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    layer_adaptation=group["layer_adaptation"])
 
 
 __all__ = ["LAMB", "GroupwiseOptimizer", "lamb_kernel", "layerwise_ratios", "apply_layerwise_update", "gather_moments",

@@ -42,7 +42,7 @@ def moments_decay(step: int, cycle: Optional[int]) -> float:
 
 def pmd_lamb_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                     *, xi: float, lr: float, alpha: float, beta1: float, beta2: float, eps: float,
-                    weight_decay: float) -> None:
+                    weight_decay: float, layer_adaptation: bool = True) -> None:
     """One PMD-LAMB step over all tensors at once (multi-tensor ``torch._foreach_*`` ops)."""
     if not params:
         return
@@ -60,7 +60,7 @@ def pmd_lamb_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Te
     if weight_decay != 0:
         torch._foreach_add_(updates, params, alpha=weight_decay)
     # x_{t+1} = x_t - lr * alpha * phi * u_t
-    apply_layerwise_update(params, updates, lr * alpha)
+    apply_layerwise_update(params, updates, lr * alpha, layer_adaptation)
 
 
 class PMDLAMB(GroupwiseOptimizer):
@@ -69,7 +69,8 @@ class PMDLAMB(GroupwiseOptimizer):
     params: tensors or param groups (``hpc.optim.param_groups``); lr: eta (> 0), the global learning
     rate from the schedule; alpha: the scale factor on the layer-wise ratio (> 0); T: cycle length in
     steps (int >= 1) or None; betas: (b1, b2) in [0, 1); eps: inside the square root (> 0);
-    weight_decay: lambda (>= 0).
+    weight_decay: lambda (>= 0). A param group with ``layer_adaptation=False`` takes phi = 1
+    (``hpc.optim.lamb.apply_layerwise_update``); Algorithm 1 adapts every tensor (the default).
 
     The step counter t lives in each param group (``group["step"]``, saved by ``state_dict``), so a
     resumed run continues at the same position in the cycle.
@@ -79,7 +80,7 @@ class PMDLAMB(GroupwiseOptimizer):
                  T: Optional[int] = DEFAULT_CYCLE, betas: Tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 5e-4, eps: float = 1e-6):
         super().__init__(params, dict(lr=lr, alpha=alpha, T=T, betas=tuple(betas), weight_decay=weight_decay,
-                                      eps=eps, step=0))
+                                      eps=eps, step=0, layer_adaptation=True))
 
     def add_param_group(self, param_group: Dict) -> None:
         super().add_param_group(param_group)
@@ -96,4 +97,4 @@ class PMDLAMB(GroupwiseOptimizer):
         beta1, beta2 = group["betas"]
         pmd_lamb_kernel(*gather_moments(self, group), xi=moments_decay(group["step"], group["T"]),
                         lr=group["lr"], alpha=group["alpha"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                        weight_decay=group["weight_decay"])
+                        weight_decay=group["weight_decay"], layer_adaptation=group["layer_adaptation"])

@@ -14,6 +14,9 @@ BENCHMARKS["loader"] = ("megdet.bench.loader", "images/s from loose files, jpeg 
 BENCHMARKS["cgbn"] = ("megdet.bench.cgbn", "train-step time of conv+BN+ReLU blocks: local BN, CGBN, SyncBatchNorm")
 BENCHMARKS["optim"] = ("megdet.bench.optim", "one optimizer step over ResNet-50-sized parameters: SGD, PMD-LAMB foreach and naive, LAMB, LARS")
 BENCHMARKS["model"] = ("megdet.bench.model", "forward+backward s/image of the detector, with and without sublinear memory, vs torchvision")
+BENCHMARKS["train"] = ("megdet.bench.train", "images/s of the real training step at 1 and N ranks, scaling efficiency, time shares of data, compute, allreduce, optimizer")
+BENCHMARKS["allreduce"] = ("megdet.bench.allreduce", "time and bus bandwidth of one allreduce, 4 KiB to 256 MiB: Horovod fusion on/off vs torch.distributed")
+BENCHMARKS["project"] = ("megdet.bench.project", "projected time to train on 8-160 GPUs (compute + ring allreduce model) next to the papers' times")
 
 
 def add_arguments(parser) -> None:

@@ -14,12 +14,8 @@ run, its row says why.
 from __future__ import annotations
 
 import copy
-import json
 import os
-import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -31,10 +27,9 @@ from hpc import cgbn
 from hpc import comm as comm_mod
 from hpc import launch
 from hpc.errors import UserError
-from megdet.bench import report
+from megdet.bench import report, spawn
 
 NAME = "cgbn"
-ENGINES = ("horovod", "torch")
 COLUMNS = ("engine", "ranks", "variant", "ms_per_step", "ratio_to_local_bn", "note")
 FORWARDED = ("blocks", "channels", "images", "size", "steps", "warmup", "group_size", "threads")
 
@@ -42,7 +37,7 @@ FORWARDED = ("blocks", "channels", "images", "size", "steps", "warmup", "group_s
 def add_arguments(parser) -> None:
     parser.add_argument("--ranks", type=int, default=2,
                         help="when no launcher started us: ranks to start per engine (default: %(default)s)")
-    parser.add_argument("--engines", default=",".join(ENGINES),
+    parser.add_argument("--engines", default=",".join(spawn.ENGINES),
                         help="when no launcher started us: engines to run, comma-separated (default: %(default)s)")
     parser.add_argument("--blocks", type=int, default=4, help="conv + BN + ReLU blocks (default: %(default)s)")
     parser.add_argument("--channels", type=int, default=64, help="channels per block (default: %(default)s)")
@@ -68,26 +63,12 @@ def run(args) -> int:
 
 def _spawn(args) -> int:
     """Start ``args.ranks`` ranks per engine, each writing its own table, then merge the rows."""
-    engines = [e for e in args.engines.split(",") if e]
-    unknown = sorted(set(engines) - set(ENGINES))
-    if unknown or not engines:
-        raise UserError(f"Invalid --engines: {args.engines!r}; use a comma-separated subset of {', '.join(ENGINES)}")
+    engines = spawn.parse_engines(args.engines)
     forwarded = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in FORWARDED
                  if getattr(args, name) is not None]
     rows: List[Dict] = []
     for engine in engines:
-        out = Path(args.out) / engine
-        argv = [sys.executable, "-m", "megdet.cli", "bench", NAME, f"--out={out}", *forwarded]
-        if engine == "horovod":
-            command = ["horovodrun", "--gloo", "-np", str(args.ranks), "-H", f"localhost:{args.ranks}", *argv]
-        else:
-            command = ["torchrun", f"--nproc-per-node={args.ranks}", *argv[1:]]  # torchrun -m megdet.cli ...
-        if shutil.which(command[0]) is None:
-            raise UserError(f"{command[0]} is not on PATH: activate the environment that has Horovod and "
-                            f"torch (bash scripts/setup.sh), or pass --engines without {engine}")
-        print(f"megdet bench {NAME}: {' '.join(command)}", flush=True)
-        subprocess.run(command, check=True, env={**os.environ, "MEGDET_COMM": engine})
-        rows += json.loads((out / f"{NAME}.json").read_text())["rows"]
+        rows += spawn.run_ranks(NAME, engine, args.ranks, Path(args.out) / engine, forwarded)
     table = report.write(args.out, NAME, rows, COLUMNS, inputs=_inputs(args))
     print(table)
     return 0

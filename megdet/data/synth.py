@@ -11,6 +11,7 @@ set is built in a temporary folder next to OUT and renamed into place when compl
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
@@ -108,16 +109,18 @@ def _colour_against(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
     return np.where(under < 128, 255.0, 0.0)  # the farthest corner of the colour cube: >= 128 per channel
 
 
-def render_image(rng: np.random.Generator, size: int) -> SynthImage:
-    """Draw one image whose longer side is ``size`` pixels, from ``rng`` alone."""
+def render_image(rng: np.random.Generator, size: int, max_objects: int = MAX_OBJECTS,
+                 object_size: Tuple[float, float] = OBJECT_SIZE_RANGE) -> SynthImage:
+    """Draw one image whose longer side is ``size`` pixels, from ``rng`` alone: up to ``max_objects``
+    shapes whose extent is drawn log-uniformly from ``object_size`` (fractions of the shorter side)."""
     short = int(round(size * rng.uniform(*SHORT_SIDE_RANGE)))
     height, width = (short, size) if rng.random() < 0.5 else (size, short)
     image = _background(rng, height, width)
     instances = np.zeros((height, width), dtype=np.int32)
     full_areas: List[int] = []
     categories: List[int] = []
-    count = 0 if rng.random() < EMPTY_IMAGE_PROBABILITY else int(rng.integers(1, MAX_OBJECTS + 1))
-    low, high = (fraction * min(height, width) for fraction in OBJECT_SIZE_RANGE)
+    count = 0 if rng.random() < EMPTY_IMAGE_PROBABILITY else int(rng.integers(1, max_objects + 1))
+    low, high = (fraction * min(height, width) for fraction in object_size)
     for _ in range(count):
         category_id = int(rng.choice([c["id"] for c in CATEGORIES]))
         for _ in range(PLACEMENT_TRIES):
@@ -154,12 +157,13 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS.index(split), index])
 
 
-def write_split(root: Path, split: str, count: int, seed: int, size: int) -> Dict:
-    """Render ``count`` images into ``root/split/`` and return the COCO instances dict."""
+def write_split(root: Path, split: str, count: int, seed: int, size: int, **layout) -> Dict:
+    """Render ``count`` images into ``root/split/`` and return the COCO instances dict; ``layout``:
+    ``render_image``'s max_objects and object_size."""
     (root / split).mkdir(parents=True)
     images, annotations = [], []
     for index in range(count):
-        rendered = render_image(image_rng(seed, split, index), size)
+        rendered = render_image(image_rng(seed, split, index), size, **layout)
         image_id = index + 1
         file_name = f"{image_id:06d}.jpg"
         buffer = io.BytesIO()
@@ -174,11 +178,17 @@ def write_split(root: Path, split: str, count: int, seed: int, size: int) -> Dic
             "licenses": [], "images": images, "annotations": annotations, "categories": list(CATEGORIES)}
 
 
-def synthesize(out: Path, counts: Dict[str, int], seed: int, size: int) -> Dict[str, Dict]:
+def synthesize(out: Path, counts: Dict[str, int], seed: int, size: int, max_objects: int = MAX_OBJECTS,
+               object_size: Tuple[float, float] = OBJECT_SIZE_RANGE) -> Dict[str, Dict]:
     """Write the data set to ``out`` (which must not exist or be empty), atomically; the instances per split."""
     out = Path(out)
     if size < MIN_IMAGE_SIZE:
         raise UserError(f"--size {size} is too small: use at least {MIN_IMAGE_SIZE} pixels")
+    if max_objects < 1:
+        raise UserError(f"--max-objects {max_objects}: give at least 1")
+    if len(object_size) != 2 or not 0 < object_size[0] <= object_size[1] <= 1:
+        raise UserError(f"--object-size {','.join(map(str, object_size))}: give MIN,MAX fractions of the shorter "
+                        "side with 0 < MIN <= MAX <= 1, e.g. 0.08,0.5")
     for split, count in counts.items():
         if count < 1:
             raise UserError(f"--{split} {count}: give at least 1 image")
@@ -190,7 +200,8 @@ def synthesize(out: Path, counts: Dict[str, int], seed: int, size: int) -> Dict[
         (staging / "annotations").mkdir()
         datasets = {}
         for split, count in counts.items():
-            datasets[split] = write_split(staging, split, count, seed, size)
+            datasets[split] = write_split(staging, split, count, seed, size, max_objects=max_objects,
+                                          object_size=tuple(object_size))
             (staging / "annotations" / f"instances_{split}.json").write_text(json.dumps(datasets[split]))
         os.replace(staging, out)
     except BaseException:
@@ -205,10 +216,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--val", type=int, default=200, help="validation images (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--size", type=int, default=256, help="longer image side in pixels (default: %(default)s)")
+    parser.add_argument("--max-objects", type=int, default=MAX_OBJECTS,
+                        help="most shapes per image; each image draws 1 to this many (default: %(default)s)")
+    parser.add_argument("--object-size", type=_fractions, default=OBJECT_SIZE_RANGE, metavar="MIN,MAX",
+                        help="shape extent as fractions of the shorter image side (default: %s)"
+                             % ",".join(map(str, OBJECT_SIZE_RANGE)))
+
+
+def _fractions(text: str) -> Tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN,MAX (two numbers, e.g. 0.08,0.5)") from None
 
 
 def run(args) -> int:
-    datasets = synthesize(Path(args.out), {"train": args.train, "val": args.val}, args.seed, args.size)
+    datasets = synthesize(Path(args.out), {"train": args.train, "val": args.val}, args.seed, args.size,
+                          max_objects=args.max_objects, object_size=args.object_size)
     for split, dataset in datasets.items():
         print(f"{split}: {len(dataset['images'])} images, {len(dataset['annotations'])} boxes -> "
               f"{Path(args.out) / 'annotations' / f'instances_{split}.json'}")

@@ -1,4 +1,5 @@
-"""Training metrics as JSON lines, and ``megdet plot RUN_DIR`` to draw them.
+"""Training metrics as JSON lines, and ``megdet plot RUN_DIR`` to draw them (``megdet plot`` also draws
+benchmark results: ``megdet.bench.plot``).
 
     logger = MetricsLogger(run_dir / METRICS_FILE, enabled=comm.rank == 0, resume_from=start_iter)
     logger.log(iteration, loss=0.83, loss_cls=0.4, lr=0.32, images_per_s=512.0)
@@ -121,6 +122,13 @@ def plot_metrics(records: List[Dict], out_path) -> Path:
         else:
             axis.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axis.transAxes)
     figure.tight_layout()
+    return save_png(figure, out_path)
+
+
+def save_png(figure, out_path) -> Path:
+    """Write ``figure`` as a PNG of its size in inches x ``PLOT_DPI`` pixels, atomically, and close it."""
+    from matplotlib import pyplot
+
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=PLOT_DPI)
     pyplot.close(figure)
@@ -128,12 +136,18 @@ def plot_metrics(records: List[Dict], out_path) -> Path:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help=f"output folder of a training run (holds {METRICS_FILE})")
-    parser.add_argument("--out", help=f"PNG to write (default: RUN_DIR/{PLOT_FILE})")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help=f"output folder of a training run (holds {METRICS_FILE}), "
+                        "or a benchmark's results JSON or --out folder (allreduce.json, train.json, project.json)")
+    parser.add_argument("--out", help=f"PNG to write (default: RUN_DIR/{PLOT_FILE}, or the results JSON with .png)")
 
 
 def run(args) -> int:
-    records = read_metrics(Path(args.run_dir) / METRICS_FILE)
-    path = plot_metrics(records, args.out or Path(args.run_dir) / PLOT_FILE)
-    print(f"plot of {len(records)} metrics lines: {path}")
+    path = Path(args.run_dir)
+    if path.suffix == ".json" or (path.is_dir() and not (path / METRICS_FILE).exists()):
+        from megdet.bench import plot as bench_plot  # a benchmark's results, not a training run
+
+        return bench_plot.run(path, args.out)
+    records = read_metrics(path / METRICS_FILE)
+    png = plot_metrics(records, args.out or path / PLOT_FILE)
+    print(f"plot of {len(records)} metrics lines: {png}")
     return 0

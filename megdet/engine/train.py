@@ -60,13 +60,25 @@ def build_model(cfg: config_mod.Config, *, inference: bool = False) -> torch.nn.
                           backbone_weights=cfg.model.backbone_weights,
                           sublinear_stages=tuple(cfg.model.sublinear_stages),
                           score_threshold=cfg.eval.score_thresh, nms_threshold=cfg.eval.nms_thresh,
-                          detections_per_image=cfg.eval.detections_per_image)
+                          detections_per_image=cfg.eval.detections_per_image, **model_settings(cfg))
+
+
+def model_settings(cfg: config_mod.Config) -> Dict:
+    """The detector settings ``cfg.model`` overrides (``megdet.model.detector.DEFAULTS`` keys)."""
+    settings = {}
+    if cfg.model.anchor_sizes is not None:
+        settings["anchor_sizes"] = tuple(cfg.model.anchor_sizes)
+    if cfg.model.rois_per_image is not None:
+        settings["roi_batch_size_per_image"] = cfg.model.rois_per_image
+    return settings
 
 
 def build_optimizer(cfg: config_mod.Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     """``cfg.solver.optimizer`` over ``model``'s parameters, no weight decay on norm and bias parameters."""
     solver = cfg.solver
     groups = param_groups(model, weight_decay=solver.weight_decay)
+    for group in groups:
+        group["layer_adaptation"] = group["name"] in config_mod.LAYER_ADAPTATION[solver.layer_adaptation]
     if solver.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=solver.lr, momentum=solver.momentum)
     if solver.optimizer == "pmd_lamb":
@@ -200,7 +212,9 @@ class Trainer:
             "model_name": self.cfg.model.name, "num_classes": self.cfg.model.num_classes,
             "config": self.cfg.to_dict(), "rng": rng, "world_size": self.comm.size})
 
-    def _loader(self) -> torch.utils.data.DataLoader:
+    def loader(self) -> torch.utils.data.DataLoader:
+        """This rank's batches of iterations start_iter..max_iter-1, as ((images, targets, ids, sizes),
+        boxes dropped as degenerate)."""
         batches = _TrainingBatches(self.train_set, self.transform, seed=self.cfg.train.seed, rank=self.comm.rank)
         workers = self.cfg.data.num_workers
         return torch.utils.data.DataLoader(
@@ -216,7 +230,7 @@ class Trainer:
         progress = tqdm(total=cfg.solver.max_iter, initial=self.start_iter, disable=comm.rank != 0,
                         desc=cfg.name, unit="it", dynamic_ncols=True, mininterval=2.0)
         tick = time.perf_counter()
-        for iteration, ((images, targets, _, _), degenerate) in enumerate(self._loader(), start=self.start_iter):
+        for iteration, ((images, targets, _, _), degenerate) in enumerate(self.loader(), start=self.start_iter):
             data_done = time.perf_counter()
             lr = self.schedule.lr_at(iteration)
             for group in self.optimizer.optimizer.param_groups:

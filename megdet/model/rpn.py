@@ -122,10 +122,10 @@ class RPN(nn.Module):
         boxes, scores, levels = torch.cat(boxes, dim=1), torch.cat(scores, dim=1), torch.cat(levels)
         proposals = []
         for image_boxes, image_scores, image_size in zip(boxes, scores, image_sizes):
+            # Non-finite predictions are dropped, not raised: their loss is non-finite too, and the
+            # DistributedOptimizer's guard then skips the step on every rank (raising here on one rank
+            # would leave the others waiting in the next collective).
             finite = torch.isfinite(image_boxes).all(dim=1) & torch.isfinite(image_scores)
-            if self.training and not finite.all():
-                raise FloatingPointError("RPN predicted non-finite boxes or scores: training diverged; "
-                                         "lower the learning rate or lengthen the warm-up")
             image_boxes = clip_boxes(image_boxes, image_size)
             keep = torch.nonzero(finite & nonempty(image_boxes)).squeeze(1)
             kept = keep[batched_nms(image_boxes[keep], image_scores[keep], levels[keep], self.nms_threshold)]

@@ -1,0 +1,250 @@
+"""``megdet bench project``: projected time to train the papers' configurations on 8 to 160 GPUs,
+from a measured (or paper-derived) step time and allreduce bandwidth, next to the papers' times.
+
+    megdet bench project                                   # paper-derived defaults, 8..160 GPUs
+    megdet bench project --gpus 8,16,32,64,128,160 --step-time 0.2 --bandwidth 20 --latency-us 5
+    megdet bench project --train-results runs/bench/train/train.json \\
+                         --allreduce-results runs/bench/allreduce/allreduce.json --overlap 0.5
+
+Model (``hpc.perfmodel``): step = compute + exposed ring allreduce of the gradients + the CGBN
+allreduces over the BN group, at least images_per_gpu / input rate; time = iterations * step.
+Compute scales with the images per GPU from the measured step (one rank, no communication). Rows:
+for each GPU count, the MegDet Table 3 and LargeDet Table 4 rows run at that count (``--batch``:
+only those of that batch); a count with none gets a generated row, marked "no paper row".
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+from hpc import perfmodel
+from hpc.errors import UserError
+from megdet.bench import report
+
+NAME = "project"
+COLUMNS = ("gpus", "row", "batch", "bn_size", "images_per_gpu", "iterations", "compute_s", "allreduce_s",
+           "cgbn_s", "step_s", "images_per_s", "efficiency", "projected", "paper", "projected/paper", "source")
+
+COCO_TRAIN_IMAGES = 118_000        # MegDet Sec. 4: "118,000 training images" (train2017 has 118,287)
+EPOCHS = {"normal": 11, "long": 18}  # MegDet Sec. 4: normal ends at epoch 11, long at epoch 18
+STEP_IMAGES = 2                    # images per rank of --step-time and of the default step time
+# Default compute: MegDet Table 3 "16-base", 33.2 h for 11 epochs at batch 16 (81125 iterations) on
+# 8 Titan Xp GPUs x 2 images. It includes that server's own gradient allreduce, so it slightly
+# overstates pure compute.
+BASELINE_HOURS, BASELINE_BATCH = 33.2, 16
+DEFAULT_BANDWIDTH_GBPS = 12.0      # 100 Gb/s InfiniBand EDR = 12.5 GB/s line rate; ~12 GB/s busbw
+BACKWARD_SHARE = 2 / 3             # backward ~ 2x forward: the part of compute that --overlap can hide
+GPUS_PER_NODE = 8                  # generated rows: MegDet's 8-GPU servers; CGBN stays inside a node
+GRADIENT_BYTES_PER_PARAM = 4       # float32 gradients
+
+
+class Row(NamedTuple):
+    """One configuration to project; ``bn_size`` 0 means frozen BN (no CGBN)."""
+    label: str
+    batch: int
+    bn_size: int
+    gpus: int
+    gpus_per_node: int
+    iterations: int
+    paper_s: Optional[float]
+    source: str
+
+
+def _megdet(label: str, batch: int, bn_size: int, gpus: int, hours: float) -> Row:
+    """A MegDet Table 3 row (8-GPU servers, Sec. 1); "(long)" rows run the long policy."""
+    policy = "long" if "(long)" in label else "normal"
+    iterations = perfmodel.iterations_for_epochs(EPOCHS[policy], COCO_TRAIN_IMAGES, batch)
+    return Row(label, batch, bn_size, gpus, 8, iterations, hours * 3600, "MegDet Table 3")
+
+
+PAPER_ROWS = (
+    _megdet("16-base", 16, 0, 8, 33.2), _megdet("2", 2, 2, 2, 131.2), _megdet("4", 4, 4, 4, 91.4),
+    _megdet("8", 8, 8, 8, 71.5), _megdet("16", 16, 2, 8, 45.6), _megdet("16", 16, 16, 8, 39.5),
+    _megdet("32", 32, 32, 8, 45.5), _megdet("64", 64, 64, 8, 40.9), _megdet("64", 64, 32, 16, 19.6),
+    _megdet("64", 64, 16, 32, 11.2), _megdet("128", 128, 32, 32, 11.3), _megdet("128", 128, 16, 64, 6.5),
+    _megdet("256", 256, 32, 64, 7.2), _megdet("256", 256, 16, 128, 4.1),
+    _megdet("16 (long)", 16, 16, 8, 65.2), _megdet("32 (long)", 32, 32, 8, 60.3),
+    _megdet("64 (long)", 64, 32, 16, 30.1), _megdet("128 (long)", 128, 32, 32, 15.8),
+    _megdet("256 (long)", 256, 32, 64, 9.4), _megdet("256 (long)", 256, 16, 128, 5.4),
+    # LargeDet Table 4 "Faster": batch 320 on 10 DGX-2 (16 GPUs each), stop iteration 3360, 11m53s;
+    # BN size 32 as in its Sec. 4.1 and our preset largedet_coco_12min.
+    Row("Faster", 320, 32, 160, 16, 3360, 11 * 60 + 53, "LargeDet Table 4"),
+)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--gpus", default="8,16,32,64,128,160",
+                        help="GPU counts, comma-separated (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="only configurations of this global batch (default: every paper row; "
+                             "2 images per GPU where a count has none)")
+    step = parser.add_mutually_exclusive_group()
+    step.add_argument("--step-time", type=float, default=None,
+                      help=f"seconds per training step of one rank at {STEP_IMAGES} images, without "
+                           "communication (default: from MegDet Table 3's 16-base time)")
+    step.add_argument("--train-results", default=None,
+                      help="a `megdet bench train` JSON: use its 1-rank row's seconds_per_step")
+    bandwidth = parser.add_mutually_exclusive_group()
+    bandwidth.add_argument("--bandwidth", type=float, default=None,
+                           help=f"allreduce bus bandwidth in GB/s (default: {DEFAULT_BANDWIDTH_GBPS}, "
+                                "100 Gb/s InfiniBand EDR)")
+    bandwidth.add_argument("--allreduce-results", default=None,
+                           help="a `megdet bench allreduce` JSON: busbw of the best engine at its largest size")
+    parser.add_argument("--latency-us", type=float, default=5.0,
+                        help="latency per ring step in microseconds (default: %(default)s)")
+    parser.add_argument("--input-rate", type=float, default=None,
+                        help="images/s one GPU's input pipeline delivers (default: unbounded)")
+    parser.add_argument("--overlap", type=float, default=0.0,
+                        help="share of the backward pass that hides the gradient allreduce, 0..1 "
+                             "(default: %(default)s, no overlap: conservative)")
+    parser.add_argument("--gradient-mb", type=float, default=None,
+                        help="gradient size in MB (1e6 bytes) (default: trainable parameters of "
+                             "resnet50_fpn x 4 bytes)")
+
+
+def run(args) -> int:
+    gpu_counts = _gpu_counts(args.gpus)
+    for name in ("batch", "step_time", "bandwidth", "input_rate", "gradient_mb"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"Invalid --{name.replace('_', '-')}: {value}; need a positive number")
+    if args.latency_us < 0:
+        raise UserError(f"Invalid --latency-us: {args.latency_us}; need 0 or more microseconds")
+    if not 0 <= args.overlap <= 1:
+        raise UserError(f"Invalid --overlap: {args.overlap}; need a share of the backward pass in 0..1")
+    rows = [row for gpus in gpu_counts for row in _rows_at(gpus, args.batch)]
+    step_s, step_images, step_from = _step_time(args)
+    busbw_GBps, busbw_from = _bandwidth(args)
+    params, bn_channels = _detector_shape()
+    gradient_bytes = args.gradient_mb * 1e6 if args.gradient_mb else params * GRADIENT_BYTES_PER_PARAM
+    inputs = {
+        "gpus": gpu_counts, "batch": args.batch,
+        "step_time_s": step_s, "step_images_per_rank": step_images, "step_time_from": step_from,
+        "busbw_GBps": busbw_GBps, "busbw_from": busbw_from, "latency_us": args.latency_us,
+        "input_rate_images_per_s_per_gpu": args.input_rate or "unbounded", "overlap": args.overlap,
+        "backward_share_of_compute": BACKWARD_SHARE, "gradient_bytes": gradient_bytes,
+        "gradient_from": ("--gradient-mb" if args.gradient_mb else
+                          f"resnet50_fpn trainable parameters ({params}) x {GRADIENT_BYTES_PER_PARAM} bytes, "
+                          "one fused allreduce"),
+        "bn_layers": len(bn_channels), "bn_channels": sum(bn_channels),
+        "coco_train_images": COCO_TRAIN_IMAGES, "epochs": EPOCHS,
+    }
+    model = dict(seconds_per_image=step_s / step_images, busbw_Bps=busbw_GBps * 1e9,
+                 latency_s=args.latency_us * 1e-6, input_rate=args.input_rate, overlap=args.overlap,
+                 gradient_bytes=gradient_bytes, bn_channels=bn_channels)
+    results = [_project(row, **model) for row in rows]
+    print(f"megdet bench {NAME}: inputs")
+    for key, value in inputs.items():
+        print(f"  {key}: {value}")
+    print(report.write(args.out, NAME, results, COLUMNS, inputs=inputs), flush=True)
+    return 0
+
+
+def _gpu_counts(text: str) -> List[int]:
+    try:
+        counts = [int(item) for item in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise UserError(f"Invalid --gpus: {text!r}; give a comma-separated list of positive integers, "
+                        "e.g. 8,16,32,64,128,160")
+    return counts
+
+
+def _rows_at(gpus: int, batch: Optional[int]) -> List[Row]:
+    """The paper rows run on ``gpus`` GPUs (of ``batch`` if given), else one generated row: ``batch``
+    (default 2 images per GPU), CGBN over the largest group of one node that tiles the GPUs."""
+    rows = [row for row in PAPER_ROWS if row.gpus == gpus and batch in (None, row.batch)]
+    if rows:
+        return rows
+    batch = batch or STEP_IMAGES * gpus
+    if batch % gpus:
+        raise UserError(f"Invalid --batch: {batch} images is not divisible by {gpus} GPUs; choose a multiple "
+                        f"of {gpus} or GPU counts that divide {batch}")
+    group = math.gcd(gpus, GPUS_PER_NODE)
+    iterations = perfmodel.iterations_for_epochs(EPOCHS["normal"], COCO_TRAIN_IMAGES, batch)
+    return [Row("", batch, batch // gpus * group, gpus, GPUS_PER_NODE, iterations, None, "no paper row")]
+
+
+def _project(row: Row, *, seconds_per_image: float, busbw_Bps: float, latency_s: float,
+             input_rate: Optional[float], overlap: float, gradient_bytes: float, bn_channels: List[int]) -> Dict:
+    """The model's figures for one row, as a results row."""
+    images_per_gpu = row.batch // row.gpus
+    group = min(row.bn_size // images_per_gpu, row.gpus_per_node) if row.bn_size else 1
+    compute_s = seconds_per_image * images_per_gpu
+    allreduce_s = perfmodel.exposed_allreduce_seconds(
+        perfmodel.ring_allreduce_seconds(gradient_bytes, row.gpus, busbw_Bps, latency_s),
+        backward_s=BACKWARD_SHARE * compute_s, overlap=overlap)
+    cgbn_s = perfmodel.cgbn_seconds(bn_channels, group, busbw_Bps, latency_s)
+    step_s = perfmodel.step_seconds(compute_s, allreduce_s, cgbn_s, images_per_gpu, input_rate)
+    step_1 = perfmodel.step_seconds(compute_s, 0.0, 0.0, images_per_gpu, input_rate)
+    throughput = perfmodel.images_per_second(row.gpus, images_per_gpu, step_s)
+    projected_s = perfmodel.time_to_train_seconds(row.iterations, step_s)
+    result = {"gpus": row.gpus, "row": row.label, "batch": row.batch, "bn_size": row.bn_size,
+              "bn_group_ranks": group, "images_per_gpu": images_per_gpu, "iterations": row.iterations,
+              "compute_s": compute_s, "allreduce_s": allreduce_s, "cgbn_s": cgbn_s, "step_s": step_s,
+              "images_per_s": throughput,
+              "efficiency": perfmodel.scaling_efficiency(
+                  throughput, perfmodel.images_per_second(1, images_per_gpu, step_1), row.gpus),
+              "projected_s": projected_s, "projected": perfmodel.format_duration(projected_s),
+              "paper_s": row.paper_s, "source": row.source}
+    if row.paper_s:
+        result.update({"paper": perfmodel.format_duration(row.paper_s), "projected/paper": projected_s / row.paper_s})
+    return result
+
+
+def _read_rows(path: str, command: str, alternative: str) -> List[Dict]:
+    """The ``rows`` of a ``megdet bench COMMAND`` results JSON, or a UserError naming the fix."""
+    if not Path(path).is_file():
+        raise UserError(f"no results file {path}: run `megdet bench {command}` first or pass {alternative}")
+    try:
+        rows = json.loads(Path(path).read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path} is not a `megdet bench {command}` results file ({error!r}): "
+                        f"rerun `megdet bench {command}` or pass {alternative}") from None
+    return [row for row in rows if isinstance(row, dict)]
+
+
+def _step_time(args) -> Tuple[float, int, str]:
+    """Seconds per step of one rank without communication, its images per rank, and where it came from."""
+    if args.step_time:
+        return args.step_time, STEP_IMAGES, "--step-time"
+    if args.train_results:
+        rows = [row for row in _read_rows(args.train_results, "train", "--step-time") if row.get("ranks") == 1]
+        if not rows or not rows[0].get("seconds_per_step") or not rows[0].get("images_per_rank"):
+            raise UserError(f"{args.train_results} has no 1-rank row with seconds_per_step and images_per_rank: "
+                            "run `megdet bench train` on 1 rank or pass --step-time")
+        return float(rows[0]["seconds_per_step"]), int(rows[0]["images_per_rank"]), f"{args.train_results} (1 rank)"
+    iterations = perfmodel.iterations_for_epochs(EPOCHS["normal"], COCO_TRAIN_IMAGES, BASELINE_BATCH)
+    return (BASELINE_HOURS * 3600 / iterations, STEP_IMAGES,
+            f"MegDet Table 3 16-base: {BASELINE_HOURS} h / {iterations} iterations (8 Titan Xp, incl. their allreduce)")
+
+
+def _bandwidth(args) -> Tuple[float, str]:
+    """Allreduce bus bandwidth in GB/s and where it came from."""
+    if args.bandwidth:
+        return args.bandwidth, "--bandwidth"
+    if args.allreduce_results:
+        rows = [row for row in _read_rows(args.allreduce_results, "allreduce", "--bandwidth")
+                if isinstance(row.get("bytes"), (int, float)) and isinstance(row.get("busbw_GBps"), (int, float))]
+        if not rows:
+            raise UserError(f"{args.allreduce_results} has no row with bytes and busbw_GBps: "
+                            "rerun `megdet bench allreduce` or pass --bandwidth")
+        largest = max(row["bytes"] for row in rows)
+        best = max((row for row in rows if row["bytes"] == largest), key=lambda row: row["busbw_GBps"])
+        return float(best["busbw_GBps"]), f"{args.allreduce_results}: {best.get('engine')} at {largest} bytes"
+    return DEFAULT_BANDWIDTH_GBPS, "default: 100 Gb/s InfiniBand EDR (12.5 GB/s line rate)"
+
+
+def _detector_shape() -> Tuple[int, List[int]]:
+    """Trainable parameters of resnet50_fpn (80 classes) and the channels of its trainable BN layers
+    (the ones CGBN replaces), counted on a model built on the CPU."""
+    from torch import nn
+
+    from megdet.model import build_detector
+
+    model = build_detector("resnet50_fpn", num_classes=80, norm="bn")
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return params, [m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d)]

@@ -1,0 +1,46 @@
+"""Start a benchmark's ranks under a launcher from a single ``megdet bench NAME`` process.
+
+A benchmark run without a launcher (``megdet bench cgbn --ranks 2``) calls ``run_ranks`` once per
+engine (and per setting); each launch writes its own results folder and the rows are merged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from hpc.errors import UserError
+
+ENGINES = ("horovod", "torch")
+
+
+def parse_engines(text: str) -> List[str]:
+    """The comma-separated engine list of ``--engines``; UserError for an unknown or empty one."""
+    engines = [e for e in text.split(",") if e]
+    if not engines or set(engines) - set(ENGINES):
+        raise UserError(f"Invalid --engines: {text!r}; use a comma-separated subset of {', '.join(ENGINES)}")
+    return engines
+
+
+def run_ranks(name: str, engine: str, ranks: int, out: Path, argv: Sequence[str],
+              env: Optional[Dict[str, str]] = None) -> List[Dict]:
+    """Run ``megdet bench NAME --out=OUT ARGV...`` on ``ranks`` local ranks of ``engine``
+    (horovodrun over Gloo, or torchrun); returns the rows it wrote to ``OUT/NAME.json``."""
+    module = [sys.executable, "-m", "megdet.cli", "bench", name, f"--out={out}", *argv]
+    if engine == "horovod":
+        command = ["horovodrun", "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}", *module]
+    else:
+        command = ["torchrun", f"--nproc-per-node={ranks}", *module[1:]]  # torchrun -m megdet.cli ...
+    if shutil.which(command[0]) is None:
+        raise UserError(f"{command[0]} is not on PATH: activate the environment that has Horovod and torch "
+                        f"(bash scripts/setup.sh), or pass --engines without {engine}")
+    print(f"megdet bench {name}: {' '.join(command)}", flush=True)
+    done = subprocess.run(command, env={**os.environ, "MEGDET_COMM": engine, **(env or {})})
+    if done.returncode != 0:
+        raise UserError(f"megdet bench {name} on {ranks} {engine} ranks exited with status {done.returncode} "
+                        "(its own error is printed above)")
+    return json.loads((Path(out) / f"{name}.json").read_text())["rows"]
