@@ -6,7 +6,7 @@
 VENV := $(CURDIR)/.venv
 export PATH := $(VENV)/bin:$(PATH)
 NP ?= 2
-DEMO_DATA := data/shapes
+DEMO_DATA := data/shapes128
 DEMO_RUN := runs/demo
 
 .PHONY: setup demo test
@@ -14,7 +14,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	test -f $(DEMO_DATA)/annotations/instances_val.json || megdet synth --out $(DEMO_DATA) --train 800 --val 100 --size 160
+	test -f $(DEMO_DATA)/annotations/instances_val.json || megdet synth --out $(DEMO_DATA) --train 1600 --val 100 --size 128
 	megdet pack --coco-json $(DEMO_DATA)/annotations/instances_train.json --images $(DEMO_DATA)/train --out $(DEMO_DATA)/shards/train
 	megdet pack --coco-json $(DEMO_DATA)/annotations/instances_val.json --images $(DEMO_DATA)/val --out $(DEMO_DATA)/shards/val
 	horovodrun --gloo -np $(NP) -H localhost:$(NP) megdet train shapes_r18_cpu train.output_dir=$(DEMO_RUN) --resume
