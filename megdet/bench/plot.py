@@ -9,8 +9,8 @@ writes with ``megdet.bench.report.write``).
   train      total images/s against ranks, with the ideal line ranks x images/s(1 rank) and each run's
              scaling efficiency; beside it the step time's shares (data, forward+backward,
              communication, optimizer) as stacked bars per rank count
-  project    projected time to train in hours (log axis) against GPUs, one line per global batch, the
-             papers' reported times as black markers
+  project    projected time to train in hours (log axis) against GPUs, one point per configuration,
+             joined by a dotted line to the paper's reported time for it (black marker)
 """
 from __future__ import annotations
 
@@ -147,17 +147,16 @@ def _project(figure, rows: List[Dict]) -> None:
     from matplotlib import ticker
 
     axis = figure.add_subplot()
-    batches: Dict[Optional[int], List[Dict]] = {}
-    for row in rows:
-        batches.setdefault(row.get("batch"), []).append(row)
-    for batch, points in batches.items():
-        points = sorted((r for r in points if _hours(r, "projected") is not None), key=lambda r: r["gpus"])
-        axis.plot([r["gpus"] for r in points], [_hours(r, "projected") for r in points], marker="o",
-                  label="projected" if batch is None else f"projected, batch {batch}")
-    paper = [r for r in rows if _hours(r, "paper") is not None]
+    projected = [r for r in rows if _hours(r, "projected") is not None]
+    paper = [r for r in projected if _hours(r, "paper") is not None]
+    for row in paper:  # each configuration's projection joined to the paper's time for it
+        axis.plot([row["gpus"]] * 2, [_hours(row, "projected"), _hours(row, "paper")], color="grey",
+                  linestyle=":", linewidth=1)
+    axis.scatter([r["gpus"] for r in projected], [_hours(r, "projected") for r in projected], marker="o",
+                 label="projected")
     if paper:
         axis.scatter([r["gpus"] for r in paper], [_hours(r, "paper") for r in paper], marker="X", s=80,
-                     color="black", zorder=3, label="paper")
+                     color="black", zorder=3, label="paper (same configuration)")
     axis.set_xscale("log", base=2)
     gpus = sorted({r["gpus"] for r in rows})
     axis.set_xticks(gpus, [str(n) for n in gpus])
