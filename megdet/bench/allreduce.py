@@ -34,7 +34,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from hpc import comm as comm_mod
-from hpc import launch
+from hpc import launch, perfmodel
 from hpc.errors import UserError
 from megdet.bench import report, spawn
 
@@ -100,8 +100,8 @@ def sizes(min_bytes: int, max_bytes: int, factor: int) -> List[int]:
 def bandwidths(nbytes: int, seconds: float, ranks: int) -> Tuple[float, float]:
     """(algbw, busbw) in GB/s (1e9 bytes/s) of an allreduce of ``nbytes`` per rank over ``ranks``
     ranks that took ``seconds``, as nccl-tests defines them."""
-    algbw = nbytes / seconds / 1e9
-    return algbw, algbw * 2 * (ranks - 1) / ranks
+    algbw_Bps = perfmodel.algbw(nbytes, seconds)
+    return algbw_Bps / 1e9, perfmodel.busbw_allreduce(algbw_Bps, ranks) / 1e9
 
 
 def available_bytes() -> int:
@@ -194,12 +194,11 @@ def _run_rank(args, size_list: List[int]) -> int:
                 if step >= args.warmup:
                     seconds.setdefault((nbytes, tensors), []).append(elapsed)
         del buffer, pieces, handles
-    everyone = comm.allgather_object(seconds)
+    slowest = spawn.slowest_rank(comm, seconds)
     if comm.rank == 0:
         rows = []
-        for (nbytes, tensors), mine in seconds.items():
-            slowest = [max(times) for times in zip(*(rank[(nbytes, tensors)] for rank in everyone))]
-            median = statistics.median(slowest)
+        for (nbytes, tensors), times in slowest.items():
+            median = statistics.median(times)
             algbw, busbw = bandwidths(nbytes, median, comm.size)
             rows.append({"engine": comm.engine, "fusion": fusion, "tensors": tensors, "ranks": comm.size,
                          "size": format_size(nbytes), "bytes": nbytes, "time_us": median * 1e6,

@@ -115,7 +115,7 @@ def _run_rank(args) -> int:
             if step >= args.warmup:
                 seconds[name].append(time.perf_counter() - start)
             model.zero_grad(set_to_none=True)
-    slowest = _slowest_rank(comm, seconds)
+    slowest = spawn.slowest_rank(comm, seconds)
     if comm.rank == 0:
         baseline = statistics.median(slowest["local BN"])
         rows = []
@@ -128,9 +128,3 @@ def _run_rank(args) -> int:
         print(report.write(args.out, NAME, rows, COLUMNS, inputs=_inputs(args)), flush=True)
     comm.barrier()
     return 0
-
-
-def _slowest_rank(comm: comm_mod.Communicator, seconds: Dict[str, List[float]]) -> Dict[str, List[float]]:
-    """Per variant and step, the slowest rank's time (a synchronous step waits for it)."""
-    everyone = comm.allgather_object(seconds)
-    return {name: [max(times) for times in zip(*(rank[name] for rank in everyone))] for name in seconds}

@@ -1,4 +1,5 @@
-"""Start a benchmark's ranks under a launcher from a single ``megdet bench NAME`` process.
+"""Start a benchmark's ranks under a launcher from a single ``megdet bench NAME`` process, and
+combine the ranks' timings.
 
 A benchmark run without a launcher (``megdet bench cgbn --ranks 2``) calls ``run_ranks`` once per
 engine (and per setting); each launch writes its own results folder and the rows are merged.
@@ -11,8 +12,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Hashable, List, Optional, Sequence
 
+from hpc import comm as comm_mod
 from hpc.errors import UserError
 
 ENGINES = ("horovod", "torch")
@@ -44,3 +46,10 @@ def run_ranks(name: str, engine: str, ranks: int, out: Path, argv: Sequence[str]
         raise UserError(f"megdet bench {name} on {ranks} {engine} ranks exited with status {done.returncode} "
                         "(its own error is printed above)")
     return json.loads((Path(out) / f"{name}.json").read_text())["rows"]
+
+
+def slowest_rank(comm: comm_mod.Communicator, seconds: Dict[Hashable, List[float]]) -> Dict[Hashable, List[float]]:
+    """Per key and timed step, the slowest rank's seconds (a synchronous step waits for it); every
+    rank passes its own ``seconds`` with the same keys and step counts (a collective)."""
+    everyone = comm.allgather_object(seconds)
+    return {key: [max(times) for times in zip(*(rank[key] for rank in everyone))] for key in seconds}
