@@ -17,7 +17,7 @@ demo: setup
 	test -f $(DEMO_DATA)/annotations/instances_val.json || megdet synth --out $(DEMO_DATA) --train 1600 --val 100 --size 128
 	megdet pack --coco-json $(DEMO_DATA)/annotations/instances_train.json --images $(DEMO_DATA)/train --out $(DEMO_DATA)/shards/train
 	megdet pack --coco-json $(DEMO_DATA)/annotations/instances_val.json --images $(DEMO_DATA)/val --out $(DEMO_DATA)/shards/val
-	horovodrun --gloo -np $(NP) -H localhost:$(NP) megdet train shapes_r18_cpu train.output_dir=$(DEMO_RUN) --resume
+	MEGDET_COMM=torch horovodrun --gloo -np $(NP) -H localhost:$(NP) megdet train shapes_r18_cpu train.output_dir=$(DEMO_RUN) --resume
 
 test: setup
 	python -m pytest -ra $(PYTEST_ARGS)

@@ -209,7 +209,7 @@ class CrossGPUBatchNorm2d(_BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = DEFAULT_MOMENTUM,
                  group_size: Optional[int] = None, node_local: bool = False, name: Optional[str] = None):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True)
-        group = bn_group(comm_mod.get(), group_size, node_local)
+        group = bn_group(comm_mod.get_cgbn(), group_size, node_local)
         self.group_ranks = group.ranks  # the Group itself holds engine handles that cannot be copied
         self.name = name or f"cgbn{num_features}"
 
@@ -218,7 +218,7 @@ class CrossGPUBatchNorm2d(_BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         error = _input_error(x, self.num_features, self.name)
-        comm = comm_mod.get()
+        comm = comm_mod.get_cgbn()
         group = comm.new_group(self.group_ranks)  # created at construction; a lookup here
         if not self.training or group.size == 1:
             if error is not None:
@@ -280,7 +280,7 @@ def convert_model(model: nn.Module, mode: str = "cgbn", group_size: Optional[int
     eps, momentum, device and dtype. In place: returns ``model`` (the new layer if ``model`` itself
     is one); layers already of that kind (and group size) stay as they are.
 
-    mode "cgbn": CrossGPUBatchNorm2d over groups of ``group_size`` ranks of ``hpc.comm.get()``
+    mode "cgbn": CrossGPUBatchNorm2d over groups of ``group_size`` ranks of ``hpc.comm.get_cgbn()``
     (collective: call it on every rank), each named after its module path. "frozen":
     FrozenBatchNorm2d. "bn": nn.BatchNorm2d (for example to evaluate on one process).
     """
@@ -289,7 +289,7 @@ def convert_model(model: nn.Module, mode: str = "cgbn", group_size: Optional[int
     if mode != "cgbn" and (group_size is not None or node_local):
         raise UserError(f"Invalid arguments: group_size={group_size} and node_local={node_local} apply to "
                         f"mode 'cgbn' only, not {mode!r}; drop them")
-    group_size = bn_group(comm_mod.get(), group_size, node_local).size if mode == "cgbn" else None
+    group_size = bn_group(comm_mod.get_cgbn(), group_size, node_local).size if mode == "cgbn" else None
     return _convert(model, mode, group_size, path="")
 
 

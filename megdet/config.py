@@ -29,6 +29,7 @@ PRESETS = tuple(sorted(path.stem for path in CONFIG_DIR.glob("*.yaml")))
 MODELS = ("resnet50_fpn", "resnet18_fpn")
 NORMS = ("cgbn", "frozen", "bn")
 OPTIMIZERS = ("sgd", "pmd_lamb", "lamb", "lars")
+AMP_MODES = ("none", "bf16")
 # solver.layer_adaptation: which param groups (hpc.optim.param_groups) take LAMB's ratio ||x|| / ||u||.
 LAYER_ADAPTATION = {"all": ("weights", "norm", "bias"), "weights": ("weights",)}
 # Learning-rate factor applied at each of solver.steps (MegDet Sec. 4): normal decays by 0.1 at every
@@ -58,6 +59,10 @@ class ModelConfig:
     sublinear_stages: List[str] = field(default_factory=list)  # stages recomputed in backward (memory)
     anchor_sizes: Optional[List[int]] = None  # anchor side (pixels) on P2..P6; None: 32, 64, 128, 256, 512
     rois_per_image: Optional[int] = None  # RoIs sampled per image for the box head; None: the model's (512)
+    roi_positive_fraction: Optional[float] = None  # at most this share of the RoIs are foreground; None: 0.25
+    fpn_channels: Optional[int] = None    # FPN and RPN head width; None: the model's (256; resnet18_fpn 128)
+    box_head_dim: Optional[int] = None    # width of the box head's two FC layers; None: 1024 (resnet18_fpn 512)
+    proposals_per_image: Optional[int] = None  # RPN proposals kept after NMS, train and test; None: 1000
 
 
 @dataclass
@@ -107,6 +112,8 @@ class TrainConfig:
     eval_period: int = 0                  # iterations between evaluations; 0: only at the end
     target_ap: Optional[float] = None     # stop once box AP (percent) reaches it at an evaluation
     log_period: int = 20                  # iterations between metrics lines
+    amp: str = "none"                     # one of AMP_MODES; bf16: forward and losses under bf16 autocast
+    channels_last: bool = False           # NHWC activations (faster oneDNN/cuDNN kernels with amp)
 
 
 @dataclass
@@ -321,13 +328,17 @@ def _validate(config: Config) -> None:
     _choice("solver.optimizer", solver.optimizer, OPTIMIZERS)
     _choice("solver.policy", solver.policy, tuple(POLICY_FACTORS))
     _choice("solver.layer_adaptation", solver.layer_adaptation, tuple(LAYER_ADAPTATION))
+    _choice("train.amp", train.amp, AMP_MODES)
     if solver.layer_adaptation != "all" and solver.optimizer not in ("lamb", "pmd_lamb"):
         raise UserError(f"solver.layer_adaptation={solver.layer_adaptation!r} applies to lamb and pmd_lamb, not "
                         f"{solver.optimizer}: drop it or set solver.layer_adaptation=all")
     if model.anchor_sizes is not None and (len(model.anchor_sizes) != 5 or min(model.anchor_sizes) <= 0):
         raise UserError(f"model.anchor_sizes={model.anchor_sizes} needs 5 positive sizes, one per level P2-P6")
-    if model.rois_per_image is not None:
-        _positive("model.rois_per_image", model.rois_per_image)
+    for key in ("rois_per_image", "fpn_channels", "box_head_dim", "proposals_per_image"):
+        if getattr(model, key) is not None:
+            _positive(f"model.{key}", getattr(model, key))
+    if model.roi_positive_fraction is not None and not 0 < model.roi_positive_fraction <= 1:
+        raise UserError(f"model.roi_positive_fraction={model.roi_positive_fraction} must be in (0, 1]")
     for key, value in (("model.num_classes", model.num_classes), ("data.images_per_rank", data.images_per_rank),
                        ("data.max_size", data.max_size), ("data.test_min_size", data.test_min_size),
                        ("solver.batch_size", solver.batch_size), ("solver.base_lr", solver.base_lr),

@@ -15,7 +15,7 @@ from torch import nn
 from hpc import cgbn
 from hpc import comm as comm_mod
 from hpc.errors import UserError
-from tests.multirank import REPO, expect_ok, run_ranks, skip_unless_launcher
+from tests.multirank import ENGINE_OF, REPO, expect_ok, run_ranks, skip_unless_launcher
 
 CHANNELS, HEIGHT, WIDTH = 3, 3, 5
 MOMENTUM = 0.3
@@ -204,16 +204,21 @@ def body_cgbn(comm):
     _check_autocast_bf16(comm)
     _check_eval_communicates_nothing(comm)
     _check_bad_input(comm)
-    return checked
+    return {"engines": (comm.engine, comm_mod.get_cgbn().engine), "checked": checked}
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("launcher, nprocs", [("horovodrun", 2), ("horovodrun", 3), ("horovodrun", 4),
-                                              ("torch", 2), ("torch", 3), ("torch", 4), ("mpirun", 2)])
-def test_cgbn_equals_batchnorm_on_the_group_batch(launcher, nprocs):
-    values = expect_ok(run_ranks("tests.test_cgbn:body_cgbn", nprocs, launcher, timeout=240))
+@pytest.mark.parametrize("launcher, nprocs, cgbn_engine", [
+    ("horovodrun", 2, None), ("horovodrun", 3, None), ("horovodrun", 4, None), ("horovodrun", 2, "torch"),
+    ("torch", 2, None), ("torch", 3, None), ("torch", 4, None), ("mpirun", 2, None)])
+def test_cgbn_equals_batchnorm_on_the_group_batch(launcher, nprocs, cgbn_engine):
+    """cgbn_engine "torch": Horovod for the rest, torch.distributed for CGBN (MEGDET_CGBN_COMM)."""
+    env = {"MEGDET_CGBN_COMM": cgbn_engine} if cgbn_engine else None
+    values = expect_ok(run_ranks("tests.test_cgbn:body_cgbn", nprocs, launcher, timeout=240, env=env))
     cases = len(_group_sizes(nprocs)) * len(_batch_layouts(nprocs)) - 1  # no lone empty rank
-    assert all(v == values[0] for v in values) and len(values[0]) == cases, values
+    assert all(v == values[0] for v in values) and len(values[0]["checked"]) == cases, values
+    engine = ENGINE_OF[launcher]
+    assert values[0]["engines"] == (engine, cgbn_engine or engine)
 
 
 def test_world_of_one_is_plain_batchnorm():

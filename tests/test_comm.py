@@ -100,6 +100,12 @@ def test_torch_engine_under_mpirun_rendezvous_through_mpi4py():
     assert [v["engine"] for v in values] == ["torch", "torch"]
 
 
+def test_torch_engine_under_horovodrun_rendezvous_through_horovod():
+    values = expect_ok(run_ranks("tests.test_comm:body_collectives", 2, "horovodrun", world=2,
+                                 env={"MEGDET_COMM": "torch"}))
+    assert [v["engine"] for v in values] == ["torch", "torch"]
+
+
 def body_raise_on_rank_one(comm):
     if comm.rank == 1:
         raise ValueError("rank 1 never joins the collective")
@@ -169,6 +175,20 @@ def test_unknown_engine_is_one_line_naming_the_choices():
     done = _one_process("from hpc import comm; comm.init()", MEGDET_COMM="nccl2")
     assert done.returncode != 0
     assert "unknown communication engine 'nccl2': set MEGDET_COMM to one of horovod, torch, local" in done.stderr
+
+
+def test_one_process_ignores_a_cgbn_engine_it_has_nothing_to_send_through():
+    done = _one_process("from hpc import comm; comm.init(); print(comm.describe())", MEGDET_COMM="local",
+                        MEGDET_CGBN_COMM="torch")
+    assert done.returncode == 0 and done.stdout.strip() == "local", done.stderr
+
+
+@pytest.mark.parametrize("main, cgbn", [("local", "nccl"), ("torch", "horovod")])
+def test_cgbn_engine_that_does_not_go_with_the_main_one_is_one_line(main, cgbn):
+    done = _one_process("from hpc import comm; comm.init()", MEGDET_COMM=main, MEGDET_CGBN_COMM=cgbn)
+    assert done.returncode != 0
+    assert (f"MEGDET_CGBN_COMM={cgbn!r} does not go with the {main} engine: use {main!r}, or 'torch' beside "
+            "'horovod'") in done.stderr
 
 
 def test_one_process_defaults_to_local_and_groups_of_one_communicate_nothing():

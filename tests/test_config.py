@@ -149,6 +149,8 @@ def test_yaml_files_and_their_errors(tmp_path):
     ("solver.layer_adaptation=weights", r"applies to lamb and pmd_lamb, not sgd: drop it"),
     ("model.anchor_sizes=[16, 32]", r"model.anchor_sizes=\[16, 32\] needs 5 positive sizes"),
     ("model.rois_per_image=0", r"model.rois_per_image=0 must be positive"),
+    ("model.fpn_channels=0", r"model.fpn_channels=0 must be positive"),
+    ("model.roi_positive_fraction=1.5", r"model.roi_positive_fraction=1.5 must be in \(0, 1\]"),
 ])
 def test_bad_overrides_are_one_line_errors(override, match):
     one_line_error(match, config.load, "megdet_r50_fpn_bs256_bn32", [override])
@@ -179,14 +181,48 @@ def test_solver_and_model_options_reach_the_optimizer_and_the_detector():
     import torch
     from torch import nn
 
-    from megdet.engine.train import build_optimizer, model_settings
+    from megdet.engine.train import build_model, build_optimizer, model_settings
 
     cfg = config.load("shapes_r18_cpu", ["solver.layer_adaptation=weights", "model.anchor_sizes=[8, 16, 32, 64, 128]",
-                                         "model.rois_per_image=64"])
+                                         "model.rois_per_image=64", "model.roi_positive_fraction=0.5",
+                                         "model.fpn_channels=32", "model.box_head_dim=128",
+                                         "model.proposals_per_image=50", "model.norm=bn", "model.bn_size=null"])
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(1, 3, 5, 5))
     adapted = {group["name"]: group["layer_adaptation"] for group in build_optimizer(cfg, model).param_groups}
     assert adapted == {"weights": True, "norm": False, "bias": False}
     cfg.solver.layer_adaptation = "all"
     assert all(group["layer_adaptation"] for group in build_optimizer(cfg, model).param_groups)
-    assert model_settings(cfg) == {"anchor_sizes": (8, 16, 32, 64, 128), "roi_batch_size_per_image": 64}
+    settings = model_settings(cfg)
+    assert settings == {"anchor_sizes": (8, 16, 32, 64, 128), "roi_batch_size_per_image": 64,
+                        "roi_positive_fraction": 0.5, "fpn_channels": 32, "box_head_dim": 128,
+                        "rpn_pre_nms_topk": (100, 100), "rpn_post_nms_topk": (50, 50)}
+    detector = build_model(cfg)
+    assert detector.fpn.output_convs[0].out_channels == 32 and detector.roi_heads.box_head.fc2.out_features == 128
+    assert detector.rpn.post_nms_topk == {True: 50, False: 50} and detector.roi_heads.positive_fraction == 0.5
+
+
+def test_amp_and_channels_last_reach_the_training_step():
+    import torch
+
+    from megdet.engine.train import autocast, build_model
+
+    cfg = config.load("shapes_r18_cpu", ["train.amp=bf16", "train.channels_last=true", "model.norm=bn",
+                                         "model.bn_size=null", "model.proposals_per_image=20", "model.rois_per_image=16"])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    assert model.channels_last and model.backbone.conv1.weight.is_contiguous()
+    conv_outputs = []
+    model.backbone.conv1.register_forward_hook(lambda module, inputs, output: conv_outputs.append(output))
+    images = [torch.rand(3, 64, 64) * 255, torch.rand(3, 64, 64) * 255]
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 30.0]]), "labels": torch.tensor([1]),
+                "iscrowd": torch.tensor([False])} for _ in images]
+    with autocast(cfg):
+        losses = model(images, targets)
+    assert conv_outputs[0].dtype == torch.bfloat16
+    assert conv_outputs[0].is_contiguous(memory_format=torch.channels_last)
+    assert all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in losses.values()), losses
+    sum(losses.values()).backward()
+    assert model.roi_heads.predictor.cls_score.weight.grad.dtype == torch.float32
+    assert all(p.grad.is_contiguous() for p in model.parameters() if p.grad is not None), "Horovod needs these"
+    one_line_error(r"train.amp='fp8' is not one of none, bf16", config.load, "shapes_r18_cpu", ["train.amp=fp8"])

@@ -44,7 +44,7 @@ from hpc import launch
 from hpc.errors import UserError
 from megdet import config as config_mod
 from megdet.bench import report, spawn
-from megdet.engine.train import Trainer, init_rank
+from megdet.engine.train import Trainer, autocast, init_rank
 
 NAME = "train"
 DEFAULT_CONFIG = "shapes_r18_cpu"
@@ -157,7 +157,7 @@ def _measure(args, comm: comm_mod.Communicator) -> Optional[Dict]:
             "seconds_per_step": statistics.median(max(steps) for steps in zip(*step_seconds)),
             "images_per_s": sum(per_rank * len(steps) / sum(steps) for steps in step_seconds),
             **{f"{phase}_share": totals[phase] / sum(totals.values()) for phase in PHASES},
-            "scaling_efficiency": 1.0 if comm.size == 1 else None, "engine": comm.engine}
+            "scaling_efficiency": 1.0 if comm.size == 1 else None, "engine": comm_mod.describe()}
 
 
 def _time_steps(trainer: Trainer, warmup: int, steps: int) -> List[Dict[str, float]]:
@@ -171,7 +171,9 @@ def _time_steps(trainer: Trainer, warmup: int, steps: int) -> List[Dict[str, flo
         marks.append(time.perf_counter())
         for group in optimizer.optimizer.param_groups:
             group["lr"] = trainer.schedule.lr_at(iteration)
-        optimizer.backward(sum(model(images, targets).values()))
+        with autocast(trainer.cfg):
+            losses = model(images, targets)
+        optimizer.backward(sum(losses.values()))
         marks.append(time.perf_counter())
         optimizer.synchronize()
         marks.append(time.perf_counter())

@@ -54,13 +54,16 @@ def build_model(cfg: config_mod.Config, *, inference: bool = False) -> torch.nn.
     BN becomes plain BN (same parameters and buffers) and any number of ranks can evaluate.
     """
     cross_gpu = cfg.model.norm == "cgbn" and not inference
-    return build_detector(cfg.model.name, num_classes=cfg.model.num_classes,
-                          norm="bn" if cfg.model.norm == "cgbn" and inference else cfg.model.norm,
-                          bn_group_size=cfg.bn_group_ranks() if cross_gpu else None,
-                          backbone_weights=cfg.model.backbone_weights,
-                          sublinear_stages=tuple(cfg.model.sublinear_stages),
-                          score_threshold=cfg.eval.score_thresh, nms_threshold=cfg.eval.nms_thresh,
-                          detections_per_image=cfg.eval.detections_per_image, **model_settings(cfg))
+    model = build_detector(cfg.model.name, num_classes=cfg.model.num_classes,
+                           norm="bn" if cfg.model.norm == "cgbn" and inference else cfg.model.norm,
+                           bn_group_size=cfg.bn_group_ranks() if cross_gpu else None,
+                           backbone_weights=cfg.model.backbone_weights,
+                           sublinear_stages=tuple(cfg.model.sublinear_stages),
+                           score_threshold=cfg.eval.score_thresh, nms_threshold=cfg.eval.nms_thresh,
+                           detections_per_image=cfg.eval.detections_per_image, **model_settings(cfg))
+    # Activations only: channels-last weights would give channels-last gradients, which Horovod refuses.
+    model.channels_last = cfg.train.channels_last
+    return model
 
 
 def model_settings(cfg: config_mod.Config) -> Dict:
@@ -70,7 +73,23 @@ def model_settings(cfg: config_mod.Config) -> Dict:
         settings["anchor_sizes"] = tuple(cfg.model.anchor_sizes)
     if cfg.model.rois_per_image is not None:
         settings["roi_batch_size_per_image"] = cfg.model.rois_per_image
+    if cfg.model.roi_positive_fraction is not None:
+        settings["roi_positive_fraction"] = cfg.model.roi_positive_fraction
+    for key in ("fpn_channels", "box_head_dim"):
+        if getattr(cfg.model, key) is not None:
+            settings[key] = getattr(cfg.model, key)
+    if cfg.model.proposals_per_image is not None:
+        kept = cfg.model.proposals_per_image
+        settings["rpn_post_nms_topk"] = (kept, kept)
+        settings["rpn_pre_nms_topk"] = (2 * kept, 2 * kept)
     return settings
+
+
+def autocast(cfg: config_mod.Config):
+    """The context the training forward pass runs in: bf16 autocast for ``train.amp=bf16``. The detector
+    decodes boxes, pools RoIs and takes its softmax in float32 (megdet.model), so only the convolutions
+    and FC layers run in bf16."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.amp == "bf16")
 
 
 def build_optimizer(cfg: config_mod.Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -235,7 +254,8 @@ class Trainer:
             lr = self.schedule.lr_at(iteration)
             for group in self.optimizer.optimizer.param_groups:
                 group["lr"] = lr
-            losses = self.model(images, targets)
+            with autocast(cfg):
+                losses = self.model(images, targets)
             total = sum(losses.values())
             self.optimizer.backward(total)
             self.optimizer.step()

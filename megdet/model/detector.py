@@ -99,6 +99,8 @@ class FasterRCNN(nn.Module):
         self.roi_heads = roi_heads
         self.num_classes = num_classes
         self.size_divisibility = size_divisibility
+        # NHWC batches: activations channels-last, and the weights too if they are (model.to(memory_format=...)).
+        self.channels_last = False
         for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32).view(3, 1, 1), persistent=False)
 
@@ -128,7 +130,7 @@ class FasterRCNN(nn.Module):
         batch = images[0].new_zeros((len(images), 3, height, width))
         for slot, image in zip(batch, images):
             slot[:, :image.shape[1], :image.shape[2]] = (image - self.pixel_mean) / self.pixel_std
-        if self.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last):
+        if self.channels_last or self.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last):
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
