@@ -17,7 +17,7 @@ Cross-GPU BN's collectives: ``MEGDET_CGBN_COMM=torch`` under the horovod engine 
 second communicator, torch.distributed on the same ranks (``get_cgbn``), while gradients keep Horovod's
 fused allreduce. CGBN issues two small blocking allreduces per BN layer per step, each of which waits
 for Horovod's background cycle and negotiation; torch.distributed runs them at once in the calling
-thread (docs/benchmarks.md: 2 CPU ranks, 1.86 s against 0.94 s per step).
+thread (docs/benchmarks.md, the demo on 2 CPU ranks: 1.03 s per step with CGBN on Horovod, 0.72 s on torch).
 
 Timeouts: a collective that some rank never joins fails after ``MEGDET_COMM_TIMEOUT`` seconds
 (default 600) instead of hanging: Horovod's stall shutdown, torch.distributed's process-group
