@@ -97,78 +97,110 @@ def _channel_view(v: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1)
 
 
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the statistics and the normalisation are computed in: float32 for bf16/fp16
+    activations (autocast) and float32 modules, float64 for a float64 module or input."""
+    return torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+
+
+def _check_group(flags: torch.Tensor, count: torch.Tensor, local_count: int, error: Optional[str],
+                 group: comm_mod.Group, name: str, read_packet: bool) -> None:
+    """Raise the same UserError on every member when a member flagged an invalid input or the group has
+    fewer than MIN_VALUES_PER_CHANNEL values per channel; called after the forward allreduce.
+
+    read_packet: the collective already made the host wait for the packet (Horovod, gloo, the CPU), so
+    reading it costs nothing. Otherwise (NCCL) reading it would stall the host's queue of GPU work
+    at every layer: then a member raises for its own input only (its peers fail after the
+    communicator's timeout), and the count is read only when this rank's own values cannot show
+    that the group has enough.
+    """
+    if error is not None:
+        raise UserError(error)
+    if read_packet:
+        failed = [group.ranks[i] for i in flags.nonzero().flatten().tolist()]
+        if failed:
+            raise UserError(f"Invalid input to {name} on rank(s) {failed} of BN group {list(group.ranks)}: "
+                            "see their error")
+    if local_count >= MIN_VALUES_PER_CHANNEL:
+        return
+    total = int(count.item())
+    if total < MIN_VALUES_PER_CHANNEL:
+        raise UserError(f"Invalid batch for {name}: BN group {list(group.ranks)} has {total} value(s) per "
+                        f"channel in training; batch norm needs at least {MIN_VALUES_PER_CHANNEL}: "
+                        "give the group more images or pixels, or use eval mode")
+
+
 class _GroupBatchNorm(torch.autograd.Function):
-    """Batch norm with statistics over a BN group: one allreduce forward, one backward.
+    """Batch norm with statistics over a BN group: one allreduce forward, one backward, and no host
+    synchronisation in the steady state (the group's count stays on the device).
 
     Forward packet (float64): [failed flag per member (G), count, sum x (C), sum x^2 (C)]. Each rank
     centres its values on a shift (its first pixel per channel, so the centred values are of the
-    order of the standard deviation), takes their mean and variance in float32, and only then
-    expands them to raw moments in float64; see docs/cgbn.md for the error bound. The output is
-    normalized from the centred values too, so it stays exact when |mean| >> std.
-    Backward packet (float32): [sum dy (C), sum dy * xhat (C)].
+    order of the standard deviation), takes their mean and variance in the compute dtype (float32,
+    or float64 for a float64 module), and only then expands them to raw moments in float64; see
+    docs/cgbn.md for the error bound. The output is normalized from the centred values too, so it
+    stays exact when |mean| >> std.
+    Backward packet (compute dtype): [sum dy (C), sum dy * xhat (C)].
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, comm, group, name, error):
         channels, members = weight.numel(), group.size
+        compute = _compute_dtype(x, weight)
         packet = torch.zeros(members + 1 + 2 * channels, dtype=torch.float64, device=x.device)
         flags, count, sums, squares = packet.split([members, 1, channels, channels])
+        local_count = 0 if error is not None else x.numel() // channels
         if error is not None:
             flags[group.rank] = 1
-        elif x.numel():
-            values = x.float()
+        elif local_count:
+            values = x.to(compute)
             shift = values[0, :, 0, 0].clone()
             centred = values - _channel_view(shift)
             local_mean, local_var = torch.batch_norm_update_stats(centred, None, None, 0.0)
-            local_count = x.numel() // channels
             local_mean = shift.double() + local_mean.double()
             count.fill_(local_count)
             sums.copy_(local_mean * local_count)
             squares.copy_((local_var.double() + local_mean * local_mean) * local_count)
         comm.allreduce_async(packet, op="sum", group=group, name=f"{name}.forward").wait()
+        _check_group(flags, count, local_count, error, group, name, read_packet=comm.host_waits(packet))
 
-        failed = [group.ranks[i] for i in flags.nonzero().flatten().tolist()]
-        if failed:
-            raise UserError(error or f"Invalid input to {name} on rank(s) {failed} of BN group "
-                                     f"{list(group.ranks)}: see their error")
-        total = int(count.item())
-        if total < MIN_VALUES_PER_CHANNEL:
-            raise UserError(f"Invalid batch for {name}: BN group {list(group.ranks)} has {total} value(s) per "
-                            f"channel in training; batch norm needs at least {MIN_VALUES_PER_CHANNEL}: "
-                            "give the group more images or pixels, or use eval mode")
-        mean64 = sums / total
-        var64 = (squares / total - mean64 * mean64).clamp_min(0)
-        # The mean as float32 head + tail: at |mean| >> std one float32 loses the centred values.
-        mean, var = mean64.float(), var64.float()
-        mean_tail = (mean64 - mean.double()).float()
-        running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-        running_var.mul_(1 - momentum).add_((var64 * (total / (total - 1))).float(), alpha=momentum)
+        mean64 = sums / count
+        var64 = (squares / count - mean64 * mean64).clamp_min(0)
+        # The mean as a head + tail in the compute dtype: at |mean| >> std the head alone loses the
+        # centred values.
+        mean, var = mean64.to(compute), var64.to(compute)
+        mean_tail = (mean64 - mean.double()).to(compute)
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        unbiased = var64 * (count / (count - 1))
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
-        ctx.save_for_backward(x, weight, mean, mean_tail, var)
-        ctx.eps, ctx.total, ctx.comm, ctx.group, ctx.name = eps, total, comm, group, name
-        if not x.numel():
+        total = count.to(compute)
+        ctx.save_for_backward(x, weight, mean, mean_tail, var, total)
+        ctx.eps, ctx.comm, ctx.group, ctx.name = eps, comm, group, name
+        if not local_count:
             return torch.empty_like(x)
-        centred_mean = (mean64 - shift.double()).float()
-        return F.batch_norm(centred, centred_mean, var, weight, bias, training=False, momentum=0.0,
-                            eps=eps).to(x.dtype)
+        centred_mean = (mean64 - shift.double()).to(compute)
+        return F.batch_norm(centred, centred_mean, var, weight.to(compute), bias.to(compute), training=False,
+                            momentum=0.0, eps=eps).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        x, weight, mean, mean_tail, var = ctx.saved_tensors
-        channels = weight.numel()
+        x, weight, mean, mean_tail, var, total = ctx.saved_tensors
+        channels, compute = weight.numel(), mean.dtype
+        weight_c = weight.to(compute)
         invstd = torch.rsqrt(var + ctx.eps)
-        packet = torch.zeros(2 * channels, dtype=torch.float32, device=x.device)
+        packet = torch.zeros(2 * channels, dtype=compute, device=x.device)
         if x.numel():
-            values, grad = x.float(), grad_output.float()
-            # Local sum dy * (x - mean) * invstd and sum dy around the float32 head of the mean,
-            # then the tail's share: xhat = (x - mean - mean_tail) * invstd.
+            values, grad = x.to(compute), grad_output.to(compute)
+            # Local sum dy * (x - mean) * invstd and sum dy around the head of the mean, then the
+            # tail's share: xhat = (x - mean - mean_tail) * invstd.
             _, local_sum_dy_xhat, local_sum_dy = torch.ops.aten.native_batch_norm_backward(
-                grad, values, weight, mean, var, None, None, False, ctx.eps, [False, True, True])
+                grad, values, weight_c, mean, var, None, None, False, ctx.eps, [False, True, True])
             local_sum_dy_xhat = local_sum_dy_xhat - mean_tail * invstd * local_sum_dy
             packet.copy_(torch.cat([local_sum_dy, local_sum_dy_xhat]))
         else:
-            local_sum_dy_xhat = local_sum_dy = torch.zeros_like(weight)
+            local_sum_dy_xhat = local_sum_dy = torch.zeros_like(weight_c)
         sum_dy, sum_dy_xhat = ctx.comm.allreduce_async(
             packet, op="sum", group=ctx.group, name=f"{ctx.name}.backward").wait().split([channels, channels])
 
@@ -176,34 +208,37 @@ class _GroupBatchNorm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the group,
             #    = dy_scale * dy + centred_scale * (x - mean) + constant.
-            dy_scale = weight * invstd
-            centred_scale = -dy_scale * invstd * sum_dy_xhat / ctx.total
-            constant = -dy_scale * sum_dy / ctx.total - centred_scale * mean_tail
+            dy_scale = weight_c * invstd
+            centred_scale = -dy_scale * invstd * sum_dy_xhat / total
+            constant = -dy_scale * sum_dy / total - centred_scale * mean_tail
             if x.numel():
                 grad_input = torch.addcmul(_channel_view(constant), grad, _channel_view(dy_scale))
                 grad_input.addcmul_(values - _channel_view(mean), _channel_view(centred_scale))
                 grad_input = grad_input.to(x.dtype)
             else:
                 grad_input = torch.zeros_like(x)
-        return (grad_input, local_sum_dy_xhat, local_sum_dy) + (None,) * 8
+        return (grad_input, local_sum_dy_xhat.to(weight.dtype), local_sum_dy.to(weight.dtype)) + (None,) * 8
 
 
 class CrossGPUBatchNorm2d(_BatchNorm):
     """MegDet's cross-GPU batch norm over a BN group of ``group_size`` consecutive ranks.
 
-    Input and output: Tensor[N, C, H, W] (N may differ between ranks and may be 0); any floating
-    dtype, statistics in float32/float64 (autocast bf16/fp16 inputs stay in their dtype).
+    Input and output: Tensor[N, C, H, W] (N may differ between ranks and may be 0) of any floating
+    dtype that nn.BatchNorm2d takes; statistics in float32 (float64 for a float64 module or input),
+    and autocast bf16/fp16 inputs come out in their own dtype.
     group_size: ranks sharing statistics (None: the whole world); the group is created here, so
     construct layers in the same order on every rank. node_local: raise on every rank if a group
     would span nodes. name: stable name of this layer's collectives (Horovod caches their
     negotiation by name); ``convert_model`` uses the module path.
 
     Hang guard: an invalid input (not 4-D, wrong channel count, not floating point) on any rank is
-    flagged inside the forward allreduce that every member joins anyway, so every member raises the
-    same UserError at no extra collective. Anything else that stops a member from reaching this
-    layer's allreduce (an exception elsewhere, a rank in eval mode while the others train, a rank
-    that does not backpropagate through the layer) fails after the communicator's timeout
-    (MEGDET_COMM_TIMEOUT, default 600 s) instead of hanging.
+    flagged inside the forward allreduce that every member joins anyway; where that collective makes
+    the host wait (Horovod, gloo, CPU tensors) every member raises the same UserError at no extra
+    cost. Under NCCL, which leaves the host free to queue GPU work ahead, the flags are not read (that
+    would synchronise the host at every layer): the rank with the bad input raises, and like anything
+    else that stops a member from reaching this layer's allreduce (an exception elsewhere, a rank in
+    eval mode while the others train, a rank that does not backpropagate through the layer) its
+    peers fail after the communicator's timeout (MEGDET_COMM_TIMEOUT) instead of hanging.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = DEFAULT_MOMENTUM,

@@ -92,9 +92,11 @@ class Communicator:
 
     engine = "base"
 
-    def __init__(self, rank: int, size: int, local_rank: int, local_size: int, world_handle: Any = None):
+    def __init__(self, rank: int, size: int, local_rank: int, local_size: int, world_handle: Any = None,
+                 device: torch.device = torch.device("cpu")):
         self.rank, self.size = rank, size
         self.local_rank, self.local_size = local_rank, local_size
+        self.device = device  # where this rank computes: tensors the engine makes for its callers go here
         self.world = Group(tuple(range(size)), rank, 0, world_handle)
         self._groups: Dict[Tuple[int, ...], Group] = {self.world.ranks: self.world}
 
@@ -165,15 +167,26 @@ class Communicator:
         return self._allgather(tensor.detach(), group)
 
     def allgather_object(self, obj: Any, group: Optional[Group] = None) -> List[Any]:
-        """Every member's picklable ``obj``, as a list in rank order."""
+        """Every member's picklable ``obj``, as a list in rank order. Every member receives every
+        payload: for large objects that only one rank needs, use ``gather_object``."""
         group = self._member(group)
         if group.size == 1:
             return [obj]
-        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        payload = _pickled(obj)
         sizes = self._allgather(torch.tensor([payload.numel()], dtype=torch.int64), group).tolist()
-        gathered = self._allgather(payload, group).numpy().tobytes()
-        offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        return [pickle.loads(gathered[offsets[i]:offsets[i + 1]]) for i in range(len(sizes))]
+        return _unpickled(self._allgather(payload, group), sizes)
+
+    def gather_object(self, obj: Any, root: int = 0, group: Optional[Group] = None) -> Optional[List[Any]]:
+        """Every member's picklable ``obj``, as a list in rank order, on global rank ``root``; None on
+        the others. Only ``root`` receives the payloads (evaluation's detections: tens of MB per rank)."""
+        group = self._member(group)
+        self._check_root(root, group)
+        if group.size == 1:
+            return [obj]
+        payload = _pickled(obj)
+        sizes = self._allgather(torch.tensor([payload.numel()], dtype=torch.int64), group).tolist()
+        gathered = self._gather(payload, sizes, root, group)
+        return _unpickled(gathered, sizes) if self.rank == root else None
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0, group: Optional[Group] = None) -> torch.Tensor:
         """Overwrite ``tensor`` in place with the copy on global rank ``root``, and return it."""
@@ -210,6 +223,12 @@ class Communicator:
             rank, message = failed[0]
             raise CommError(message if len(failed) == len(errors) else f"rank {rank}: {message}")
 
+    def host_waits(self, tensor: torch.Tensor) -> bool:
+        """Whether a finished collective on ``tensor`` has made the host wait for it, so that reading the
+        result costs no further synchronisation: true except for CUDA tensors under NCCL, whose
+        collectives only order the GPU's streams."""
+        return True
+
     def shutdown(self) -> None:
         """Release the engine. The communicator must not be used afterwards."""
 
@@ -231,8 +250,24 @@ class Communicator:
     def _broadcast(self, tensor, root, group):
         raise NotImplementedError
 
+    def _gather(self, tensor, sizes, root, group):
+        """The members' 1-D ``tensor`` (member i holds ``sizes[i]`` elements) concatenated in rank order,
+        on ``root``; anything (or nothing) on the others."""
+        raise NotImplementedError
+
     def _barrier(self, group):
         raise NotImplementedError
+
+
+def _pickled(obj: Any) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+
+
+def _unpickled(gathered: torch.Tensor, sizes: List[int]) -> List[Any]:
+    """The objects of a gathered uint8 payload, split by the members' ``sizes``."""
+    data = gathered.cpu().numpy().tobytes()
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return [pickle.loads(data[offsets[i]:offsets[i + 1]]) for i in range(len(sizes))]
 
 
 def _check_op(op: str) -> None:
@@ -245,8 +280,8 @@ class LocalCommunicator(Communicator):
 
     engine = "local"
 
-    def __init__(self):
-        super().__init__(rank=0, size=1, local_rank=0, local_size=1)
+    def __init__(self, device: torch.device = torch.device("cpu")):
+        super().__init__(rank=0, size=1, local_rank=0, local_size=1, device=device)
 
 
 class _Allreduce(torch.autograd.Function):
@@ -288,7 +323,7 @@ class HorovodCommunicator(Communicator):
 
     engine = "horovod"
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, timeout_s: float, device: torch.device = torch.device("cpu")):
         # A collective that some rank never joins: Horovod shuts down after this stall.
         os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(min(60, int(timeout_s))))
         os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(timeout_s)))
@@ -300,8 +335,14 @@ class HorovodCommunicator(Communicator):
                             "or set MEGDET_COMM=torch") from None
         self.hvd = hvd
         hvd.init(process_sets="dynamic")
-        super().__init__(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), hvd.global_process_set)
+        super().__init__(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), hvd.global_process_set,
+                         device)
         self.mpi_built = bool(hvd.mpi_built())
+        if device.type == "cuda" and hvd.size() > 1 and not hvd.nccl_built():
+            # Without NCCL, Horovod copies every GPU tensor to the host and reduces it there.
+            raise CommError(f"this Horovod was built without NCCL but the ranks compute on GPUs ({device}): "
+                            "rebuild it with NCCL (MEGDET_FORCE_SETUP=1 bash scripts/setup.sh on a node whose "
+                            "torch has CUDA, with nvcc on PATH), or set MEGDET_COMM=torch")
         self._ops = {"sum": hvd.Sum, "average": hvd.Average}
         self._sequence: Dict[int, int] = {}
 
@@ -335,6 +376,14 @@ class HorovodCommunicator(Communicator):
             tensor.copy_(buffer)
         return tensor
 
+    def _gather(self, tensor, sizes, root, group):
+        # Horovod has no gather: an alltoall in which every member sends all of its tensor to the root.
+        splits = torch.zeros(group.size, dtype=torch.int32)
+        splits[group.ranks.index(root)] = tensor.numel()
+        received = self.hvd.alltoall(tensor, splits=splits, name=self._name(group, "gather"),
+                                     process_set=group.handle)
+        return received[0] if isinstance(received, tuple) else received
+
     def _barrier(self, group):
         self.hvd.barrier(process_set=group.handle)
 
@@ -342,57 +391,101 @@ class HorovodCommunicator(Communicator):
         self.hvd.shutdown()
 
 
+BACKENDS = ("nccl", "gloo")
+
+
 class TorchCommunicator(Communicator):
-    """torch.distributed: gloo on CPU, NCCL when CUDA is available."""
+    """torch.distributed: NCCL on a GPU, gloo on the CPU (``MEGDET_TORCH_BACKEND=gloo`` forces gloo on
+    a GPU too, e.g. for several ranks sharing one GPU, which NCCL refuses).
+
+    NCCL moves GPU tensors only: a CPU tensor handed to a collective (a pickled object, a host-side
+    flag) is staged through this rank's GPU and its result copied back."""
 
     engine = "torch"
 
-    def __init__(self, launch: launch_mod.Launch, timeout_s: float, via: Optional[Communicator] = None):
-        """via: an engine already running on the same ranks, which hands out rank 0's address (the
-        rendezvous under horovodrun); None: the launcher's variables."""
+    def __init__(self, launch: launch_mod.Launch, timeout_s: float, device: torch.device = torch.device("cpu"),
+                 via: Optional[Communicator] = None):
+        """device: this rank's device (``hpc.device.select``, already current). via: an engine already
+        running on the same ranks, which hands out rank 0's address (the rendezvous under horovodrun);
+        None: the launcher's variables."""
         import torch.distributed as dist
 
         self.dist = dist
+        self.backend = os.environ.get("MEGDET_TORCH_BACKEND") or ("nccl" if device.type == "cuda" else "gloo")
+        if self.backend not in BACKENDS or (self.backend == "nccl" and device.type != "cuda"):
+            raise CommError(f"MEGDET_TORCH_BACKEND={self.backend!r} cannot run on {device}: use "
+                            f"{'nccl or gloo' if device.type == 'cuda' else 'gloo'}, or unset it")
         rank, size, address = _torch_rendezvous(launch) if via is None else \
             (via.rank, via.size, via.broadcast_object(_free_address() if via.rank == 0 else None))
-        self.backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(self.backend, init_method=address, rank=rank, world_size=size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" \
-            else torch.device("cpu")
+        self._transport = device if self.backend == "nccl" else torch.device("cpu")
         hosts = [None] * size
         dist.all_gather_object(hosts, socket.gethostname())
         local = [r for r, host in enumerate(hosts) if host == hosts[rank]]
-        super().__init__(rank, size, local.index(rank), len(local), dist.group.WORLD)
+        super().__init__(rank, size, local.index(rank), len(local), dist.group.WORLD, device)
         self._ops = {"sum": dist.ReduceOp.SUM, "average": dist.ReduceOp.SUM}
+
+    def _staged(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` where the backend can move it: itself, or (NCCL and a CPU tensor) a copy on the GPU.
+        gloo moves CUDA tensors itself."""
+        if self.backend == "nccl" and tensor.device != self._transport:
+            return tensor.to(self._transport)
+        return tensor
+
+    def host_waits(self, tensor: torch.Tensor) -> bool:
+        return not (self.backend == "nccl" and tensor.is_cuda)
 
     def _new_group(self, ranks):
         return self.dist.new_group(list(ranks))
 
     def _allreduce_async(self, tensor, op, group, name):
-        work = self.dist.all_reduce(tensor, op=self._ops[op], group=group.handle, async_op=True)
-        if op == "average":
-            return Handle(lambda: (work.wait(), tensor.div_(group.size)), tensor)
-        return Handle(work.wait, tensor)
+        buffer = self._staged(tensor)
+        work = self.dist.all_reduce(buffer, op=self._ops[op], group=group.handle, async_op=True)
+
+        def wait():
+            work.wait()
+            if op == "average":
+                buffer.div_(group.size)
+            if buffer is not tensor:
+                tensor.copy_(buffer)
+        return Handle(wait, tensor)
 
     def _allgather(self, tensor, group):
         # gloo gathers equal shapes only: pad dim 0 to the longest, gather, then trim each piece.
-        length = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
-        lengths = [torch.zeros_like(length) for _ in range(group.size)]
-        self.dist.all_gather(lengths, length, group=group.handle)
-        lengths = [int(n) for n in lengths]
-        longest = max(lengths)
-        padded = tensor
-        if tensor.shape[0] < longest:
-            padding = tensor.new_zeros((longest - tensor.shape[0],) + tuple(tensor.shape[1:]))
-            padded = torch.cat([tensor, padding])
+        lengths = self._lengths(tensor.shape[0], group)
+        padded = self._padded(self._staged(tensor), max(lengths))
         pieces = [torch.empty_like(padded) for _ in range(group.size)]
-        self.dist.all_gather(pieces, padded.contiguous(), group=group.handle)
-        return torch.cat([piece[:n] for piece, n in zip(pieces, lengths)])
+        self.dist.all_gather(pieces, padded, group=group.handle)
+        return torch.cat([piece[:n] for piece, n in zip(pieces, lengths)]).to(tensor.device)
+
+    def _lengths(self, length: int, group: Group) -> List[int]:
+        mine = torch.tensor([length], dtype=torch.int64, device=self._transport)
+        lengths = [torch.zeros_like(mine) for _ in range(group.size)]
+        self.dist.all_gather(lengths, mine, group=group.handle)
+        return [int(n) for n in lengths]
+
+    @staticmethod
+    def _padded(tensor: torch.Tensor, length: int) -> torch.Tensor:
+        """``tensor`` zero-padded along dim 0 to ``length``, contiguous."""
+        if tensor.shape[0] < length:
+            tensor = torch.cat([tensor, tensor.new_zeros((length - tensor.shape[0],) + tuple(tensor.shape[1:]))])
+        return tensor.contiguous()
 
     def _broadcast(self, tensor, root, group):
-        self.dist.broadcast(tensor, src=root, group=group.handle)
+        buffer = self._staged(tensor)
+        self.dist.broadcast(buffer, src=root, group=group.handle)
+        if buffer is not tensor:
+            tensor.copy_(buffer)
         return tensor
+
+    def _gather(self, tensor, sizes, root, group):
+        padded = self._padded(self._staged(tensor), max(sizes))
+        pieces = [torch.empty_like(padded) for _ in range(group.size)] if self.rank == root else None
+        self.dist.gather(padded, pieces, dst=root, group=group.handle)
+        if self.rank != root:
+            return None
+        return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)]).cpu()
 
     def _barrier(self, group):
         self.dist.barrier(group=group.handle)
@@ -438,14 +531,15 @@ _cgbn: Optional[Communicator] = None
 
 
 def init(engine: Optional[str] = None, timeout_s: Optional[float] = None,
-         cgbn_engine: Optional[str] = None) -> Communicator:
+         cgbn_engine: Optional[str] = None, device: torch.device = torch.device("cpu")) -> Communicator:
     """Start the process's communicator (once; later calls return it) and check it against the launcher.
 
     engine: "horovod", "torch" or "local"; default ``$MEGDET_COMM``, else "horovod" when a launcher
     started more than one process, else "local". timeout_s: default ``$MEGDET_COMM_TIMEOUT`` or 600.
     cgbn_engine: the engine of cross-GPU BN (``get_cgbn``), ``engine`` itself or "torch" beside
     "horovod" (ignored by "local": one process has nothing to send); default ``$MEGDET_CGBN_COMM``,
-    else ``engine``.
+    else ``engine``. device: where this rank computes (``hpc.device.select``, called first): the torch
+    engine runs NCCL there when it is a GPU.
     """
     global _current, _cgbn
     if _current is not None:
@@ -461,23 +555,23 @@ def init(engine: Optional[str] = None, timeout_s: Optional[float] = None,
                         f"{engine!r}, or 'torch' beside 'horovod'")
     timeout_s = float(timeout_s or os.environ.get("MEGDET_COMM_TIMEOUT", DEFAULT_TIMEOUT_S))
     if engine == "local":
-        comm: Communicator = LocalCommunicator()
+        comm: Communicator = LocalCommunicator(device)
         launch_mod.check_world_size(launch, engine, comm.size)
     elif engine == "horovod":
-        comm = HorovodCommunicator(timeout_s)
+        comm = HorovodCommunicator(timeout_s, device)
         launch_mod.check_world_size(launch, engine, comm.size, mpi_built=comm.mpi_built)
     elif launch.launcher == "horovodrun":
         # horovodrun exports no rendezvous address for torch.distributed: Horovod hands one out, then stops.
         bootstrap = HorovodCommunicator(timeout_s)
-        comm = TorchCommunicator(launch, timeout_s, via=bootstrap)
+        comm = TorchCommunicator(launch, timeout_s, device, via=bootstrap)
         bootstrap.shutdown()
         launch_mod.check_world_size(launch, engine, comm.size)
     else:
-        comm = TorchCommunicator(launch, timeout_s)
+        comm = TorchCommunicator(launch, timeout_s, device)
         launch_mod.check_world_size(launch, engine, comm.size)
     _current = comm
     if cgbn_engine != engine and engine == "horovod":
-        _cgbn = TorchCommunicator(launch, timeout_s, via=comm)
+        _cgbn = TorchCommunicator(launch, timeout_s, device, via=comm)
     return comm
 
 
@@ -496,6 +590,14 @@ def describe() -> str:
     """The running engines, e.g. "horovod" or "horovod, CGBN on torch"."""
     main, cgbn = get(), get_cgbn()
     return main.engine if cgbn is main else f"{main.engine}, CGBN on {cgbn.engine}"
+
+
+def finish() -> None:
+    """The end of a command that succeeded on every rank: a barrier, so that no rank tears down a
+    connection that a peer is still reading from (gloo aborts the peer's process), then ``shutdown``."""
+    if _current is not None:
+        _current.barrier()
+    shutdown()
 
 
 def shutdown() -> None:

@@ -24,13 +24,14 @@ At construction the parameters, buffers and optimizer state of rank 0 are broadc
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from hpc import comm as comm_mod
+from hpc.amp import LossScaler
 from hpc.errors import UserError
 
 COMPRESSIONS = ("none", "fp16")
@@ -56,9 +57,21 @@ def broadcast_model_and_optimizer(model: nn.Module, optimizer: torch.optim.Optim
         flat = comm.broadcast(_flatten_dense_tensors(same_kind), root=root)
         for tensor, value in zip(same_kind, _unflatten_dense_tensors(flat, same_kind)):
             tensor.copy_(value)
-    state = comm.broadcast_object(optimizer.state_dict() if comm.rank == root else None, root=root)
+    # On the CPU for the trip: a pickled CUDA tensor unpickles on the sender's GPU index, on every rank.
+    state = comm.broadcast_object(on_cpu(optimizer.state_dict()) if comm.rank == root else None, root=root)
     if comm.rank != root:
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(state)  # moves each state tensor to its parameter's device
+
+
+def on_cpu(value):
+    """``value`` (nested dicts, lists and tuples) with every tensor copied to the CPU."""
+    if isinstance(value, Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(item) for item in value)
+    return value
 
 
 def _by_dtype_and_device(tensors: List[Tensor]) -> List[List[Tensor]]:
@@ -139,8 +152,14 @@ class DistributedOptimizer:
     so the step sees the gradient of the mean loss over all k micro-batches of all ranks.
     compression: "fp16" sends gradients as float16 (half the bytes) and restores their dtype after.
     max_consecutive_skips: K. A step whose loss (on any rank) or averaged gradient is non-finite is
-    skipped on every rank (the ranks agree through one one-element allreduce) and counted in
-    ``skipped_steps``; K skipped steps in a row raise ``DivergenceError`` on every rank.
+    skipped on every rank (the ranks agree through one two-element allreduce, the step's only host
+    synchronisation) and counted in ``skipped_steps``; K skipped steps in a row raise
+    ``DivergenceError`` on every rank.
+    loss_scaler: fp16's dynamic loss scale (``hpc.amp.LossScaler``). ``backward`` multiplies the loss
+    by it; after the allreduce the gradients are divided by it. A step whose loss is finite on every
+    rank but whose gradients overflow (on any rank: the average carries the inf to every rank) is an
+    overflow, not a divergence: it is skipped on every rank, counted in ``overflow_steps``, and the
+    scale halves everywhere. Only once the scale is at its minimum do overflows count towards K.
     iteration: the index of the next step (set it when resuming, for the messages).
 
     ``optimizer`` is the one that steps (on Horovod, Horovod's wrapper around the one passed in,
@@ -150,7 +169,7 @@ class DistributedOptimizer:
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, batch_size: int,
                  comm: Optional[comm_mod.Communicator] = None, backward_passes_per_step: int = 1,
                  compression: str = "none", max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
-                 bucket_mb: float = DEFAULT_BUCKET_MB):
+                 bucket_mb: float = DEFAULT_BUCKET_MB, loss_scaler: Optional[LossScaler] = None):
         if batch_size < 1:
             raise ValueError(f"Invalid batch_size: {batch_size} (images per step over all ranks, >= 1)")
         if backward_passes_per_step < 1:
@@ -164,7 +183,8 @@ class DistributedOptimizer:
         self.comm = comm if comm is not None else comm_mod.get()
         self.batch_size, self.backward_passes_per_step = batch_size, backward_passes_per_step
         self.max_consecutive_skips = max_consecutive_skips
-        self.iteration = self.skipped_steps = self.consecutive_skips = 0
+        self.loss_scaler = loss_scaler
+        self.iteration = self.skipped_steps = self.consecutive_skips = self.overflow_steps = 0
         self._passes = 0
         self._synchronized = False  # this step's gradients are averaged already
         self._loss_nonfinite: Optional[Tensor] = None  # on the loss's device: no synchronisation per pass
@@ -190,8 +210,9 @@ class DistributedOptimizer:
                                                    fp16=compression == "fp16")
 
     def backward(self, loss: Tensor) -> None:
-        """Back-propagate ``loss / backward_passes_per_step`` (the mean over this micro-batch), noting
-        whether it is finite. Call it exactly backward_passes_per_step times per ``step()``."""
+        """Back-propagate ``loss / backward_passes_per_step`` (the mean over this micro-batch; times the
+        loss scale under fp16), noting on the loss's device whether it is finite. Call it exactly
+        backward_passes_per_step times per ``step()``."""
         if self._passes == self.backward_passes_per_step:
             raise UserError(f"backward() was called {self._passes + 1} times before step(), but "
                             f"backward_passes_per_step is {self.backward_passes_per_step}: call step() after "
@@ -201,6 +222,8 @@ class DistributedOptimizer:
         self._passes += 1
         if self._buckets is not None:
             self._buckets.armed = self._passes == self.backward_passes_per_step
+        if self.loss_scaler is not None:
+            loss = self.loss_scaler.scale_loss(loss)
         (loss / self.backward_passes_per_step).backward()
 
     def _check_passes(self, caller: str) -> None:
@@ -227,8 +250,13 @@ class DistributedOptimizer:
         on every rank after ``max_consecutive_skips`` skipped steps in a row."""
         self._check_passes("step")
         self.synchronize()
-        finite = self._agree_finite()
+        loss_nonfinite, grads_nonfinite = self._agree_nonfinite()
+        finite = not (loss_nonfinite or grads_nonfinite)
+        scaler = self.loss_scaler
+        overflow = scaler is not None and grads_nonfinite and not loss_nonfinite
         if finite:
+            if scaler is not None:
+                scaler.unscale_([p.grad for p in self._params if p.grad is not None])
             if self._horovod:
                 with self.optimizer.skip_synchronize():
                     self.optimizer.step()
@@ -237,7 +265,12 @@ class DistributedOptimizer:
             self.consecutive_skips = 0
         else:
             self.skipped_steps += 1
-            self.consecutive_skips += 1
+            if overflow:
+                self.overflow_steps += 1
+            if not overflow or scaler.at_minimum:
+                self.consecutive_skips += 1
+        if scaler is not None and not loss_nonfinite:
+            scaler.update(overflow=overflow)
         iteration = self.iteration
         self.iteration += 1
         self._passes = 0
@@ -245,31 +278,44 @@ class DistributedOptimizer:
         self._loss_nonfinite = None
         if self.consecutive_skips >= self.max_consecutive_skips:
             lr = max(group["lr"] for group in self.optimizer.param_groups)
+            fp16 = "" if scaler is None else f" (fp16 loss scale {scaler.scale:g})"
             raise DivergenceError(
-                f"training diverged: the loss or gradients were not finite for {self.consecutive_skips} steps "
+                f"training diverged: the loss or gradients were not finite{fp16} for {self.consecutive_skips} steps "
                 f"in a row, the last at iteration {iteration} (learning rate {lr:g}, batch size {self.batch_size}): "
-                "lower the learning rate or lengthen the warm-up (the linear scaling rule breaks down past "
-                "batch ~256), or train with PMD-LAMB")
+                "lower the learning rate or lengthen the warm-up (the linear scaling rule fails from batch 64 "
+                "without BN, MegDet Table 2, and at 512 even with SyncBN, LargeDet Table 1), or train with PMD-LAMB")
         return finite
 
-    def _agree_finite(self) -> bool:
-        """True on every rank when no rank's loss was non-finite and the averaged gradients are finite."""
+    def _agree_nonfinite(self) -> Tuple[bool, bool]:
+        """(some rank's loss was not finite, the averaged gradients are not finite), the same on every
+        rank: both flags are made on the device and reduced together, then read once."""
         grads = [p.grad for p in self._params if p.grad is not None]
+        loss_nonfinite = self._loss_nonfinite.to(self._params[0].device)
         # The max-abs norm is NaN or inf exactly when some element is, and cannot overflow.
-        grad_nonfinite = bool(grads) and not torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()
-        flag = torch.tensor([float(bool(self._loss_nonfinite) or grad_nonfinite)], device=self._params[0].device)
-        return self.comm.allreduce(flag, op="sum", name="divergence_guard").item() == 0
+        grads_nonfinite = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all() if grads \
+            else torch.zeros_like(loss_nonfinite)
+        flags = self.comm.allreduce(torch.stack((loss_nonfinite, grads_nonfinite)).float(), op="sum",
+                                    name="divergence_guard")
+        loss_flag, grads_flag = (flags > 0).tolist()
+        return loss_flag, grads_flag
 
     def zero_grad(self) -> None:
         """Set every gradient to None (Horovod's wrapper takes no arguments)."""
         self.optimizer.zero_grad()
 
     def state_dict(self) -> Dict:
-        """The optimizer's state and the guard's counters."""
+        """The optimizer's state, the guard's counters and the loss scale."""
         return {"optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
-                "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
+                "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                "overflow_steps": self.overflow_steps,
+                "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict()}
 
     def load_state_dict(self, state: Dict) -> None:
+        """Restore ``state_dict()``; a loss scale is restored when both the state and this optimizer
+        have one (a run resumed under another amp mode starts its scale afresh)."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration, self.skipped_steps = state["iteration"], state["skipped_steps"]
         self.consecutive_skips = state["consecutive_skips"]
+        self.overflow_steps = state.get("overflow_steps", 0)
+        if self.loss_scaler is not None and state.get("loss_scaler") is not None:
+            self.loss_scaler.load_state_dict(state["loss_scaler"])

@@ -3,6 +3,10 @@
     horovodrun -np 2 --gloo megdet doctor
     mpirun -np 2 megdet doctor
     srun --ntasks 2 megdet doctor
+    MEGDET_COMM=torch torchrun --nproc-per-node 8 $(which megdet) doctor   # NCCL on 8 GPUs
+
+Each rank takes its device first (``--device``, default auto: its GPU when it sees one), so the two
+allreduces (over the world and over groups of two ranks) run where training will: NCCL on GPUs.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Dict, List
 import torch
 
 from hpc import comm as comm_mod
+from hpc import device as device_mod
 from hpc import launch
 from hpc.comm import Communicator
 
@@ -30,10 +35,10 @@ def examine(comm: Communicator) -> List[Dict]:
     """Every rank's view of the launch (on rank 0; None elsewhere), after checking that an allreduce
     and a group allreduce give the values the rank numbers predict. Raises ``CommError`` on every rank
     when they do not."""
-    total = comm.allreduce(torch.tensor([float(comm.rank)], dtype=torch.float64)).item()
+    total = comm.allreduce(torch.tensor([float(comm.rank)], dtype=torch.float64, device=comm.device)).item()
     expected = comm.size * (comm.size - 1) / 2
     pair = comm.partition(2) if comm.size % 2 == 0 else comm.world
-    pair_total = comm.allreduce(torch.ones(1), group=pair).item()
+    pair_total = comm.allreduce(torch.ones(1, device=comm.device), group=pair).item()
     error = None
     if total != expected or pair_total != pair.size:
         error = (f"allreduce gave {total} (expected {expected}) and {pair_total} over group {list(pair.ranks)} "
@@ -43,7 +48,8 @@ def examine(comm: Communicator) -> List[Dict]:
     view = {"rank": comm.rank, "size": comm.size, "local_rank": comm.local_rank, "local_size": comm.local_size,
             "host": socket.gethostname(), "engine": comm.engine, "launcher": started.launcher,
             "scheduler": started.scheduler, "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.is_available(), "horovod_built": horovod_features()}
+            "cuda": torch.cuda.is_available(), "horovod_built": horovod_features(),
+            "device": device_mod.describe(comm.device), "transport": getattr(comm, "backend", comm.engine)}
     views = comm.allgather_object(view)
     return views if comm.rank == 0 else None
 
@@ -54,21 +60,31 @@ def format_report(views: List[Dict]) -> str:
              + (f" under {first['scheduler']}" if first["scheduler"] else ""),
              f"torch {first['torch']}, Python {first['python']}, CUDA {'yes' if first['cuda'] else 'no'}, "
              f"Horovod built with: {', '.join(k for k, v in first['horovod_built'].items() if v) or 'not installed'}",
-             "rank  local  host"]
-    lines += [f"{v['rank']:>4}  {v['local_rank']:>2}/{v['local_size']:<2}  {v['host']}" for v in views]
-    lines.append("allreduce over the world and over groups: ok")
+             "rank  local  host  device"]
+    lines += [f"{v['rank']:>4}  {v['local_rank']:>2}/{v['local_size']:<2}  {v['host']}  {_device_words(v['device'])}"
+              for v in views]
+    lines.append(f"allreduce over the world and over groups ({first['transport']}, {first['device']['device']} "
+                 "tensors): ok")
     return "\n".join(lines)
 
 
 
 
+def _device_words(view: Dict[str, str]) -> str:
+    if view["device"] == "cpu":
+        return f"cpu ({view['cores']} cores)"
+    return f"{view['device']} {view['name']} ({view['memory_gib']} GiB)"
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--engine", default=None,
                         help="horovod | torch | local (default: $MEGDET_COMM, else horovod when launched)")
+    parser.add_argument("--device", default="auto", choices=device_mod.DEVICE_KINDS,
+                        help="where each rank computes (default: %(default)s: its GPU when it sees one)")
 
 
 def run(args) -> int:
-    views = examine(comm_mod.init(args.engine))
+    views = examine(comm_mod.init(args.engine, device=device_mod.select(args.device)))
     if views is not None:
         print(format_report(views), flush=True)
     return 0

@@ -1,10 +1,13 @@
 """Atomic file writes: a reader, or a run restarted after a crash, sees the old file or the complete
-new one, never a partial one."""
+new one, never a partial one. Also: an exclusive lock on a file, and one-line reasons for failed writes."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Union
@@ -40,3 +43,84 @@ def write_atomic(path: PathLike, data: Union[bytes, str]) -> Path:
 def write_json_atomic(path: PathLike, value: Any) -> Path:
     """Write ``value`` as indented JSON to ``path`` atomically."""
     return write_atomic(path, json.dumps(value, indent=1) + "\n")
+
+
+# errnos of a file system that has no advisory locks (NFS without lockd, Lustre mounted without flock)
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class LockBusy(Exception):
+    """``exclusive_lock`` found the lock held; ``owner`` is the holder's text (empty if not yet written)."""
+
+    def __init__(self, path: Path, owner: str):
+        super().__init__(f"{path} is locked by {owner or 'another process'}")
+        self.path, self.owner = path, owner
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: PathLike, owner: str) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` for the block, with ``owner`` (who holds it) as the file's
+    text; ``LockBusy`` at once if another process holds it. Yields False, holding nothing, on a file
+    system without advisory locks. The kernel drops the lock when the process dies, so a file left by a
+    killed holder locks nothing; a clean exit removes it.
+    """
+    path = Path(path)
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise LockBusy(path, _read_text(path)) from None
+            if error.errno not in NO_LOCKS:
+                raise
+            descriptor = None
+            break
+        # the holder before us removes the file before unlocking: a lock on a removed file is no lock
+        if _same_file(descriptor, path):
+            break
+        os.close(descriptor)
+    if descriptor is None:
+        path.unlink(missing_ok=True)
+        yield False
+        return
+    try:
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, owner.encode())
+        yield True
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(descriptor)
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(descriptor), path.stat())
+    except FileNotFoundError:
+        return False
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def os_error_reason(error: Exception, folder: PathLike) -> str:
+    """Why reading or writing in ``folder`` failed, in one line: "no space left on device (1.2 MiB free
+    without the partial file)" for a full disk or quota (callers remove what they wrote first), the
+    system's text for another errno, else the first line of the message (HDF5's span several)."""
+    number = getattr(error, "errno", None)
+    if number in DISK_FULL:
+        try:
+            free = f" ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free without the partial file)"
+        except OSError:
+            free = ""
+        return f"{os.strerror(number).lower()}{free}"
+    if number:
+        return os.strerror(number)
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -93,11 +93,28 @@ def check_world_size(launch: Launch, engine: str, engine_size: int, mpi_built: O
     raise LaunchError(f"{started}: {fix}")
 
 
+def cpus_per_rank(local_size: int, env: Optional[Mapping[str, str]] = None) -> int:
+    """CPU cores this rank may use: ``SLURM_CPUS_PER_TASK`` under Slurm (``--cpus-per-task``, which the
+    job scripts set), else the cores this process may run on shared out between the ``local_size``
+    ranks of its host."""
+    env = os.environ if env is None else env
+    given = _int(env, "SLURM_CPUS_PER_TASK")
+    if given is not None and given > 0:
+        return given
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_size))
+
+
 def threads_per_rank(local_size: int, env: Optional[Mapping[str, str]] = None) -> Optional[int]:
-    """Compute threads for each of ``local_size`` ranks on this host: the cores shared out evenly, or
-    None when ``OMP_NUM_THREADS`` is set (the user decided). Without this every rank starts one
-    thread per core, and N ranks on N cores run N^2 spinning threads, several times slower."""
+    """Compute threads for each of ``local_size`` ranks on this host: ``cpus_per_rank``, or None when
+    ``OMP_NUM_THREADS`` is set (the user decided). Without this every rank starts one thread per core,
+    and N ranks on N cores run N^2 spinning threads, several times slower."""
     env = os.environ if env is None else env
     if env.get("OMP_NUM_THREADS"):
         return None
-    return max(1, (os.cpu_count() or 1) // max(1, local_size))
+    return cpus_per_rank(local_size, env)
+
+
+def loader_workers(local_size: int, env: Optional[Mapping[str, str]] = None) -> int:
+    """Data-loading worker processes per rank when the config leaves it to the launcher: one per CPU
+    of ``cpus_per_rank``, less the one the training process drives the device from."""
+    return cpus_per_rank(local_size, env) - 1

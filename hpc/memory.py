@@ -3,6 +3,7 @@ modules (backbone stages) keep no activations for the backward pass and run thei
 
     recompute(model.backbone, ["layer1", "layer2", "layer3"])     # names from a config list
     peak_cpu_bytes(lambda: model(images).sum().backward())       # measure what it saves
+    saved_tensor_bytes(lambda: model(images), {"res2": [model.backbone.layer1]})  # what each part keeps
 
 Cost: one more forward pass of each chosen module per step. Saving: the activations inside them; only
 each module's input is kept. Buffers (BN running statistics) are restored after the recomputation, so
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -62,6 +63,41 @@ def _buffers_restored(module: nn.Module):
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
+
+
+def saved_tensor_bytes(run: Callable[[], object], parts: Dict[str, Sequence[nn.Module]],
+                       exclude: Sequence[torch.Tensor] = ()) -> Dict[str, int]:
+    """Bytes of the tensors autograd saves for the backward pass while ``run()`` builds its graph, by
+    part: each storage counts once, for the innermost part (a name of ``parts``, whose modules are
+    running) that saved it first; "other" for the rest. Storages of ``exclude`` (parameters, buffers)
+    are not counted: they exist anyway."""
+    running = ["other"]
+
+    def enter(name: str):
+        return lambda module, inputs: running.append(name)  # append returns None: the inputs stay
+
+    def leave(module, inputs, output) -> None:
+        running.pop()
+
+    handles = [hook for name, modules in parts.items() for module in modules
+               for hook in (module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave))]
+    seen = {tensor.untyped_storage().data_ptr() for tensor in exclude}
+    sizes: Dict[str, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            sizes[running[-1]] = sizes.get(running[-1], 0) + storage.nbytes()
+        return tensor
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sizes
 
 
 def peak_cpu_bytes(run: Callable[[], object]) -> int:

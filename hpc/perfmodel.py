@@ -45,17 +45,33 @@ def ring_allreduce_seconds(bytes_: float, n: int, busbw_Bps: float, latency_s: f
     return 2 * (n - 1) / n * bytes_ / busbw_Bps + 2 * (n - 1) * latency_s
 
 
-def cgbn_seconds(channels: Iterable[int], group_ranks: int, busbw_Bps: float, latency_s: float) -> float:
+def cgbn_collectives(channels: Iterable[int]) -> int:
+    """Blocking allreduces per step of cross-GPU BN: one forward and one backward per BN layer."""
+    return 2 * len(list(channels))
+
+
+def cgbn_seconds(channels: Iterable[int], group_ranks: int, busbw_Bps: float, latency_s: float,
+                 wait_s: float = 0.0) -> float:
     """Seconds per step of cross-GPU batch norm (``hpc.cgbn``) over groups of ``group_ranks`` ranks:
     for each BN layer of ``channels`` C, one forward allreduce of (group_ranks + 1 + 2C) float64 and
-    one backward allreduce of 2C float32, each on the critical path (the next layer waits for it)."""
+    one backward allreduce of 2C float32, each on the critical path (the next layer waits for it),
+    each also waiting ``wait_s`` before it starts: Horovod runs ops from a background thread that
+    wakes every HOROVOD_CYCLE_TIME, so a blocking op waits half a cycle on average
+    (``horovod_wait_seconds``); torch.distributed starts it at once (0). 0 for a group of one."""
+    if group_ranks <= 1:
+        return 0.0
     total = 0.0
     for c in channels:
         forward_bytes = (group_ranks + 1 + 2 * c) * CGBN_FORWARD_BYTES_PER_VALUE
         backward_bytes = 2 * c * CGBN_BACKWARD_BYTES_PER_VALUE
-        total += ring_allreduce_seconds(forward_bytes, group_ranks, busbw_Bps, latency_s)
-        total += ring_allreduce_seconds(backward_bytes, group_ranks, busbw_Bps, latency_s)
+        total += ring_allreduce_seconds(forward_bytes, group_ranks, busbw_Bps, latency_s) + wait_s
+        total += ring_allreduce_seconds(backward_bytes, group_ranks, busbw_Bps, latency_s) + wait_s
     return total
+
+
+def horovod_wait_seconds(cycle_time_s: float) -> float:
+    """Mean wait of a blocking Horovod op for the background thread's next cycle: half a cycle."""
+    return cycle_time_s / 2
 
 
 def exposed_allreduce_seconds(allreduce_s: float, backward_s: float, overlap: float) -> float:

@@ -31,6 +31,7 @@ COMMANDS = {
     "eval": ("megdet.engine.evaluate", "COCO box AP of a trained model on shards, or of a results file (pycocotools)"),
     "plot": ("megdet.engine.metrics", "draw a run's loss, learning rate, throughput and AP curves, or a benchmark's results, to PNG"),
     "pack": ("megdet.pack", "pack a COCO split into HDF5 shards (alone or under mpirun); export it back"),
+    "weights": ("megdet.weights", "list torchvision's ImageNet ResNet weights in torch hub's cache and check their sha256"),
 }
 
 
@@ -57,10 +58,14 @@ def rank_label() -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        status = args.run(args)
     except UserError as error:
         print(f"megdet {args.command}: error{rank_label()}: {error}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    comm = sys.modules.get("hpc.comm")  # only a command that started one has a communicator to finish
+    if comm is not None and status == 0:
+        comm.finish()
+    return status
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
     cfg = megdet.config.load("largedet_coco_12min", ["solver.max_iter=100", "train.output_dir=runs/x"])
     cfg.solver.lr            # resolved: given, or base_lr * batch_size / base_batch (linear scaling rule)
     cfg.check_world(comm.size, comm.local_size)   # batch, images per rank and BN groups fit this launch
+                                                  # (inside nodes where model.bn_node_local asks)
 
-Presets live in ``megdet/configs/NAME.yaml``; ``PRESETS`` lists them. A YAML file or an override may
+Presets live in ``megdet/configs/NAME.yaml``, and as rows of ``megdet/configs/tables/*.yaml`` (a base
+preset and the keys that differ, ``TABLE_ROWS``); ``PRESETS`` lists both. A YAML file or an override may
 only name fields that exist here; every value is checked against the field's type. Bad input raises
 ``UserError`` with one line that names the key or value and the fix. Only the builders in the engine
 read a ``Config``; every component takes explicit keyword arguments.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -21,15 +24,22 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from hpc.amp import AMP_MODES
+from hpc.device import DEVICE_KINDS
 from hpc.errors import UserError
+from megdet import weights
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-PRESETS = tuple(sorted(path.stem for path in CONFIG_DIR.glob("*.yaml")))
+# A table file (configs/tables/*.yaml) holds one preset per paper row that differs from a preset file
+# in a few values: ``rows: {NAME: {base: PRESET, <the sections and keys that differ>}}``.
+TABLE_DIR = CONFIG_DIR / "tables"
+TABLE_ROWS = {name: (path, row) for path in sorted(TABLE_DIR.glob("*.yaml"))
+              for name, row in yaml.safe_load(path.read_text())["rows"].items()}
+PRESETS = tuple(sorted([path.stem for path in CONFIG_DIR.glob("*.yaml")] + list(TABLE_ROWS)))
 
 MODELS = ("resnet50_fpn", "resnet18_fpn")
 NORMS = ("cgbn", "frozen", "bn")
 OPTIMIZERS = ("sgd", "pmd_lamb", "lamb", "lars")
-AMP_MODES = ("none", "bf16")
 # solver.layer_adaptation: which param groups (hpc.optim.param_groups) take LAMB's ratio ||x|| / ||u||.
 LAYER_ADAPTATION = {"all": ("weights", "norm", "bias"), "weights": ("weights",)}
 # Learning-rate factor applied at each of solver.steps (MegDet Sec. 4): normal decays by 0.1 at every
@@ -46,16 +56,23 @@ class PaperConfig:
     gpus: int = 1
     gpus_per_node: int = 1
     expected_time: str = ""               # training time the paper reports, e.g. "12 min"
-    box_ap: Optional[float] = None        # COCO box AP@[.5:.95] the paper reports (percent)
+    box_ap: Optional[float] = None        # COCO box AP@[.5:.95] the paper reports (percent); null: failed
+    gpu_memory_gb: Optional[float] = None  # memory of one paper GPU (megdet job's --gpu-memory); null: CPU
 
 
 @dataclass
 class ModelConfig:
     name: str = "resnet50_fpn"            # one of MODELS
     num_classes: int = 80                 # foreground classes; labels are 1..num_classes
-    norm: str = "frozen"                  # one of NORMS; cgbn = cross-GPU batch norm over bn_size images
+    norm: str = "bn"                      # one of NORMS; cgbn = cross-GPU batch norm over bn_size images;
+                                          # frozen (fixed statistics and affine) only on backbone_weights
     bn_size: Optional[int] = None         # images per cross-GPU BN group (cgbn only); None: all ranks
-    backbone_weights: Optional[str] = None  # path of ImageNet weights for the backbone; None: random init
+    bn_node_local: bool = False           # refuse a launch where a BN group spans nodes (MegDet Sec. 3.3)
+    # ImageNet weights of the backbone: "torchvision:resnet50" (torch hub's cache, megdet.weights)
+    # or a file path; None: random init. With weights the stem and res2 are frozen (detectron2 FREEZE_AT
+    # 2); without, nothing is, and model.norm=frozen is refused unless allow_frozen_random is true.
+    backbone_weights: Optional[str] = None
+    allow_frozen_random: bool = False     # model.norm=frozen without weights: keep BN at its initial values
     sublinear_stages: List[str] = field(default_factory=list)  # stages recomputed in backward (memory)
     anchor_sizes: Optional[List[int]] = None  # anchor side (pixels) on P2..P6; None: 32, 64, 128, 256, 512
     rois_per_image: Optional[int] = None  # RoIs sampled per image for the box head; None: the model's (512)
@@ -74,7 +91,7 @@ class DataConfig:
     max_size: int = 1333                  # cap on the longer side
     test_min_size: int = 800
     flip_prob: float = 0.5                # horizontal flip probability in training
-    num_workers: int = 2                  # data-loading processes per rank
+    num_workers: Optional[int] = None     # data-loading processes per rank; None: the launcher's CPUs per rank - 1
 
 
 @dataclass
@@ -94,7 +111,9 @@ class SolverConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # lamb, pmd_lamb: beta_1, beta_2
     eps: float = 1e-6                     # lamb, pmd_lamb
     pmd_alpha: float = 0.012              # PMD-LAMB scale factor alpha
-    pmd_cycle: int = 200                  # PMD-LAMB cycle length T (iterations)
+    # PMD-LAMB cycle length T: whole iterations, or inf (YAML .inf, override inf): no moments decay, the
+    # LAMB of LargeDet (alpha, no bias correction). Loaded as int, or math.inf.
+    pmd_cycle: float = 200
     layer_adaptation: str = "all"         # lamb, pmd_lamb: "all" tensors (Algorithm 1) or "weights" only
 
     @property
@@ -112,8 +131,10 @@ class TrainConfig:
     eval_period: int = 0                  # iterations between evaluations; 0: only at the end
     target_ap: Optional[float] = None     # stop once box AP (percent) reaches it at an evaluation
     log_period: int = 20                  # iterations between metrics lines
-    amp: str = "none"                     # one of AMP_MODES; bf16: forward and losses under bf16 autocast
+    device: str = "auto"                  # one of DEVICE_KINDS; auto: cuda:<local rank> when a GPU is visible
+    amp: str = "none"                     # one of AMP_MODES (hpc.amp); auto: bf16 or fp16 on a GPU, none on the CPU
     channels_last: bool = False           # NHWC activations (faster oneDNN/cuDNN kernels with amp)
+    tensorboard: bool = False             # also write the metrics as TensorBoard events in the run folder
 
 
 @dataclass
@@ -149,7 +170,9 @@ class Config:
 
     def check_world(self, world_size: int, local_size: int) -> None:
         """Raise ``UserError`` unless the batch, the images per rank and the BN groups fit ``world_size``
-        ranks (``local_size`` of them per node)."""
+        ranks (``local_size`` of them per node), each group inside one node where ``model.bn_node_local``
+        asks. The trainer calls it on every rank before anything is written; ``megdet job`` before it
+        renders a script."""
         batch, per_rank = self.solver.batch_size, self.data.images_per_rank
         if batch % world_size:
             raise UserError(f"solver.batch_size={batch} is not divisible by {world_size} ranks: launch a "
@@ -164,29 +187,58 @@ class Config:
             raise UserError(f"model.bn_size={self.model.bn_size} is {group} ranks of {per_rank} images, which "
                             f"does not divide the world of {world_size} ranks ({local_size} per node): set "
                             f"model.bn_size to {per_rank} times a divisor of {world_size}, or null for all ranks")
+        ranks = group or world_size
+        if self.model.norm == "cgbn" and self.model.bn_node_local and local_size % ranks:
+            # Launchers place consecutive ranks on a node, and a BN group is consecutive ranks.
+            raise UserError(f"model.bn_node_local asks for BN groups inside one node, but model.bn_size="
+                            f"{self.model.bn_size or batch} is {ranks} ranks of {per_rank} images and a node runs "
+                            f"{local_size}: launch on nodes of a multiple of {ranks} ranks, or set model.bn_size "
+                            f"to {per_rank} times a divisor of {local_size}, or model.bn_node_local=false")
 
 
 def load(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
     """The config of a preset name (see ``PRESETS``) or a YAML path, with ``key.sub=value`` overrides
     applied, checked, and ``solver.lr`` resolved."""
-    path = _preset_path(name_or_path)
+    if name_or_path in TABLE_ROWS:
+        path, row = TABLE_ROWS[name_or_path]
+        changes = {key: value for key, value in row.items() if key != "base"}
+        document = _merged(_document(_preset_path(row["base"])), {**changes, "name": name_or_path})
+        where, stem = f"{path} row {name_or_path}", name_or_path
+    else:
+        path = _preset_path(name_or_path)
+        document, where, stem = _document(path), str(path), path.stem
+    config = _build(Config, document, where, "")
+    for override in overrides:
+        _apply_override(config, override)
+    if not config.name:
+        config.name = stem
+    if not config.train.output_dir:
+        config.train.output_dir = os.path.join("runs", config.name)
+    _validate(config)
+    if config.solver.lr is None:
+        config.solver.lr = config.solver.base_lr * config.solver.batch_size / config.solver.base_batch
+    if config.solver.pmd_cycle != math.inf:
+        config.solver.pmd_cycle = int(config.solver.pmd_cycle)
+    return config
+
+
+def _document(path: Path) -> Dict[str, Any]:
     try:
         document = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise UserError(f"{path} is not valid YAML ({_one_line(error)}): fix the file") from None
     if not isinstance(document, dict):
         raise UserError(f"{path} must hold a mapping of config sections, not {type(document).__name__}")
-    config = _build(Config, document, str(path), "")
-    for override in overrides:
-        _apply_override(config, override)
-    if not config.name:
-        config.name = path.stem
-    if not config.train.output_dir:
-        config.train.output_dir = os.path.join("runs", config.name)
-    _validate(config)
-    if config.solver.lr is None:
-        config.solver.lr = config.solver.base_lr * config.solver.batch_size / config.solver.base_batch
-    return config
+    return document
+
+
+def _merged(base: Dict[str, Any], changes: Dict[str, Any]) -> Dict[str, Any]:
+    """``base`` with ``changes`` laid over it, section by section (a list or value is replaced whole)."""
+    merged = dict(base)
+    for key, value in changes.items():
+        both_sections = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merged(base[key], value) if both_sections else value
+    return merged
 
 
 def _preset_path(name_or_path: str) -> Path:
@@ -320,6 +372,33 @@ def _positive(key: str, value) -> None:
         raise UserError(f"{key}={value} must be positive")
 
 
+def _check_backbone(model: ModelConfig) -> None:
+    """The weights fit the model, and what the rule of megdet.weights.default_freeze_at freezes is
+    frozen on loaded weights only."""
+    pretrained = model.backbone_weights is not None
+    if pretrained:
+        entry = weights.lookup(model.backbone_weights)
+        arch = model.name.removesuffix("_fpn")
+        if entry is not None and entry.arch != arch:
+            raise UserError(f"model.backbone_weights={model.backbone_weights!r} are {entry.arch} weights but "
+                            f"model.name={model.name} has a {arch} backbone: use {weights.PREFIX}{arch}")
+    elif model.norm == "frozen" and not model.allow_frozen_random:
+        raise UserError("model.norm=frozen keeps every BN layer at its initial values (scale 1, shift 0, mean 0, "
+                        "variance 1), which only makes sense on loaded weights, and model.backbone_weights is null: "
+                        "set model.backbone_weights (e.g. torchvision:resnet50), or model.norm=bn or cgbn to train "
+                        "BN from scratch, or model.allow_frozen_random=true to freeze it anyway")
+    unknown = [stage for stage in model.sublinear_stages if stage not in weights.STAGES[1:]]
+    if unknown:
+        raise UserError(f"model.sublinear_stages={model.sublinear_stages} names {unknown}, not backbone stages: "
+                        f"use some of {', '.join(weights.STAGES[1:])}")
+    frozen = [stage for stage in model.sublinear_stages
+              if stage in weights.frozen_stage_names(weights.default_freeze_at(pretrained))]
+    if frozen:
+        raise UserError(f"model.sublinear_stages={model.sublinear_stages} lists {frozen}, frozen on the loaded "
+                        "weights (the stem and res2, as detectron2's FREEZE_AT 2): a frozen stage keeps no "
+                        f"activations, so recomputing it saves nothing; drop {', '.join(frozen)}")
+
+
 def _validate(config: Config) -> None:
     """Values that are the right type but cannot work, each named with its fix."""
     model, data, solver, train = config.model, config.data, config.solver, config.train
@@ -329,6 +408,7 @@ def _validate(config: Config) -> None:
     _choice("solver.policy", solver.policy, tuple(POLICY_FACTORS))
     _choice("solver.layer_adaptation", solver.layer_adaptation, tuple(LAYER_ADAPTATION))
     _choice("train.amp", train.amp, AMP_MODES)
+    _choice("train.device", train.device, DEVICE_KINDS)
     if solver.layer_adaptation != "all" and solver.optimizer not in ("lamb", "pmd_lamb"):
         raise UserError(f"solver.layer_adaptation={solver.layer_adaptation!r} applies to lamb and pmd_lamb, not "
                         f"{solver.optimizer}: drop it or set solver.layer_adaptation=all")
@@ -343,11 +423,15 @@ def _validate(config: Config) -> None:
                        ("data.max_size", data.max_size), ("data.test_min_size", data.test_min_size),
                        ("solver.batch_size", solver.batch_size), ("solver.base_lr", solver.base_lr),
                        ("solver.base_batch", solver.base_batch), ("solver.max_iter", solver.max_iter),
-                       ("solver.pmd_cycle", solver.pmd_cycle), ("train.checkpoint_period", train.checkpoint_period),
+                       ("train.checkpoint_period", train.checkpoint_period),
                        ("train.log_period", train.log_period), ("eval.images_per_rank", config.eval.images_per_rank)):
         _positive(key, value)
     if solver.lr is not None:
         _positive("solver.lr", solver.lr)
+    if not (solver.pmd_cycle == math.inf or solver.pmd_cycle >= 1 and float(solver.pmd_cycle).is_integer()):
+        raise UserError(f"solver.pmd_cycle={solver.pmd_cycle:g} must be a whole number of iterations >= 1, or inf "
+                        "for no moments decay (the LAMB rows of LargeDet Table 2)")
+    _check_backbone(model)
     if not data.min_sizes or any(size <= 0 for size in data.min_sizes):
         raise UserError(f"data.min_sizes={data.min_sizes} must be a non-empty list of positive sizes")
     if not 0.0 <= data.flip_prob <= 1.0:
@@ -377,8 +461,9 @@ def _validate(config: Config) -> None:
         if not 0.0 <= value <= 1.0:
             raise UserError(f"{key}={value} must be in [0, 1]")
     _positive("eval.detections_per_image", config.eval.detections_per_image)
-    if data.num_workers < 0:
-        raise UserError(f"data.num_workers={data.num_workers} must be >= 0 (0: load in the training process)")
+    if data.num_workers is not None and data.num_workers < 0:
+        raise UserError(f"data.num_workers={data.num_workers} must be >= 0 (0: load in the training process; "
+                        "null: one per CPU the launcher gives the rank, less one)")
     if train.eval_period < 0:
         raise UserError(f"train.eval_period={train.eval_period} must be >= 0 (0: evaluate at the end only)")
 

@@ -8,7 +8,11 @@ against that launch and written in the script's header.
     megdet job --regenerate   # the scripts committed in jobs/slurm and jobs/pbs (PAPER_JOBS)
 
 The preset's global batch is kept and spread over the GPUs: each rank takes batch / GPUs images
-(passed to ``megdet train`` as ``data.images_per_rank`` when it differs from the preset's).
+(passed to ``megdet train`` as ``data.images_per_rank`` when it differs from the preset's). Those images
+must fit one GPU of ``--gpu-memory`` GB by the peak-memory model of ``megdet.memory`` (default: the
+memory of the paper's GPU, ``paper.gpu_memory_gb``: 12 for MegDet's Titan Xp, 32 for LargeDet's V100): if
+they do not, more backbone stages are recomputed (``model.sublinear_stages``, said in the header), and
+when none suffices the job is refused.
 """
 from __future__ import annotations
 
@@ -20,13 +24,29 @@ from typing import Dict
 
 from hpc import jobs
 from hpc.errors import UserError
-from megdet import config
+from megdet import config, memory
 
 DEFAULT_PRESET = "megdet_r50_fpn_bs256_bn32"
-# The scripts committed in jobs/: (preset, GPUs), GPUs per node from the preset's paper section.
-# MegDet Table 3 runs 8 to 128 GPUs, 8 per node; LargeDet's 12-minute run 160 GPUs on 10 DGX-2 nodes.
-PAPER_JOBS = (("megdet_r50_fpn_bs16", 8), ("megdet_r50_fpn_bs256_bn32", 16), ("megdet_r50_fpn_bs256_bn32", 32),
-              ("megdet_r50_fpn_bs256_bn32", 64), ("megdet_r50_fpn_bs256_bn32", 128), ("largedet_coco_12min", 160))
+# CPUs per rank where data.num_workers is null (the loader takes the rank's CPUs less one): the training
+# process and 2 loading workers.
+DEFAULT_CPUS_PER_RANK = 3
+# The scripts committed in jobs/: every preset of a paper row that gives its GPU count, on those GPUs
+# (paper.gpus), as many per node as the paper's machines have (paper.gpus_per_node) and checked against
+# the memory of the paper's GPU (paper.gpu_memory_gb). MegDet Table 3: 2 to 128 GPUs, 8 per machine;
+# LargeDet Table 2: 8 to 96 GPUs, and Table 4's 12-minute run: 160 GPUs, on 16-GPU DGX-2 servers.
+PAPER_JOBS = (
+    "megdet_r50_fpn_bs16", "megdet_r50_fpn_bs2_bn2", "megdet_r50_fpn_bs4_bn4", "megdet_r50_fpn_bs8_bn8",
+    "megdet_r50_fpn_bs16_bn2", "megdet_r50_fpn_bs16_bn16", "megdet_r50_fpn_bs32_bn32", "megdet_r50_fpn_bs64_bn64",
+    "megdet_r50_fpn_bs64_bn32", "megdet_r50_fpn_bs64_bn16", "megdet_r50_fpn_bs128_bn32", "megdet_r50_fpn_bs128_bn16",
+    "megdet_r50_fpn_bs256_bn32", "megdet_r50_fpn_bs256_bn16", "megdet_r50_fpn_bs16_bn16_long",
+    "megdet_r50_fpn_bs32_bn32_long", "megdet_r50_fpn_bs64_bn32_long", "megdet_r50_fpn_bs128_bn32_long",
+    "megdet_r50_fpn_bs256_bn32_long", "megdet_r50_fpn_bs256_bn16_long",
+    "largedet_r50_fpn_bs16_sgd", "largedet_r50_fpn_bs128_lamb", "largedet_r50_fpn_bs128_pmdlamb",
+    "largedet_r50_fpn_bs256_lamb", "largedet_r50_fpn_bs256_pmdlamb", "largedet_r50_fpn_bs512_lamb",
+    "largedet_r50_fpn_bs512_pmdlamb", "largedet_r50_fpn_bs512_pmdlamb_1.4x", "largedet_r50_fpn_bs640_lamb",
+    "largedet_r50_fpn_bs640_pmdlamb", "largedet_r50_fpn_bs640_pmdlamb_1.4x", "largedet_r50_fpn_bs1056_lamb",
+    "largedet_r50_fpn_bs1056_pmdlamb", "largedet_r50_fpn_bs1056_pmdlamb_1.4x", "largedet_coco_12min",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,11 +65,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage-to-local", metavar="DIR",
                         help="copy the shards to this node-local folder, once per node, before the launch")
     parser.add_argument("--node-local-bn", action="store_true",
-                        help="require every cross-GPU BN group to lie inside one node")
+                        help="require every cross-GPU BN group to lie inside one node (model.bn_node_local=true, "
+                        "checked here and by megdet train; the MegDet presets set it)")
+    parser.add_argument("--gpu-memory", type=float, metavar="GB",
+                        help="memory of one GPU, which the images per GPU must fit (default: the paper's GPU, "
+                        "paper.gpu_memory_gb: 12 for the MegDet presets, 32 for LargeDet's)")
     parser.add_argument("--cpu", action="store_true", help="ranks compute on CPUs: request no GPUs "
                         "(--gpus then counts CPU ranks; the shapes demo, tests)")
     parser.add_argument("--cpus-per-rank", type=int,
-                        help="CPU cores per rank (default: the preset's data.num_workers + 1)")
+                        help=f"CPU cores per rank (default: the preset's data.num_workers + 1, or "
+                        f"{DEFAULT_CPUS_PER_RANK} where it leaves the loading workers to the launcher)")
     parser.add_argument("--command", dest="rank_command",
                         help="run this on every rank instead of 'megdet train PRESET ...' "
                         "(e.g. 'megdet doctor'); \"${RESUME_ARGS[@]}\" expands to --resume CHECKPOINT")
@@ -68,17 +93,6 @@ def _bn_text(cfg: config.Config, gpus: int, gpus_per_node: int) -> str:
     return f"cross-GPU BN size {group * cfg.data.images_per_rank} ({group} GPUs per group, {where})"
 
 
-def _check_node_local_bn(cfg: config.Config, gpus: int, gpus_per_node: int) -> None:
-    if cfg.model.norm != "cgbn":
-        return
-    group = cfg.bn_group_ranks() or gpus
-    node_images = gpus_per_node * cfg.data.images_per_rank
-    if gpus_per_node % group:
-        raise UserError(f"BN size {group * cfg.data.images_per_rank} does not fit the {node_images} images of "
-                        f"a node ({gpus_per_node} GPUs x {cfg.data.images_per_rank}) as --node-local-bn asks: "
-                        f"use fewer GPUs (more images each), or a preset whose model.bn_size divides {node_images}")
-
-
 def _command_line(args, gpus_per_node: int) -> str:
     """The ``megdet job`` command that renders this script (the options that were given)."""
     words = ["megdet", "job", "--scheduler", args.scheduler, "--gpus", str(args.gpus),
@@ -86,10 +100,11 @@ def _command_line(args, gpus_per_node: int) -> str:
     queue_flag = "--partition" if args.scheduler == "slurm" else "--queue"
     for flag, value, default in (("--launcher", args.launcher, "mpirun"), ("--time", args.time, "24:00:00"),
                                  (queue_flag, args.queue, None), ("--account", args.account, None),
+                                 ("--gpu-memory", args.gpu_memory, None),
                                  ("--data", args.data, None), ("--stage-to-local", args.stage_to_local, None),
                                  ("--cpus-per-rank", args.cpus_per_rank, None), ("--command", args.rank_command, None)):
         if value != default:
-            words += [flag, str(value)]
+            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     words += [flag for flag, on in (("--node-local-bn", args.node_local_bn), ("--cpu", args.cpu)) if on]
     return " ".join(shlex.quote(word) for word in words)
 
@@ -107,25 +122,40 @@ def plan(args) -> jobs.Job:
                         f"divisor of {batch} GPUs (the paper used {cfg.paper.gpus})")
     preset_images = cfg.data.images_per_rank
     overrides = [] if batch // gpus == preset_images else [f"data.images_per_rank={batch // gpus}"]
+    if args.node_local_bn and not cfg.model.bn_node_local:
+        overrides.append("model.bn_node_local=true")
     cfg = config.load(args.config, overrides)
     cfg.check_world(gpus, gpus_per_node)
-    if args.node_local_bn:
-        _check_node_local_bn(cfg, gpus, gpus_per_node)
+    memory_note = []
+    if not args.cpu:
+        gpu_memory = cfg.paper.gpu_memory_gb if args.gpu_memory is None else args.gpu_memory
+        if gpu_memory is None:
+            raise UserError(f"the preset {args.config} names no paper GPU (paper.gpu_memory_gb is null): give the "
+                            "memory of one GPU, e.g. --gpu-memory 32, or --cpu for CPU ranks")
+        if gpu_memory <= 0:
+            raise UserError(f"--gpu-memory {gpu_memory:g} must be the positive memory of one GPU in GB, e.g. 32")
+        estimate = memory.fit(cfg, gpu_memory)
+        added = [stage for stage in estimate.recomputed if stage not in cfg.model.sublinear_stages]
+        if added:
+            overrides.append(f"model.sublinear_stages=[{','.join(estimate.recomputed)}]")
+            cfg = config.load(args.config, overrides)
+        recomputed = ", ".join(estimate.recomputed) or "no stage"
+        memory_note = [f"  memory: about {estimate.gib:.1f} GB of the {gpu_memory:g} GB per GPU "
+                       f"(megdet.memory), {recomputed} recomputed"
+                       + (f": {', '.join(added)} added to fit {cfg.data.images_per_rank} images" if added else "")]
     data = args.data or (cfg.data.train if args.stage_to_local else None)
 
     command = args.rank_command or " ".join(
-        ["megdet", "train", shlex.quote(args.config), *overrides, 'train.output_dir="$RUN_DIR"',
+        ["megdet", "train", shlex.quote(args.config), *map(shlex.quote, overrides), 'train.output_dir="$RUN_DIR"',
          *(['data.train="$DATA"'] if data else []), '"${RESUME_ARGS[@]}"'])
     unit = "CPU ranks" if args.cpu else "GPUs"
     nodes = gpus // gpus_per_node
-    memory_note = [] if cfg.data.images_per_rank <= preset_images else [
-        f"  {cfg.data.images_per_rank} images per GPU where the paper had {preset_images}: about "
-        f"{cfg.data.images_per_rank / preset_images:g}x its activation memory (see model.sublinear_stages)"]
     job = jobs.Job(
         scheduler=args.scheduler, name=f"{cfg.name}-{gpus}{'cpu' if args.cpu else 'gpu'}", gpus=gpus,
         gpus_per_node=gpus_per_node, command=command, run_dir=cfg.train.output_dir, launcher=args.launcher,
         time=args.time, cpu=args.cpu,
-        cpus_per_rank=cfg.data.num_workers + 1 if args.cpus_per_rank is None else args.cpus_per_rank,
+        cpus_per_rank=args.cpus_per_rank if args.cpus_per_rank is not None else (
+            DEFAULT_CPUS_PER_RANK if cfg.data.num_workers is None else cfg.data.num_workers + 1),
         queue=args.queue, account=args.account, data=data, stage_to=args.stage_to_local,
         script_name=Path(args.output).name if args.output else None,
         header=[
@@ -146,7 +176,8 @@ def paper_scripts() -> Dict[Path, str]:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     scripts = {}
-    for preset, gpus in PAPER_JOBS:
+    for preset in PAPER_JOBS:
+        gpus = config.load(preset).paper.gpus
         for scheduler in sorted(jobs.SCHEDULERS):
             job = plan(parser.parse_args(["--scheduler", scheduler, "--gpus", str(gpus), "--config", preset]))
             scripts[jobs.TEMPLATES.parent / scheduler / job.file_name] = jobs.render(job)

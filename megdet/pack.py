@@ -12,6 +12,7 @@ The manifest is removed when packing starts and written when every shard is done
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import traceback
@@ -20,7 +21,7 @@ from typing import Any, List, Optional
 
 from hpc import launch
 from hpc.errors import UserError
-from hpc.files import write_json_atomic
+from hpc.files import os_error_reason, write_json_atomic
 from hpc.shards import ShardDataset
 from hpc.shards import manifest as manifest_mod
 from hpc.shards import writer
@@ -96,7 +97,14 @@ def _log(world, message: str) -> None:
 
 
 def pack(args, world) -> None:
-    """Pack on every rank of ``world``; every rank raises the same ``UserError`` if any rank fails."""
+    """Pack on every rank of ``world``; every rank raises the same ``UserError`` if any rank fails.
+    Rank 0 holds the output folder's lock (``writer.pack_lock``) from before any rank writes until
+    the manifest is written: a second job on the same folder stops at once, on every one of its ranks."""
+    with contextlib.ExitStack() as held:
+        _pack(args, world, held)
+
+
+def _pack(args, world, held: contextlib.ExitStack) -> None:
     if args.images is None:
         raise UserError("Invalid arguments: --coco-json needs --images (the folder of the image files)")
     fmt = args.format
@@ -112,7 +120,7 @@ def pack(args, world) -> None:
     failure: Optional[Exception] = None
     if world.rank == 0:
         try:
-            _prepare_out_dir(out_dir)
+            _prepare_out_dir(out_dir, held)
             sizes = writer.expected_bytes(source.entries, fmt=fmt, max_size=max_size)
             plan = (sizes, writer.plan_shards(sizes, shard_bytes=shard_bytes, num_shards=args.shards))
         except Exception as error:  # the other ranks wait in bcast: they must hear of it
@@ -144,21 +152,29 @@ def pack(args, world) -> None:
         shards = sorted((s for _, rank_summaries in reports for s in rank_summaries), key=lambda s: s.file)
         options = {"format": fmt, "max_size": max_size, "skip_bad": args.skip_bad,
                    "shard_bytes": shard_bytes, "num_shards": len(shard_ranges)}
-        manifest = manifest_mod.write_manifest(out_dir, shards=shards, options=options,
-                                               dataset=source.dataset_metadata())
+        try:
+            manifest = manifest_mod.write_manifest(out_dir, shards=shards, options=options,
+                                                   dataset=source.dataset_metadata())
+        except OSError as error:
+            raise UserError(f"Invalid --out: writing {manifest_mod.MANIFEST_NAME} in {out_dir} failed "
+                            f"({os_error_reason(error, out_dir)}); free space there, then run the same command "
+                            f"again (every shard is done and will be kept)") from None
         seconds = time.perf_counter() - started
         _log(world, f"{manifest['num_images']} images in {len(shards)} shards ({manifest['num_skipped']} skipped; "
                     f"boxes {source.box_fixes}) in {seconds:.1f} s, {len(source.entries) / seconds:.1f} images/s "
                     f"-> {out_dir / manifest_mod.MANIFEST_NAME}")
 
 
-def _prepare_out_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` and remove its manifest: until every shard is done the set is incomplete."""
+def _prepare_out_dir(out_dir: Path, held: contextlib.ExitStack) -> None:
+    """Create ``out_dir``, take its packing lock into ``held``, and remove its manifest: until every
+    shard is done the set is incomplete."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(writer.pack_lock(out_dir))
         (out_dir / manifest_mod.MANIFEST_NAME).unlink(missing_ok=True)
     except OSError as error:
-        raise UserError(f"Invalid --out: {out_dir} cannot be written ({error}); choose a writable folder") from None
+        raise UserError(f"Invalid --out: {out_dir} cannot be written ({os_error_reason(error, out_dir)}); choose "
+                        f"a writable folder with free space") from None
 
 
 def _describe(error: Exception) -> str:
@@ -174,7 +190,11 @@ def export(shard_dir: Path, export_path: Path) -> None:
     dataset = ShardDataset(str(shard_dir))
     coco = export_coco(dataset)
     dataset.close()
-    export_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(export_path, coco)
+    try:
+        export_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(export_path, coco)
+    except OSError as error:
+        raise UserError(f"Invalid --export-json: {export_path} cannot be written "
+                        f"({os_error_reason(error, export_path.parent)}); choose a writable place") from None
     print(f"megdet pack: {len(coco['images'])} images, {len(coco['annotations'])} annotations -> {export_path}",
           flush=True)

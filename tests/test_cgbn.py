@@ -1,7 +1,7 @@
 """Cross-GPU batch norm equals nn.BatchNorm2d on the group's concatenated batch, on real processes.
 
 One launch per (launcher, world size) runs every case in ``body_cgbn``: group sizes 1, 2 and the
-world, equal / uneven / one-empty batches, the large-mean stability case, autocast bf16, eval mode
+world, equal / uneven / one-empty batches, a float64 module, the large-mean stability case, autocast bf16, eval mode
 with no communication, and the bad inputs that must fail on every rank without a hang.
 """
 import json
@@ -54,10 +54,11 @@ def _close(actual, expected, what, rtol=RTOL, atol=ATOL):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def _check_equivalence(comm, group_size, images_per_rank, what):
-    """Two training steps of CGBN on this rank's images against nn.BatchNorm2d on the group's."""
-    layer = cgbn.CrossGPUBatchNorm2d(CHANNELS, momentum=MOMENTUM, group_size=group_size)
-    reference = nn.BatchNorm2d(CHANNELS, momentum=MOMENTUM)
+def _check_equivalence(comm, group_size, images_per_rank, what, dtype=torch.float32):
+    """Two training steps of CGBN on this rank's images against nn.BatchNorm2d on the group's, both
+    modules and inputs in ``dtype``."""
+    layer = cgbn.CrossGPUBatchNorm2d(CHANNELS, momentum=MOMENTUM, group_size=group_size).to(dtype)
+    reference = nn.BatchNorm2d(CHANNELS, momentum=MOMENTUM).to(dtype)
     weight, bias = _affine(seed=group_size)
     for module in (layer, reference):
         module.weight.data.copy_(weight)
@@ -68,6 +69,7 @@ def _check_equivalence(comm, group_size, images_per_rank, what):
     mine = slice(start, start + images_per_rank[comm.rank])
     for step in range(2):
         inputs, grads = _step_data(images_per_rank, seed=100 * step + len(images_per_rank))
+        inputs, grads = [t.to(dtype) for t in inputs], [t.to(dtype) for t in grads]
         x = inputs[comm.rank].clone().requires_grad_()
         y = layer(x)
         (y * grads[comm.rank]).sum().backward()
@@ -200,6 +202,9 @@ def body_cgbn(comm):
             what = f"world {comm.size}, groups of {group_size}, {layout} {images_per_rank}"
             _check_equivalence(comm, group_size, images_per_rank, what)
             checked.append(what)
+    # nn.BatchNorm2d takes float64 modules: so must CGBN (batches of 4, 1 and 0 images on 3 ranks).
+    _check_equivalence(comm, comm.size, [4, 1, 0, 2][:comm.size], "float64", dtype=torch.float64)
+    checked.append("float64")
     _check_stability(comm)
     _check_autocast_bf16(comm)
     _check_eval_communicates_nothing(comm)
@@ -215,7 +220,7 @@ def test_cgbn_equals_batchnorm_on_the_group_batch(launcher, nprocs, cgbn_engine)
     """cgbn_engine "torch": Horovod for the rest, torch.distributed for CGBN (MEGDET_CGBN_COMM)."""
     env = {"MEGDET_CGBN_COMM": cgbn_engine} if cgbn_engine else None
     values = expect_ok(run_ranks("tests.test_cgbn:body_cgbn", nprocs, launcher, timeout=240, env=env))
-    cases = len(_group_sizes(nprocs)) * len(_batch_layouts(nprocs)) - 1  # no lone empty rank
+    cases = len(_group_sizes(nprocs)) * len(_batch_layouts(nprocs)) - 1 + 1  # no lone empty rank; + float64
     assert all(v == values[0] for v in values) and len(values[0]["checked"]) == cases, values
     engine = ENGINE_OF[launcher]
     assert values[0]["engines"] == (engine, cgbn_engine or engine)
@@ -353,10 +358,10 @@ def test_benchmark_runs_once_at_a_tiny_size_on_both_engines(tmp_path):
         if row["variant"] == "local BN":
             assert row["ratio_to_local_bn"] == 1.0
         elif row["variant"] == "CGBN":
-            assert row["ms_per_step"] > 0
+            assert row["ms_per_step"] > 0 and row["exact"] and row["max_error"] <= 1e-4, row
         else:
             assert row["note"].startswith("not run:") or row["ms_per_step"] > 0
-    assert "| torch | 2 | CGBN |" in (tmp_path / "cgbn.md").read_text()
+    assert "| torch | 2 | cpu | CGBN |" in (tmp_path / "cgbn.md").read_text()
 
 
 def test_benchmark_needs_two_ranks_and_known_engines():

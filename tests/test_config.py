@@ -1,4 +1,5 @@
 """Presets match the papers' tables; config errors are one-line UserErrors naming the key and the fix."""
+import math
 import re
 
 import pytest
@@ -36,9 +37,12 @@ def test_every_preset_loads_fits_its_paper_world_and_cites_its_row():
         assert cfg.train.output_dir == f"runs/{name}"
     for name in PAPER_PRESETS:
         cfg = config.load(name)
-        # MegDet Sec. 4 / LargeDet Sec. 4.1: 0.02 for batch 16, scaled linearly.
-        assert cfg.solver.lr == pytest.approx(0.02 * cfg.solver.batch_size / 16)
+        # MegDet Sec. 4 / LargeDet Sec. 4.1: 0.02 for batch 16, scaled linearly; the "half" rows take half.
+        half = "half" in cfg.paper.row
+        assert cfg.solver.lr == pytest.approx((0.01 if half else 0.02) * cfg.solver.batch_size / 16), name
         assert cfg.model.name == "resnet50_fpn" and cfg.model.num_classes == 80
+        # Both papers start from ImageNet weights (MegDet Sec. 4, LargeDet Sec. 4.1) on the paper's GPUs.
+        assert cfg.model.backbone_weights == "torchvision:resnet50" and cfg.paper.gpu_memory_gb in (12, 32)
 
 
 def test_megdet_presets_match_table_3_and_section_4():
@@ -89,6 +93,120 @@ def test_largedet_presets_match_tables_2_3_4():
     assert fast.paper.box_ap == float(row[4]) and fast.paper.expected_time == row[5]
     assert "reaches 36.6, we stop" in text and fast.train.target_ap == 36.6
     assert (fast.solver.batch_size, fast.paper.gpus, fast.solver.lr) == (320, 160, pytest.approx(0.4))
+
+
+def table(text, after, header):
+    """The tab-separated rows of the table between the header line that starts with ``header`` and the
+    text ``after`` it."""
+    body = text.split(after, 1)[0].rsplit(header, 1)[-1].split("\n", 1)[1]
+    return [line.split("\t") for line in body.splitlines() if "\t" in line]
+
+
+def megdet_epochs(cfg):
+    """MegDet Sec. 4's policies in iterations of 118,000 images: normal 8, 10 | 11; long 11, 14, 17 | 18."""
+    steps, end = {"normal": ([8, 10], 11), "long": ([11, 14, 17], 18)}[cfg.solver.policy]
+    per_epoch = 118000 / cfg.solver.batch_size
+    return [round(e * per_epoch) for e in steps], round(end * per_epoch)
+
+
+def test_every_row_of_megdet_table_3_is_a_preset():
+    text = paper_text("003")
+    rows = table(text, "Table 3: Comparisons of training", "Batch size\tBN size")
+    assert len(rows) == 20
+    for label, bn, gpus, mmap, hours in rows:
+        batch = int(label.split()[0].split("-")[0])
+        long = "(long)" in label
+        name = ("megdet_r50_fpn_bs16" if label == "16-base"
+                else f"megdet_r50_fpn_bs{batch}_bn{bn}" + ("_long" if long else ""))
+        cfg = config.load(name)
+        assert (cfg.solver.batch_size, cfg.paper.gpus, cfg.paper.box_ap) == (batch, int(gpus), float(mmap)), name
+        assert cfg.paper.expected_time == f"{hours} h" and cfg.paper.gpus_per_node == 8, name
+        assert cfg.data.images_per_rank == batch // int(gpus) and cfg.solver.policy == ("long" if long else "normal")
+        if bn == "0":
+            assert cfg.model.norm == "frozen"
+        elif int(bn) == cfg.data.images_per_rank:  # BN size 2 at 2 images per GPU: each GPU's own batch
+            assert cfg.model.norm == "bn"
+        else:
+            assert (cfg.model.norm, cfg.model.bn_size, cfg.model.bn_node_local) == ("cgbn", int(bn), True), name
+            assert cfg.bn_group_ranks() <= 8, "Sec. 3.3: BN inside one 8-GPU machine"
+        assert cfg.model.sublinear_stages == (["res3"] if int(bn) >= 32 else []), "Table 3 caption: BN size >= 32"
+        assert (cfg.solver.steps, cfg.solver.max_iter) == megdet_epochs(cfg), name
+        assert cfg.solver.lr == pytest.approx(0.02 * batch / 16)
+        assert cfg.solver.lr * cfg.solver.warmup_factor == pytest.approx(min(0.02, cfg.solver.lr)), "from r (Sec. 3.2)"
+        assert cfg.paper.row.startswith("MegDet Table 3") and f"{gpus} GPUs" in cfg.paper.row or label == "16-base"
+
+
+def test_every_row_of_megdet_table_2_is_a_preset():
+    text = paper_text("003")
+    rows = table(text, "Table 2: Comparisons of different mini-batch sizes, without BN", "Mini-Batch size\tmmAP")
+    assert len(rows) == 5
+    for label, mmap, hours in rows:
+        batch, half = int(label.split()[0]), "half" in label
+        name = "megdet_r50_fpn_bs16" if batch == 16 else f"megdet_r50_fpn_bs{batch}_nobn" + ("_halflr" if half else "")
+        cfg = config.load(name)
+        assert cfg.model.norm == "frozen" and cfg.solver.batch_size == batch and cfg.solver.optimizer == "sgd"
+        assert cfg.solver.lr == pytest.approx((0.01 if half else 0.02) * batch / 16), name
+        assert cfg.paper.box_ap == (None if mmap == "failed" else float(mmap)), name
+        assert cfg.paper.expected_time == ("" if hours == "_" else f"{hours} h")
+        assert (cfg.solver.steps, cfg.solver.max_iter) == megdet_epochs(cfg)
+        if batch > 16:  # Sec. 4.1: every row warms up, from r = 0.02
+            assert cfg.solver.warmup_iters > 0 and cfg.solver.lr * cfg.solver.warmup_factor == pytest.approx(0.02)
+
+
+def largedet_schedule(cfg, scale=1.0):
+    """LargeDet Sec. 4.1: 90000 iterations, steps at 60000 and 80000 for batch 16, in proportion."""
+    k = 16 / cfg.solver.batch_size * scale
+    return [round(60000 * k + 1e-9), round(80000 * k + 1e-9)], round(90000 * k + 1e-9)
+
+
+def test_every_cell_of_largedet_table_1_is_a_preset():
+    text = paper_text("002")
+    rows = table(text, "For experiments without BN", "Batch Size\tw.o. SyncBN")
+    assert len(rows) == 8
+    for label, without, with_sync in rows:
+        batch, half = int(label.split()[0]), "(half)" in label
+        for sync, result in ((False, without), (True, with_sync)):
+            name = f"largedet_r50_fpn_bs{batch}_sgd" + ("_syncbn" if sync else "") + ("_half" if half else "")
+            cfg = config.load(name)
+            assert cfg.solver.optimizer == "sgd" and cfg.solver.batch_size == batch, name
+            assert cfg.solver.lr == pytest.approx((0.01 if half else 0.02) * batch / 16), name
+            assert cfg.paper.box_ap == (None if result == "failed" else float(result)), name
+            assert (cfg.solver.steps, cfg.solver.max_iter) == largedet_schedule(cfg), name
+            # Sec. 4.1: "When SyncBN is applied, we set the BN size to 32" (all 16 images at batch 16).
+            assert (cfg.model.norm, cfg.model.bn_size) == (("cgbn", min(32, batch)) if sync else ("frozen", None))
+
+
+def test_every_row_of_largedet_table_2_is_a_preset():
+    text = paper_text("002")
+    rows = table(text, "We summarize the main results in Table 4.1", "Batch Size\tGPUs\tMethod")
+    batch = gpus = None
+    for cells in rows:
+        batch, gpus = (int(cells[0]), int(cells[1])) if cells[0] else (batch, gpus)
+        method, ap = cells[2], float(cells[3])
+        suffix = {"SGD": "sgd", "LAMB": "lamb", "PMD-LAMB": "pmdlamb", "PMD-LAMB (1.4x)": "pmdlamb_1.4x"}[method]
+        cfg = config.load(f"largedet_r50_fpn_bs{batch}_{suffix}")
+        assert (cfg.solver.batch_size, cfg.paper.gpus, cfg.paper.box_ap) == (batch, gpus, ap), method
+        assert cfg.data.images_per_rank == batch // gpus and cfg.solver.lr == pytest.approx(0.02 * batch / 16)
+        assert (cfg.solver.steps, cfg.solver.max_iter) == largedet_schedule(cfg, 1.4 if "1.4x" in method else 1.0)
+        if method == "SGD":
+            assert cfg.model.norm == "frozen" and cfg.solver.optimizer == "sgd"
+            continue
+        assert cfg.model.norm == "cgbn" and cfg.solver.optimizer == "pmd_lamb" and cfg.solver.pmd_alpha == 0.012
+        # The paper's LAMB is Table 3's T = infinity (36.2 at batch 256 in both): alpha, no bias correction.
+        assert cfg.solver.pmd_cycle == (math.inf if method == "LAMB" else 200)
+        assert cfg.bn_group_ranks() * cfg.data.images_per_rank == cfg.model.bn_size
+    assert len(rows) == 14
+
+
+def test_the_presets_doc_names_every_preset_and_the_table_3_ablations():
+    doc = (REPO / "docs" / "presets.md").read_text()
+    missing = [name for name in config.PRESETS if f"`{name}`" not in doc]
+    assert not missing, f"docs/presets.md does not list {missing}"
+    for override in ("solver.pmd_cycle=10", "solver.pmd_cycle=500", "solver.pmd_cycle=1000", "solver.pmd_cycle=inf",
+                     "solver.pmd_alpha=0.008", "solver.pmd_alpha=0.01", "solver.pmd_alpha=0.015",
+                     "solver.pmd_alpha=0.018"):
+        assert f"megdet train largedet_r50_fpn_bs256_pmdlamb {override}" in doc, override
+        config.load("largedet_r50_fpn_bs256_pmdlamb", [override])
 
 
 def test_demo_preset_shares_batch_norm_across_its_two_ranks():
@@ -172,16 +290,100 @@ def test_check_world_names_the_numbers_and_the_fix():
     small = config.load("megdet_r50_fpn_bs256_bn32", ["solver.batch_size=24", "model.bn_size=16"])
     one_line_error(r"model.bn_size=16 is 4 ranks of 4 images, which does not divide the world of 6 ranks",
                    small.check_world, 6, 6)
-    whole = config.load("megdet_r50_fpn_bs256_bn32", ["model.bn_size=null"])
+    whole = config.load("megdet_r50_fpn_bs256_bn32", ["model.bn_size=null", "model.bn_node_local=false"])
     whole.check_world(64, 8)
     assert whole.bn_group_ranks() is None
+
+
+def test_node_local_bn_refuses_a_group_that_spans_nodes():
+    cfg = config.load("megdet_r50_fpn_bs256_bn32", ["data.images_per_rank=2"])  # BN 32 = 16 ranks of 2 images
+    assert cfg.model.bn_node_local, "MegDet Sec. 3.3: BN only across the GPUs of one machine"
+    message = one_line_error(r"model.bn_node_local asks for BN groups inside one node, but model.bn_size=32 is 16 "
+                             r"ranks of 2 images and a node runs 8: .* or model.bn_node_local=false", cfg.check_world,
+                             128, 8)
+    assert "set model.bn_size to 2 times a divisor of 8" in message
+    cfg.check_world(128, 16)  # 16-GPU nodes hold a group
+    spanning = config.load("megdet_r50_fpn_bs256_bn32", ["data.images_per_rank=2", "model.bn_node_local=false"])
+    spanning.check_world(128, 8)
+    whole = config.load("megdet_r50_fpn_bs256_bn32", ["model.bn_size=null"])  # one group of all 64 ranks
+    one_line_error(r"model.bn_size=256 is 64 ranks of 4 images and a node runs 8", whole.check_world, 64, 8)
+    config.load("megdet_r50_fpn_bs16").check_world(8, 1)  # frozen BN: no groups to place
+
+
+@pytest.mark.multirank
+def test_megdet_train_refuses_a_node_spanning_bn_group_on_every_rank(tmp_path):
+    """Two ranks on two "nodes" of one rank each, one BN group of both: every rank prints the one line and
+    exits 2 before anything is written. The torch engine counts a node's ranks by host name, so each rank
+    is given a host name of its own (a sitecustomize on its path) and torchrun's variables."""
+    import subprocess
+    import sys
+
+    from tests.multirank import _base_env, free_port
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, socket\nsocket.gethostname = lambda: 'node' + os.environ['RANK']\n")
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "megdet.cli", "train", "megdet_r50_fpn_bs256_bn32", "solver.batch_size=8",
+            "model.bn_size=8", f"train.output_dir={run}"]
+    port, env = free_port(), _base_env({"MEGDET_COMM": "torch", "MEGDET_COMM_TIMEOUT": "60"})
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    ranks = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                                   "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for rank in range(2)]
+    for rank, process in enumerate(ranks):
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"megdet train: error (rank {rank}/2): model.bn_node_local asks "
+                                                        "for BN groups inside one node"), err
+    assert not run.exists()
+
+
+def test_pmd_cycle_takes_inf_for_no_moments_decay(tmp_path):
+    for text in ("inf", ".inf", "Infinity"):
+        cfg = config.load("largedet_r50_fpn_bs256_pmdlamb", [f"solver.pmd_cycle={text}"])
+        assert cfg.solver.pmd_cycle == math.inf
+    assert config.load("largedet_r50_fpn_bs256_lamb").solver.pmd_cycle == math.inf
+    cycle = config.load("largedet_r50_fpn_bs256_pmdlamb", ["solver.pmd_cycle=500"]).solver.pmd_cycle
+    assert cycle == 500 and isinstance(cycle, int)
+    for bad in ("0", "-200", "2.5", "nan", "-inf"):
+        one_line_error(r"solver.pmd_cycle=\S+ must be a whole number of iterations >= 1, or inf", config.load,
+                       "largedet_r50_fpn_bs256_pmdlamb", [f"solver.pmd_cycle={bad}"])
+    path = tmp_path / "lamb.yaml"
+    path.write_text(config.load("largedet_r50_fpn_bs256_lamb").to_yaml())
+    assert "pmd_cycle: .inf" in path.read_text() and config.load(str(path)).solver.pmd_cycle == math.inf
+
+
+def test_frozen_layers_only_on_loaded_weights():
+    scratch = config.load("megdet_r50_fpn_bs256_bn32", ["model.backbone_weights=null", "model.sublinear_stages=[res2]"])
+    assert scratch.model.norm == "cgbn", "from scratch with trained BN: allowed, and res2 trains, so it may recompute"
+    message = one_line_error(r"model.norm=frozen keeps every BN layer at its initial values .* model.backbone_weights "
+                             r"is null: set model.backbone_weights \(e.g. torchvision:resnet50\), or model.norm=bn or "
+                             r"cgbn .*, or model.allow_frozen_random=true", config.load, "megdet_r50_fpn_bs16",
+                             ["model.backbone_weights=null"])
+    assert "only makes sense on loaded weights" in message
+    allowed = config.load("megdet_r50_fpn_bs16", ["model.backbone_weights=null", "model.allow_frozen_random=true"])
+    assert allowed.model.norm == "frozen"
+    one_line_error(r"model.sublinear_stages=\['res2', 'res3'\] lists \['res2'\], frozen on the loaded weights .* "
+                   r"recomputing it saves nothing; drop res2", config.load, "megdet_r50_fpn_bs256_bn32",
+                   ["model.sublinear_stages=[res2, res3]"])
+    one_line_error(r"model.sublinear_stages=\['res6'\] names \['res6'\], not backbone stages", config.load,
+                   "megdet_r50_fpn_bs256_bn32", ["model.sublinear_stages=[res6]"])
+    one_line_error(r"model.backbone_weights='torchvision:resnet18' are resnet18 weights but model.name=resnet50_fpn "
+                   r"has a resnet50 backbone: use torchvision:resnet50", config.load, "megdet_r50_fpn_bs16",
+                   ["model.backbone_weights=torchvision:resnet18"])
+    one_line_error(r"backbone weights 'torchvision:resnet5' are not a known name: use one of torchvision:resnet18, "
+                   r"torchvision:resnet50, torchvision:resnet101", config.load, "megdet_r50_fpn_bs16",
+                   ["model.backbone_weights=torchvision:resnet5"])
+    assert config.load("megdet_r50_fpn_bs16", ["model.backbone_weights=weights/r50.pth"]).model.backbone_weights
 
 
 def test_solver_and_model_options_reach_the_optimizer_and_the_detector():
     import torch
     from torch import nn
 
-    from megdet.engine.train import build_model, build_optimizer, model_settings
+    from megdet.engine.build import build_model, build_optimizer, model_settings
 
     cfg = config.load("shapes_r18_cpu", ["solver.layer_adaptation=weights", "model.anchor_sizes=[8, 16, 32, 64, 128]",
                                          "model.rois_per_image=64", "model.roi_positive_fraction=0.5",
@@ -205,7 +407,7 @@ def test_solver_and_model_options_reach_the_optimizer_and_the_detector():
 def test_amp_and_channels_last_reach_the_training_step():
     import torch
 
-    from megdet.engine.train import autocast, build_model
+    from megdet.engine.build import build_model, build_runtime
 
     cfg = config.load("shapes_r18_cpu", ["train.amp=bf16", "train.channels_last=true", "model.norm=bn",
                                          "model.bn_size=null", "model.proposals_per_image=20", "model.rois_per_image=16"])
@@ -217,7 +419,9 @@ def test_amp_and_channels_last_reach_the_training_step():
     images = [torch.rand(3, 64, 64) * 255, torch.rand(3, 64, 64) * 255]
     targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 30.0]]), "labels": torch.tensor([1]),
                 "iscrowd": torch.tensor([False])} for _ in images]
-    with autocast(cfg):
+    runtime = build_runtime(cfg)
+    assert runtime.device == torch.device("cpu") and runtime.amp == torch.bfloat16
+    with runtime.autocast():
         losses = model(images, targets)
     assert conv_outputs[0].dtype == torch.bfloat16
     assert conv_outputs[0].is_contiguous(memory_format=torch.channels_last)
@@ -225,4 +429,5 @@ def test_amp_and_channels_last_reach_the_training_step():
     sum(losses.values()).backward()
     assert model.roi_heads.predictor.cls_score.weight.grad.dtype == torch.float32
     assert all(p.grad.is_contiguous() for p in model.parameters() if p.grad is not None), "Horovod needs these"
-    one_line_error(r"train.amp='fp8' is not one of none, bf16", config.load, "shapes_r18_cpu", ["train.amp=fp8"])
+    one_line_error(r"train.amp='fp8' is not one of none, bf16, fp16, auto", config.load, "shapes_r18_cpu",
+                   ["train.amp=fp8"])

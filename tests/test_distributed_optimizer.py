@@ -1,11 +1,14 @@
 """DistributedOptimizer on real processes: world-size invariance with cross-GPU BN (2 ranks x B images
-== 1 rank x 2B), gradient accumulation, fp16 compression, broadcast from rank 0, and the divergence
-guard when only one rank sees a non-finite value."""
+== 1 rank x 2B), gradient accumulation, fp16 compression, broadcast from rank 0, the divergence
+guard when only one rank sees a non-finite value, and fp16 loss scaling when only one rank overflows."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from hpc import comm as comm_mod
+from hpc.amp import LossScaler
 from hpc.distributed import DistributedOptimizer, DivergenceError
 from hpc.errors import UserError
 from hpc.optim import PMDLAMB, param_groups
@@ -135,6 +138,91 @@ def test_divergence_guard_skips_on_every_rank_and_aborts_together(launcher):
         assert "learning rate 0.1" in result["error"] and "batch size 8" in result["error"]
     assert results[0]["error"] == results[1]["error"]
     assert torch.equal(results[0]["weight"], results[1]["weight"])
+
+
+def _scaled_run(comm, model, optimizer, start, stop, overflow_at):
+    """Steps start..stop-1 of a loss-scaled run; rank 1's loss is multiplied by 1e36 at ``overflow_at``
+    (finite, but times the scale it overflows float32, so only rank 1's gradients are infinite)."""
+    record = []
+    for iteration in range(start, stop):
+        generator = torch.Generator().manual_seed(1000 * comm.rank + iteration)
+        inputs, wanted = torch.randn(4, 3, generator=generator), torch.randn(4, 2, generator=generator)
+        loss = nn.functional.mse_loss(model(inputs), wanted)
+        if comm.rank == 1 and iteration == overflow_at:
+            loss = loss * 1e36
+        optimizer.backward(loss)
+        stepped = optimizer.step()
+        optimizer.zero_grad()
+        record.append((iteration, stepped, optimizer.loss_scaler.scale))
+    return record
+
+
+def body_loss_scale(comm, steps, overflow_at, resume_at):
+    """A loss-scaled SGD run of ``steps`` steps, and the same run resumed at ``resume_at`` from a copy of
+    the model and optimizer state taken there."""
+    torch.set_num_threads(1)
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        optimizer = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
+                                         batch_size=8, loss_scaler=LossScaler(init_scale=2.0 ** 10, growth_interval=3))
+        return model, optimizer
+
+    model, optimizer = build()
+    record = _scaled_run(comm, model, optimizer, 0, resume_at, overflow_at)
+    saved = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    record += _scaled_run(comm, model, optimizer, resume_at, steps, overflow_at)
+    resumed_model, resumed = build()
+    resumed_model.load_state_dict(saved["model"])
+    resumed.load_state_dict(saved["optimizer"])
+    resumed_record = _scaled_run(comm, resumed_model, resumed, resume_at, steps, overflow_at)
+    return {"record": record, "resumed_record": resumed_record, "weight": model.weight.detach().clone(),
+            "resumed_weight": resumed_model.weight.detach().clone(), "overflow_steps": optimizer.overflow_steps,
+            "skipped_steps": optimizer.skipped_steps}
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("launcher", ["horovodrun", "torch"])
+def test_fp16_overflow_on_one_rank_skips_everywhere_halves_every_scale_and_resumes_exactly(launcher):
+    results = expect_ok(run_ranks("tests.test_distributed_optimizer:body_loss_scale", 2, launcher, timeout=300,
+                                  steps=10, overflow_at=2, resume_at=4))
+    for result in results:
+        record = result["record"]
+        assert [stepped for _, stepped, _ in record] == [True, True, False] + [True] * 7
+        # 1024, 1024, halved by the overflow, then doubled after every 3 clean steps
+        assert [scale for _, _, scale in record] == [1024, 1024, 512, 512, 512, 1024, 1024, 1024, 2048, 2048]
+        assert result["overflow_steps"] == result["skipped_steps"] == 1
+        assert result["resumed_record"] == record[4:]
+        torch.testing.assert_close(result["resumed_weight"], result["weight"], rtol=1e-6, atol=1e-6)
+    assert results[0]["record"] == results[1]["record"]
+    assert torch.equal(results[0]["weight"], results[1]["weight"])
+
+
+def test_fp16_guard_tells_an_overflow_from_a_divergence():
+    """Gradients that overflow at every step with a finite loss halve the scale down to 1 without
+    counting as divergence; only at a scale of 1 do they. A NaN loss is a divergence at once."""
+    local = comm_mod.LocalCommunicator()
+
+    def run(loss_factor, gradient_factor):
+        model = nn.Linear(3, 2)
+        optimizer = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, batch_size=4, comm=local,
+                                         max_consecutive_skips=3, loss_scaler=LossScaler(init_scale=2.0 ** 4))
+        model.weight.register_hook(lambda grad: grad * gradient_factor)
+        scales = []
+        with pytest.raises(DivergenceError) as caught:
+            for _ in range(20):
+                optimizer.backward(model(torch.ones(2, 3)).square().mean() * loss_factor)
+                optimizer.step()
+                optimizer.zero_grad()
+                scales.append(optimizer.loss_scaler.scale)
+        return scales, str(caught.value), optimizer
+
+    scales, message, optimizer = run(1.0, float("inf"))
+    assert scales == [8, 4, 2, 1, 1, 1], "four overflows bring the scale to 1; the next three count"
+    assert optimizer.overflow_steps == 7 and "fp16 loss scale 1" in message and "3 steps in a row" in message
+    scales, message, optimizer = run(float("nan"), 1.0)
+    assert scales == [16, 16] and optimizer.overflow_steps == 0 and "3 steps in a row" in message
 
 
 def test_accumulation_on_one_process_equals_the_whole_batch():

@@ -17,15 +17,20 @@ REALDATA = REPO.parent / "shared" / "realdata"
 COCOAPI = REALDATA / "cocoapi_val2014_100"
 GT = COCOAPI / "instances_val2014_100.json"
 FAKE_BBOX = COCOAPI / "instances_val2014_fakebbox100_results.json"
+FAKE_SEGM = COCOAPI / "instances_val2014_fakesegm100_results.json"
 CHESS = REALDATA / "roboflow_chess_v23" / "valid" / "_annotations.coco.json"
 
 needs_cocoapi = pytest.mark.skipif(not GT.exists(), reason=f"{COCOAPI} is absent (the shared real data)")
 
 
 def published_bbox_table():
-    """The 12 numbers of the bbox table in the cocoapi demo's published output, in summarize() order."""
+    return published_table("bbox")
+
+
+def published_table(iou_type):
+    """The 12 numbers of the ``iou_type`` table in the cocoapi demo's published output, in summarize() order."""
     text = (COCOAPI / "val2014_fake_eval_res.txt").read_text()
-    section = text.split("type=bbox", 1)[1].split("type=", 1)[0]
+    section = text.split(f"type={iou_type}", 1)[1].split("type=", 1)[0]
     numbers = [float(n) for n in re.findall(r"\] = (-?\d\.\d{3})", section)]
     assert len(numbers) == 12, section
     return numbers
@@ -144,3 +149,60 @@ def test_two_ranks_give_the_metrics_of_one(tmp_path):
     written = json.loads((tmp_path / "eval" / evaluate.RESULTS_FILE).read_text())
     assert len(written) == 734 and sorted({r["image_id"] for r in written}) == sorted(per_image)
     assert json.loads((tmp_path / "eval" / evaluate.METRICS_FILE).read_text())["AP"] == single["AP"]
+
+
+@needs_cocoapi
+def test_cli_reproduces_the_published_cocoapi_segm_table(tmp_path):
+    done = megdet("eval", "--gt", str(GT), "--results", str(FAKE_SEGM), "--iou-type", "segm",
+                  "--out", str(tmp_path / "eval"))
+    assert done.returncode == 0, done.stderr
+    published = published_table("segm")
+    printed = [float(n) for n in re.findall(r"\] = (-?\d\.\d{3})", done.stdout)]
+    assert printed == published, done.stdout
+    assert done.stdout.startswith("segm: 734 detections on 100 images")
+    metrics = json.loads((tmp_path / "eval" / evaluate.METRICS_FILE).read_text())
+    assert as_printed(metrics) == published and metrics["num_detections"] == 734
+
+
+@needs_cocoapi
+def test_segm_results_of_boxes_are_a_one_line_error_and_write_nothing(tmp_path):
+    done = megdet("eval", "--gt", str(GT), "--results", str(FAKE_BBOX), "--iou-type", "segm",
+                  "--out", str(tmp_path / "eval"))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("megdet eval: error: "), done.stderr
+    assert f"detection 0 of {FAKE_BBOX} lacks one of image_id, category_id, segmentation, score" in done.stderr
+    assert "--iou-type bbox" in done.stderr
+    assert not (tmp_path / "eval").exists(), "no output on error"
+
+
+@needs_cocoapi
+def test_segm_uses_the_mask_area_not_a_results_box(tmp_path):
+    """Detections that also carry a box (as a Mask R-CNN writes them) give the same mask AP: pycocotools
+    would take the box's area for the small/medium/large ranges; here a 1 x 1 box for every detection."""
+    coco_gt = evaluate.load_ground_truth(GT)
+    results = evaluate.load_segm_results(FAKE_SEGM)
+    with_boxes = [{**r, "bbox": [0.0, 0.0, 1.0, 1.0]} for r in results]
+    metrics, _ = evaluate.evaluate(coco_gt, with_boxes, iou_type="segm")
+    assert as_printed(metrics) == published_table("segm")
+    assert all("area" not in r for r in with_boxes), "the caller's dicts are left alone"
+
+
+@needs_cocoapi
+def test_bad_segm_results_name_the_detection():
+    coco_gt = evaluate.load_ground_truth(GT)
+    detection = {"image_id": 42, "category_id": 18, "score": 1.0}
+    with pytest.raises(UserError, match="detection 1 of the results lacks one of image_id, category_id, segmentation"):
+        evaluate.evaluate(coco_gt, [{**detection, "segmentation": {"size": [478, 640], "counts": "PPYo0"}},
+                                    {**detection, "bbox": [0, 0, 5, 5]}], iou_type="segm")
+    with pytest.raises(UserError, match="detection 0 of the results has a \"segmentation\" that is not a compressed RLE"):
+        evaluate.evaluate(coco_gt, [{**detection, "segmentation": [[0, 0, 5, 0, 5, 5]]}], iou_type="segm")
+    with pytest.raises(UserError, match="detection 0 has a 10x10 mask but image 42 is 478x640 .* original image size"):
+        evaluate.evaluate(coco_gt, [{**detection, "segmentation": {"size": [10, 10], "counts": "0P2"}}],
+                          iou_type="segm")
+    if CHESS.exists():
+        chess = evaluate.load_ground_truth(CHESS)
+        image = chess.dataset["images"][0]
+        with pytest.raises(UserError, match="ground-truth annotation 1 of image 0 has no segmentation"):
+            evaluate.evaluate(chess, [{"image_id": image["id"], "category_id": 1, "score": 1.0,
+                                       "segmentation": {"size": [image["height"], image["width"]], "counts": "0"}}],
+                              iou_type="segm")

@@ -16,7 +16,8 @@ import pytest
 
 from hpc import jobs
 from megdet import cli, config
-from megdet.job import paper_scripts
+from megdet import memory
+from megdet.job import PAPER_JOBS, paper_scripts
 from tests.multirank import _base_env, skip_unless_launcher
 from tests.slurm import ensure_debian_packages
 
@@ -64,12 +65,30 @@ def test_committed_scripts_equal_a_fresh_render():
     assert not stale, f"{stale} differ from a fresh render: run 'megdet job --regenerate' and commit jobs/"
 
 
-def test_paper_scripts_cover_megdet_table3_and_largedet_12min():
+def test_every_committed_script_fits_the_gpu_its_header_names():
+    for path in paper_scripts():
+        text = path.read_text()
+        preset, = directive(text, r"^# Rendered by: megdet job .* --config (\S+)")
+        used, total = map(float, directive(text, r"^#   memory: about ([\d.]+) GB of the ([\d.]+) GB per GPU"))
+        assert used <= total == config.load(preset).paper.gpu_memory_gb, path.name
+
+
+def test_paper_scripts_are_every_row_that_gives_its_gpus_on_those_gpus():
     names = {path.name for path in paper_scripts()}
+    # The rows of the tables that name a GPU count: MegDet Table 3, LargeDet Tables 2 and 4.
+    rows = [name for name in config.PRESETS
+            if re.match(r"(MegDet Table 3|LargeDet Table [24])", config.load(name).paper.row)]
+    assert sorted(PAPER_JOBS) == sorted(rows) and len(rows) == 35
     for scheduler, suffix in jobs.SCHEDULERS.items():
-        assert f"megdet_r50_fpn_bs16-8gpu.{suffix}" in names
-        assert {f"megdet_r50_fpn_bs256_bn32-{n}gpu.{suffix}" for n in (16, 32, 64, 128)} <= names
-        assert f"largedet_coco_12min-160gpu.{suffix}" in names
+        assert {f"{name}-{config.load(name).paper.gpus}gpu.{suffix}" for name in rows} == {
+            name for name in names if name.endswith(suffix)}
+        # Table 3's own rows at 16, 32 and 128 GPUs, not batch 256 squeezed onto them (16 and 8 images per GPU).
+        assert {f"megdet_r50_fpn_bs64_bn32-16gpu.{suffix}", f"megdet_r50_fpn_bs128_bn32-32gpu.{suffix}",
+                f"megdet_r50_fpn_bs256_bn16-128gpu.{suffix}"} <= names
+        assert not any(name.startswith("megdet_r50_fpn_bs256_bn32-") and "-64gpu" not in name for name in names)
+    headline = paper_scripts()[jobs.TEMPLATES.parent / "slurm" / "megdet_r50_fpn_bs256_bn16-128gpu.sbatch"]
+    assert "batch 256 = 128 GPUs x 2 images; cross-GPU BN size 16 (8 GPUs per group, inside one node)" in headline
+    assert "time 4.1 h" in headline and directive(headline, r"^#SBATCH --nodes=(\d+)$") == ("16",)
     twelve_min = paper_scripts()[jobs.TEMPLATES.parent / "slurm" / "largedet_coco_12min-160gpu.sbatch"]
     assert directive(twelve_min, r"^#SBATCH --nodes=(\d+)$") == ("10",)
     assert directive(twelve_min, r"^#SBATCH --ntasks-per-node=(\d+)$") == ("16",)
@@ -83,37 +102,59 @@ def test_paper_scripts_cover_megdet_table3_and_largedet_12min():
 @pytest.mark.parametrize("preset", config.PRESETS)
 def test_every_preset_renders_with_consistent_arithmetic(tmp_path, preset, scheduler):
     cfg = config.load(preset)
-    gpus, per_node = cfg.paper.gpus, cfg.paper.gpus_per_node
-    text, _ = render(tmp_path, "--scheduler", scheduler, "--gpus", str(gpus), "--config", preset, "--node-local-bn")
+    gpus, per_node = cfg.paper.gpus, min(cfg.paper.gpus, cfg.paper.gpus_per_node)
+    on_cpu = ["--cpu"] if cfg.paper.gpu_memory_gb is None else []  # the demo
+    text, _ = render(tmp_path, "--scheduler", scheduler, "--gpus", str(gpus), "--config", preset, "--node-local-bn",
+                     *on_cpu)
     if scheduler == "slurm":
         nodes, = directive(text, r"^#SBATCH --nodes=(\d+)$")
         tasks, = directive(text, r"^#SBATCH --ntasks-per-node=(\d+)$")
-        gres, = directive(text, r"^#SBATCH --gres=gpu:(\d+)$")
+        gres, = (tasks,) if on_cpu else directive(text, r"^#SBATCH --gres=gpu:(\d+)$")
     else:
-        nodes, cpus, tasks, gres = directive(text, r"^#PBS -l select=(\d+):ncpus=(\d+):mpiprocs=(\d+):ngpus=(\d+)$")
-        assert int(cpus) == int(tasks) * (cfg.data.num_workers + 1)
+        select = r"^#PBS -l select=(\d+):ncpus=(\d+):mpiprocs=(\d+)(?::ngpus=(\d+))?$"
+        nodes, cpus, tasks, gres = directive(text, select)
+        gres = gres or tasks
+        assert int(cpus) == int(tasks) * (3 if cfg.data.num_workers is None else cfg.data.num_workers + 1)
     assert int(nodes) * int(tasks) == gpus and int(tasks) == int(gres) == per_node
     assert directive(text, r"^NODES=(\d+)$") == (nodes,) and directive(text, r"^RANKS_PER_NODE=(\d+)$") == (tasks,)
     assert "RANKS=$((NODES * RANKS_PER_NODE))" in text
     batch, per_rank = cfg.solver.batch_size, cfg.data.images_per_rank
     assert batch % gpus == 0 and batch // gpus == per_rank
-    assert f"batch {batch} = {gpus} GPUs x {per_rank} images" in text
+    assert f"batch {batch} = {gpus} {'CPU ranks' if on_cpu else 'GPUs'} x {per_rank} images" in text
     assert f"LR {cfg.solver.lr:g} ({cfg.solver.optimizer})" in text and cfg.paper.row in text
     if cfg.model.norm == "cgbn":  # asked for node-local groups: each group inside one node
         group = cfg.bn_group_ranks() or gpus
         assert per_node % group == 0
         assert f"BN size {cfg.model.bn_size or batch} ({group} GPUs per group, inside one node)" in text
     launch, = directive(text, r"^  (megdet train .*) &$")
-    assert launch == (f'megdet train {preset} train.output_dir="$RUN_DIR" "${{RESUME_ARGS[@]}}"')
+    node_local = "" if cfg.model.bn_node_local else "model.bn_node_local=true "  # what --node-local-bn adds
+    assert launch == (f'megdet train {preset} {node_local}train.output_dir="$RUN_DIR" "${{RESUME_ARGS[@]}}"')
+    if not on_cpu:  # the paper's images per GPU fit the paper's GPU as the preset recomputes
+        used, total = map(float, directive(text, r"^#   memory: about ([\d.]+) GB of the ([\d.]+) GB per GPU"))
+        assert used <= total == cfg.paper.gpu_memory_gb and "added to fit" not in text
     assert directive(text, r"^RUN_DIR=\"(.*)\"$") == (cfg.train.output_dir,)
 
 
 def test_the_batch_is_spread_over_other_gpu_counts_and_passed_to_train(tmp_path):
-    text, _ = render(tmp_path, "--scheduler", "slurm", "--gpus", "128")
-    assert directive(text, r"^#SBATCH --nodes=(\d+)$") == ("16",)
-    assert "batch 256 = 128 GPUs x 2 images" in text and "spanning 2 nodes" in text
-    assert "megdet train megdet_r50_fpn_bs256_bn32 data.images_per_rank=2 " in text
+    text, _ = render(tmp_path, "--scheduler", "slurm", "--gpus", "32")
+    assert directive(text, r"^#SBATCH --nodes=(\d+)$") == ("4",)
+    assert "batch 256 = 32 GPUs x 8 images" in text and "(4 GPUs per group, inside one node)" in text
+    assert "megdet train megdet_r50_fpn_bs256_bn32 data.images_per_rank=8 " in text
     assert "the paper: 64 GPUs x 4 images, 8 per node, time 7.2 h" in text
+    assert directive(text, r"^#   memory: about ([\d.]+) GB of the 12 GB per GPU \(megdet.memory\), res3 recomputed$")
+
+
+def test_images_that_do_not_fit_get_recomputed_stages_or_are_refused(tmp_path):
+    """Batch 64 with BN 64 on 8 GPUs: 8 images each. Less memory than the Titan Xp's 12 GB needs res4 too."""
+    text, _ = render(tmp_path, "--scheduler", "slurm", "--gpus", "8", "--config", "megdet_r50_fpn_bs64_bn64",
+                     "--gpu-memory", "11")
+    used, = directive(text, r"^#   memory: about ([\d.]+) GB of the 11 GB per GPU \(megdet.memory\), res3, res4 "
+                            r"recomputed: res4 added to fit 8 images$")
+    assert float(used) <= 11
+    assert "megdet train megdet_r50_fpn_bs64_bn64 'model.sublinear_stages=[res3,res4]' " in text
+    assert "--config megdet_r50_fpn_bs64_bn64 --gpu-memory 11\n" in text, "the header's command renders it again"
+    cfg = config.load("megdet_r50_fpn_bs64_bn64", ["model.sublinear_stages=[res3,res4]"])
+    assert memory.fit(cfg, 11).gib == pytest.approx(float(used), abs=0.05)
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
@@ -177,7 +218,13 @@ def test_every_script_is_shellcheck_clean(tmp_path, shellcheck):
 @pytest.mark.parametrize("options, says", [
     (["--gpus", "12", "--gpus-per-node", "8"], "12 GPUs do not fill nodes of 8 GPUs"),
     (["--gpus", "48"], "does not split over 48 GPUs"),
-    (["--gpus", "128", "--node-local-bn"], "BN size 32 does not fit the 16 images of a node"),
+    (["--gpus", "128"], "model.bn_node_local asks for BN groups inside one node, but model.bn_size=32 is 16 ranks"),
+    (["--gpus", "16"], "16 images of 800x1333 per GPU need about 13.4 GB even with res3, res4, res5 recomputed, more "
+                       "than the 12 GB per GPU (--gpu-memory): spread the batch over 32 GPUs or more (8 images each)"),
+    (["--gpus", "64", "--gpu-memory", "2"], "; 1 image needs 2.4 GB: no layout fits, use GPUs with at least 2.4 GB"),
+    (["--gpus", "2", "--config", "shapes_r18_cpu"], "names no paper GPU (paper.gpu_memory_gb is null): give the "
+                                                    "memory of one GPU, e.g. --gpu-memory 32, or --cpu"),
+    (["--gpus", "64", "--gpu-memory", "0"], "--gpu-memory 0 must be the positive memory of one GPU in GB"),
     (["--gpus", "64", "--config", "megdet_r50_fpn_bs265_bn32"], "unknown preset 'megdet_r50_fpn_bs265_bn32'"),
     (["--gpus", "64", "--time", "25:61:00"], "time limit '25:61:00' is not HH:MM:SS"),
     (["--gpus", "64", "--time", "2h"], "time limit '2h' is not HH:MM:SS"),
@@ -235,7 +282,7 @@ def test_pbs_script_runs_two_ranks_and_stages_the_shards_under_emulated_pbs(tmp_
     assert proc.returncode == 0, out
     assert "[job] PBS job 4242.pbs-emulated on localhost" in out
     assert "world of 2 ranks, engine horovod, launcher mpirun under pbs" in out
-    assert "allreduce over the world and over groups: ok" in out
+    assert "allreduce over the world and over groups (" in out
     assert len(re.findall(r"^\s+\d\s+\d/2\s+\S+$", out, re.MULTILINE)) == 2, out
     assert (local / "train-00000.h5").read_bytes() == b"shard"
 

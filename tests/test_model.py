@@ -12,8 +12,10 @@ from hpc.errors import UserError
 from megdet.model import MODEL_NAMES, build_detector
 from megdet.model.anchors import AnchorGenerator
 from megdet.model.box_coder import DEFAULT_SCALE_CLAMP, BoxCoder
+from megdet.model import ops
 from megdet.model.matching import BACKGROUND, FOREGROUND, IGNORE, Matcher, sample_labels
 from megdet.model.roi_heads import MultiScaleRoIAlign
+from tests.test_ops import random_boxes
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 NUM_CLASSES = 4
@@ -112,6 +114,26 @@ def test_roi_level_mapping_follows_the_fpn_rule():
     assert pooler.level_of(boxes).tolist() == expected == [0, 0, 1, 2, 2, 3, 3]
 
 
+def test_multiscale_pooling_equals_each_roi_pooled_on_its_own_level():
+    """One level sort, one host read of the level sizes and sampling grids: the same as pooling every
+    RoI alone on the level its size maps to (and the RoIs handed in stay as they were)."""
+    generator = torch.Generator().manual_seed(3)
+    strides = (4, 8, 16, 32)
+    pooler = MultiScaleRoIAlign(output_size=7, strides=strides, sampling_ratio=0, aligned=True)
+    features = [torch.randn(2, 3, 256 // s, 320 // s, generator=generator, dtype=torch.float64) for s in strides]
+    boxes = [random_boxes(n, 250, generator, max_side=250.0).double() for n in (12, 5)]
+    before = [b.clone() for b in boxes]
+    pooled = pooler(features, boxes)
+    expected = []
+    for image, image_boxes in enumerate(boxes):
+        for box, level in zip(image_boxes, pooler.level_of(image_boxes).tolist()):
+            roi = torch.cat((torch.tensor([float(image)], dtype=torch.float64), box))[None]
+            expected.append(ops.roi_align_pytorch(features[level], roi, (7, 7), 1.0 / strides[level], 0, True))
+    torch.testing.assert_close(pooled, torch.cat(expected))
+    assert len(set(pooler.level_of(torch.cat(boxes)).tolist())) > 1, "the boxes must span several levels"
+    assert all(torch.equal(b, a) for b, a in zip(boxes, before))
+
+
 # ---------------------------------------------------------------------------------------------------
 # The detector
 
@@ -183,7 +205,7 @@ def test_eval_returns_detections_in_original_coordinates():
     ("tiny image", "smaller than the network's stride 32"),
     ("nan pixel", "NaN"),
     ("nan box", "not finite"),
-    ("int image", "dtype"),
+    ("int32 image", "dtype"),
     ("no targets", "no targets"),
     ("missing iscrowd", "lacks"),
 ])
@@ -202,14 +224,29 @@ def test_bad_input_is_a_user_error(case, message):
         images[2][0, 5, 5] = float("nan")
     elif case == "nan box":
         targets[0]["boxes"][0, 2] = float("nan")
-    elif case == "int image":
-        images[0] = images[0].to(torch.uint8)
+    elif case == "int32 image":
+        images[0] = images[0].to(torch.int32)
     elif case == "no targets":
         targets = None
     elif case == "missing iscrowd":
         del targets[2]["iscrowd"]
     with pytest.raises(UserError, match=message):
         model(images, targets)
+
+
+def test_uint8_images_give_the_losses_of_the_same_pixels_as_float():
+    """The loader sends uint8 (a quarter of the bytes to the GPU); the detector converts them itself."""
+    images, targets = mixed_batch()
+    pixels = [image.round().clamp(0, 255) for image in images]
+    losses = []
+    for batch in (pixels, [p.to(torch.uint8) for p in pixels]):
+        torch.manual_seed(0)
+        model = small_detector().train()
+        torch.manual_seed(1)
+        losses.append(model(batch, targets))
+    assert losses[0].keys() == losses[1].keys()
+    for name in losses[0]:
+        torch.testing.assert_close(losses[0][name], losses[1][name], rtol=0, atol=0, msg=name)
 
 
 def torchvision_resnet_state_dict(depth):
@@ -322,6 +359,7 @@ def test_bench_model_runs_at_a_tiny_size(tmp_path, capsys):
     result = json.loads((tmp_path / "model.json").read_text())
     assert [row["sublinear"] for row in result["rows"]] == ["-", "res2,res3"]
     assert all(row["s_per_image"] > 0 and row["peak_MiB"] > 0 for row in result["rows"])
+    assert all(row["model_MiB"] > 0 and row["model_vs_measured"] > 0 for row in result["rows"]), "megdet.memory beside"
     assert "| resnet18_fpn | 64 |" in (tmp_path / "model.md").read_text()
     if not torch.cuda.is_available():
         assert main(["bench", "model", "--device", "cuda", "--out", str(tmp_path)]) == 2

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from hpc.optim import LAMB, LARS, PMDLAMB, param_groups
+from hpc.optim.lamb import CPU_BLOCK_NUMEL, announce_kernel, cache_blocks
+from hpc.optim.pmd_lamb import moments_decay
 from megdet.bench.optim import NaivePMDLAMB, resnet50_shapes
 
 STEPS = 450  # crosses the cycle boundaries at t = 200 and t = 400 of T = 200
@@ -97,10 +99,18 @@ def reference_lars(params, steps, lr, momentum, trust_coefficient, weight_decay)
     return x
 
 
-def run(optimizer_factory, steps, start=None):
-    """``steps`` steps of the optimizer on make_params(), with the same gradients as the references."""
+# How the kernels cut the tensor lists: the CPU default (every SHAPES tensor in one block), blocks of 60
+# elements (the 432- and 160-element tensors in slices of 2 and 3 rows, the last one shorter; the two
+# undecayed biases packed into one block), and each op over the whole list (as on an accelerator).
+BLOCKINGS = {"cpu_default": CPU_BLOCK_NUMEL, "blocks_of_60": 60, "whole_list": None}
+
+
+def run(optimizer_factory, steps, start=None, block_numel=CPU_BLOCK_NUMEL):
+    """``steps`` steps of the optimizer on make_params(), with the same gradients as the references, its
+    kernels cut into cache blocks of ``block_numel`` elements."""
     tensors = [nn.Parameter(p) for p in (start or make_params())]
     optimizer = optimizer_factory(tensors)
+    optimizer.block_numel = lambda params: block_numel
     for t in range(1, steps + 1):
         for p, g in zip(tensors, gradients([p.detach() for p in tensors], t)):
             p.grad = g
@@ -123,10 +133,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("blocking", BLOCKINGS)
 @pytest.mark.parametrize("name", CASES)
-def test_matches_per_parameter_reference(name):
+def test_matches_per_parameter_reference(name, blocking):
     factory, reference = CASES[name]
-    tensors, _ = run(factory, STEPS)
+    tensors, _ = run(factory, STEPS, block_numel=BLOCKINGS[blocking])
     expected = reference(make_params())
     for got, want, start in zip(tensors, expected, make_params()):
         assert not torch.allclose(want, start, atol=1e-3), "the reference must have moved every tensor"
@@ -137,6 +148,54 @@ def test_moments_decay_changes_the_trajectory():
     with_cycle, _ = run(CASES["pmd_lamb"][0], STEPS)
     without, _ = run(CASES["pmd_lamb_T_none"][0], STEPS)
     assert max(float((a - b).detach().abs().max()) for a, b in zip(with_cycle, without)) > 1e-4
+
+
+def test_infinite_cycle_is_algorithm_1_with_xi_one():
+    """T = inf (``solver.pmd_cycle: inf``) never decays the moments: Algorithm 1 with xi = 1."""
+    steps = 100
+    assert all(moments_decay(t, math.inf) == 1.0 for t in range(1, steps + 1))
+    tensors, optimizer = run(lambda ps: PMDLAMB(groups_of(ps, 5e-4), lr=0.5, T=math.inf), steps)
+    expected = reference_pmd_lamb(make_params(), steps, lr=0.5, alpha=0.012, T=None, betas=(0.9, 0.999),
+                                  weight_decay=5e-4, eps=1e-6)
+    for got, want in zip(tensors, expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
+    assert [group["T"] for group in optimizer.param_groups] == [math.inf, math.inf]
+
+
+def test_cache_blocks_cover_every_element_once_in_order():
+    """A block of whole tensors and each slice hold at most block_numel elements per list (a slice more
+    only when it is one row); runs of small tensors are packed, larger ones sliced along dim 0, and every
+    list is cut alike."""
+    shapes = [(3,), (4, 5), (2,), (7, 3, 2), (1, 50), (), (6,)]
+    params = [torch.arange(math.prod(s), dtype=torch.float64).reshape(s) + 100 * i for i, s in enumerate(shapes)]
+    doubled = [2 * p for p in params]
+    blocks = list(cache_blocks([params, doubled], 12))
+    assert [(len(b.segments[0]), b.sliced) for b in blocks] == [(1, False), (2, True), (1, False), (4, True),
+                                                                (1, True), (2, False)]
+    for block in blocks:
+        for chunk in block.chunks():
+            segments = block.segments[0][chunk]
+            assert sum(s.numel() for s in segments) <= 12 or (block.sliced and segments[0].shape[0] == 1)
+        for segment, twice in zip(*block.segments):
+            assert torch.equal(2 * segment, twice)
+    flat = torch.cat([segment.reshape(-1) for block in blocks for segment in block.segments[0]])
+    assert torch.equal(flat, torch.cat([p.reshape(-1) for p in params]))
+    whole = list(cache_blocks([params, doubled], None))
+    assert len(whole) == 1 and not whole[0].sliced and len(whole[0].segments[0]) == len(params)
+
+
+def test_kernel_choice_is_logged_once(caplog):
+    """Two PMD-LAMB optimizers on CPU, two steps each: one line says which kernel they run."""
+    announce_kernel.cache_clear()
+    caplog.set_level("INFO", logger="hpc.optim.lamb")
+    for _ in range(2):
+        param = nn.Parameter(torch.ones(2))
+        param.grad = torch.ones(2)
+        optimizer = PMDLAMB([param])
+        optimizer.step()
+        optimizer.step()
+    assert [record.getMessage() for record in caplog.records] == [
+        f"hpc.optim: PMDLAMB on cpu: multi-tensor kernel, cache blocks of {CPU_BLOCK_NUMEL:,} elements"]
 
 
 @pytest.mark.parametrize("name", ["pmd_lamb", "lamb", "lars"])
@@ -196,6 +255,9 @@ def test_group_without_layer_adaptation_takes_phi_one(optimizer):
     (lambda ps: PMDLAMB(ps, lr=-0.1), "Invalid learning rate: -0.1"),
     (lambda ps: PMDLAMB(ps, T=0), "Invalid T: 0"),
     (lambda ps: PMDLAMB(ps, T=2.5), "Invalid T: 2.5"),
+    (lambda ps: PMDLAMB(ps, T=200.0), "Invalid T: 200.0"),
+    (lambda ps: PMDLAMB(ps, T=-math.inf), "Invalid T: -inf"),
+    (lambda ps: PMDLAMB(ps, T=math.nan), "Invalid T: nan"),
     (lambda ps: PMDLAMB(ps, alpha=0.0), "Invalid alpha: 0.0"),
     (lambda ps: PMDLAMB(ps, betas=(0.9, 1.0)), "Invalid betas: (0.9, 1.0)"),
     (lambda ps: PMDLAMB(ps, eps=0.0), "Invalid eps: 0.0"),
@@ -261,7 +323,7 @@ def test_optim_benchmark_runs_tiny(tmp_path):
     assert main(["bench", "optim", "--width-divisor", "16", "--repeats", "1", "--warmup", "1",
                  "--out", str(tmp_path)]) == 0
     rows = {row["optimizer"]: row for row in json.loads((tmp_path / "optim.json").read_text())["rows"]}
-    assert set(rows) == {"sgd", "pmd_lamb", "pmd_lamb_naive", "lamb", "lars"}
+    assert set(rows) == {"sgd", "pmd_lamb", "pmd_lamb_whole_list", "pmd_lamb_naive", "lamb", "lars"}
     assert rows["sgd"]["ratio_to_sgd"] == 1.0 and all(row["median_ms"] > 0 for row in rows.values())
     assert (tmp_path / "optim.md").read_text().startswith("| optimizer |")
 

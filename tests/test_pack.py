@@ -311,8 +311,8 @@ def test_crash_mid_pack_leaves_no_shard_and_resume_keeps_complete_ones(tmp_path)
     replace_image(images, broken, good[:1000])
     with pytest.raises(UserError, match="cannot be decoded"):
         pack("--coco-json", ann, "--images", images, "--out", out, "--shards", "3")
-    assert sorted(p.name for p in out.iterdir()) == [
-        ".shard-00001-of-00003.h5.partial", "shard-00000-of-00003.h5", "shard-00000-of-00003.h5.json"]
+    assert sorted(p.name for p in out.iterdir()) == [  # the failed shard's partial file is removed, the lock too
+        "shard-00000-of-00003.h5", "shard-00000-of-00003.h5.json"]
     kept = (out / "shard-00000-of-00003.h5").stat().st_ino
 
     # a SIGKILL while shard 1 is written leaves shard 0 complete and nothing under shard 1's name

@@ -41,6 +41,32 @@ def test_lines_have_iter_time_and_scalars_and_only_rank_0_writes(tmp_path):
     assert json.loads((tmp_path / metrics.METRICS_FILE).read_text().splitlines()[-1])["loss"] is None
 
 
+def tensorboard_scalars(folder):
+    """{tag: [(step, value), ...]} of every TensorBoard event file in ``folder``, read by tensorboard itself."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_events_beside_the_lines_read_back_and_purged_on_resume(tmp_path):
+    logger = metrics.MetricsLogger(tmp_path / metrics.METRICS_FILE, enabled=True, tensorboard=True)
+    for iteration in (10, 20, 30):
+        logger.log(iteration, loss=3.0 / iteration, loss_cls=1.0, lr=0.02, images_per_s=40.0 + iteration)
+    logger.log(30, AP=12.5, AP50=30.0)
+    logger.close()
+    scalars = tensorboard_scalars(tmp_path)
+    assert scalars["loss/loss"] == [(10, pytest.approx(0.3)), (20, pytest.approx(0.15)), (30, pytest.approx(0.1))]
+    assert scalars["train/images_per_s"][-1] == (30, 70.0) and scalars["eval/AP"] == [(30, 12.5)]
+    assert {"loss/loss_cls", "train/lr", "eval/AP50"} <= set(scalars)
+    resumed = metrics.MetricsLogger(tmp_path / metrics.METRICS_FILE, enabled=True, resume_from=20, tensorboard=True)
+    resumed.log(30, loss=7.0)
+    resumed.close()
+    assert tensorboard_scalars(tmp_path)["loss/loss"] == [(10, pytest.approx(0.3)), (20, pytest.approx(0.15)),
+                                                          (30, 7.0)], "the interrupted run's iteration 30 is purged"
+
+
 def test_resume_drops_the_lines_after_the_checkpoint(tmp_path):
     write_run(tmp_path)
     with (tmp_path / metrics.METRICS_FILE).open("a") as handle:

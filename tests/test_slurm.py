@@ -53,7 +53,7 @@ def test_a_rendered_job_runs_two_ranks_under_sbatch(slurm, tmp_path, launcher): 
     # srun --mpi=pmi2 gives the ranks PMI variables, so the doctor names the launch "mpirun" there too.
     engine_launcher = "horovodrun" if launcher == "horovodrun" else "mpirun"
     assert f"world of 2 ranks, engine horovod, launcher {engine_launcher} under slurm" in out, out + err
-    assert "allreduce over the world and over groups: ok" in out
+    assert "allreduce over the world and over groups (" in out
     assert (local / "train-00000.h5").read_bytes() == b"shard"  # staged once on the node before the launch
     assert "[job] exit status 0" in out
 

@@ -9,21 +9,99 @@ Per parameter tensor x with gradient g, at step t (counting from 1):
     r_t = (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps)        (bias-corrected Adam direction)
     u_t = r_t + wd * x
     x  -= lr * phi * u_t,   phi = ||x|| / ||u_t||, and phi = 1 when either norm is 0
+
+The kernels here (LAMB, PMD-LAMB, LARS) run each multi-tensor op over one cache block of tensors at a
+time (``cache_blocks``) on CPU, and over the whole list at once elsewhere (``GroupwiseOptimizer.block_numel``
+says which, once per optimizer type and device type, in the log).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+import functools
+import logging
+import math
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+logger = logging.getLogger(__name__)
 
-def layerwise_ratios(numerators: List[Tensor], denominators: List[Tensor]) -> Tensor:
-    """Per-tensor ratios numerators[i] / denominators[i] (0-dim norms), as one 1-d tensor; 1 where
-    either norm is 0, so a zero-initialised tensor (a bias) still moves and a zero update stays 0."""
-    numerator, denominator = torch.stack(numerators), torch.stack(denominators)
-    defined = (numerator > 0) & (denominator > 0)
-    return torch.where(defined, numerator / denominator, torch.ones_like(numerator))
+# Elements per cache block on CPU. A step makes ~10 passes over x, g, m, v and two temporaries; one block
+# of each (float32: 4 MiB, 24 MiB in all) stays in a 32 MiB L3 from one pass to the next, so main memory
+# sees about one read of x, g, m, v and one write of x, m, v, and each pass is long enough (~70 us) that
+# a torch op's dispatch (a few us) costs a few per cent. Chosen with `megdet bench optim`
+# (docs/benchmarks.md): smaller blocks pay more dispatch, whole lists pay main memory on every pass.
+CPU_BLOCK_NUMEL = 1 << 20
+
+
+class CacheBlock(NamedTuple):
+    """Consecutive tensors of parallel lists (x, g, state...) that a kernel takes through all its passes
+    before moving on. ``segments[k]``: the block's part of the k-th list, either whole tensors or, when
+    ``sliced``, the dim-0 slices of one tensor too large for a block (every list sliced alike)."""
+
+    segments: List[List[Tensor]]
+    sliced: bool
+
+    def chunks(self) -> List[slice]:
+        """The segments to run through all passes together: all of them, or one slice at a time."""
+        count = len(self.segments[0])
+        return [slice(i, i + 1) for i in range(count)] if self.sliced else [slice(0, count)]
+
+    def tensor_norms(self, segment_norms: List[Tensor]) -> Tensor:
+        """1-d tensor of the block's per-tensor norms, from its segments' norms (0-dim tensors)."""
+        norms = torch.stack(segment_norms)
+        return torch.linalg.vector_norm(norms).reshape(1) if self.sliced else norms
+
+    def per_segment(self, per_tensor: Tensor) -> List[Tensor]:
+        """Per-tensor values (1-d) as one 0-dim tensor per segment."""
+        return list(per_tensor.expand(len(self.segments[0])).unbind() if self.sliced else per_tensor.unbind())
+
+
+def cache_blocks(tensor_lists: Sequence[List[Tensor]], block_numel: Optional[int]) -> Iterator[CacheBlock]:
+    """Cut parallel tensor lists (element i of each has the shape of ``tensor_lists[0][i]``) into blocks
+    of at most ``block_numel`` elements per list, in order: runs of whole tensors, and each tensor larger
+    than that alone, sliced along dim 0 (a slice is one row when a row alone is larger).
+    ``block_numel=None``: one block of every tensor."""
+    count = len(tensor_lists[0])
+    if block_numel is None:
+        if count:
+            yield CacheBlock([list(tensors) for tensors in tensor_lists], False)
+        return
+    start, numel = 0, 0
+    for index, tensor in enumerate(tensor_lists[0]):
+        if tensor.numel() > block_numel and tensor.dim() > 0:
+            if start < index:
+                yield CacheBlock([list(tensors[start:index]) for tensors in tensor_lists], False)
+            rows = max(1, block_numel // (tensor.numel() // tensor.shape[0]))
+            yield CacheBlock([list(tensors[index].split(rows)) for tensors in tensor_lists], True)
+            start, numel = index + 1, 0
+        elif numel + tensor.numel() > block_numel:
+            yield CacheBlock([list(tensors[start:index]) for tensors in tensor_lists], False)
+            start, numel = index, tensor.numel()
+        else:
+            numel += tensor.numel()
+    if start < count:
+        yield CacheBlock([list(tensors[start:]) for tensors in tensor_lists], False)
+
+
+def describe_kernel(block_numel: Optional[int]) -> str:
+    """What the kernels run with this ``block_numel``, in words (for logs and benchmark tables)."""
+    if block_numel is None:
+        return "multi-tensor kernel, whole list per op"
+    return f"multi-tensor kernel, cache blocks of {block_numel:,} elements"
+
+
+@functools.lru_cache(maxsize=None)
+def announce_kernel(optimizer: str, device_type: str, block_numel: Optional[int]) -> None:
+    """Log the kernel an optimizer type runs on a device type, once per process."""
+    logger.info("hpc.optim: %s on %s: %s", optimizer, device_type, describe_kernel(block_numel))
+
+
+def layerwise_ratios(numerators: Tensor, denominators: Tensor) -> Tensor:
+    """Per-tensor ratios numerators / denominators (1-d tensors of norms); 1 where either norm is 0, so
+    a zero-initialised tensor (a bias) still moves and a zero update stays 0."""
+    defined = (numerators > 0) & (denominators > 0)
+    return torch.where(defined, numerators / denominators, torch.ones_like(numerators))
 
 
 def check_hyperparameter(name: str, value, valid: bool, rule: str) -> None:
@@ -61,18 +139,31 @@ def gather_moments(optimizer: torch.optim.Optimizer, group: Dict) -> Tuple[List[
     return params, grads, exp_avgs, exp_avg_sqs
 
 
-def apply_layerwise_update(params: List[Tensor], updates: List[Tensor], step_size: float,
-                           layer_adaptation: bool = True) -> None:
-    """x -= step_size * phi * u for every tensor, phi = ||x|| / ||u|| (1 where either is 0).
+def layerwise_step(tensor_lists: Sequence[List[Tensor]], direction: Callable[..., List[Tensor]], *,
+                   step_size: float, layer_adaptation: bool = True, block_numel: Optional[int] = None) -> None:
+    """x -= step_size * phi * u for every tensor x of ``tensor_lists[0]``, phi = ||x|| / ||u|| (1 where
+    either is 0), a cache block at a time (``cache_blocks``).
 
+    tensor_lists: [x, g, *state], parallel lists; direction(x, g, *state) takes one chunk of a block
+    (lists of segments), updates the state in place and returns u for those segments (new tensors).
     layer_adaptation=False: phi = 1 (an Adam step of size ``step_size``), as LAMB's reference code does
     for biases and normalisation parameters, whose norms start at or near 0 and would hardly move.
     """
-    if not layer_adaptation:
-        torch._foreach_add_(params, updates, alpha=-step_size)
-        return
-    phi = layerwise_ratios(torch._foreach_norm(params), torch._foreach_norm(updates))
-    torch._foreach_addcmul_(params, updates, phi.mul_(-step_size).unbind())
+    for block in cache_blocks(tensor_lists, block_numel):
+        updates, param_norms, update_norms = [], [], []
+        for chunk in block.chunks():
+            lists = [segments[chunk] for segments in block.segments]
+            update = direction(*lists)
+            if not layer_adaptation:
+                torch._foreach_add_(lists[0], update, alpha=-step_size)
+                continue
+            # the norms while the chunk is in cache; u waits for phi, which needs the whole tensor
+            updates += update
+            param_norms += torch._foreach_norm(lists[0])
+            update_norms += torch._foreach_norm(update)
+        if layer_adaptation:
+            phi = layerwise_ratios(block.tensor_norms(param_norms), block.tensor_norms(update_norms))
+            torch._foreach_addcmul_(block.segments[0], updates, block.per_segment(phi.mul_(-step_size)))
 
 
 class GroupwiseOptimizer(torch.optim.Optimizer):
@@ -81,6 +172,16 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
 
     def step_group(self, group: Dict) -> None:
         raise NotImplementedError
+
+    def block_numel(self, params: List[Tensor]) -> Optional[int]:
+        """Elements per cache block for the kernels over ``params``: ``CPU_BLOCK_NUMEL`` on CPU, None (each
+        op over the whole list: one launch per op) on accelerators. Logged once per type and device type."""
+        if not params:
+            return None
+        device_type = params[0].device.type
+        block_numel = CPU_BLOCK_NUMEL if device_type == "cpu" else None
+        announce_kernel(type(self).__name__, device_type, block_numel)
+        return block_numel
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
@@ -95,26 +196,27 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
 
 def lamb_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                 *, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                layer_adaptation: bool = True) -> None:
-    """One LAMB step over all tensors at once (multi-tensor ``torch._foreach_*`` ops)."""
-    if not params:
-        return
-    # m_t, v_t
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    # r_t = m_hat / (sqrt(v_hat) + eps), with m_hat = m_t / (1 - b1^t), v_hat = v_t / (1 - b2^t)
+                layer_adaptation: bool = True, block_numel: Optional[int] = None) -> None:
+    """One LAMB step over all tensors (multi-tensor ``torch._foreach_*`` ops), a cache block of
+    ``block_numel`` elements at a time (``cache_blocks``; None: the whole list per op)."""
     bias_correction1 = 1 - beta1 ** step
-    bias_correction2 = 1 - beta2 ** step
-    denominators = torch._foreach_div(exp_avg_sqs, bias_correction2)
-    torch._foreach_sqrt_(denominators)
-    torch._foreach_add_(denominators, eps)
-    torch._foreach_mul_(denominators, bias_correction1)
-    updates = torch._foreach_div(exp_avgs, denominators)
-    # u_t = r_t + wd * x
-    if weight_decay != 0:
-        torch._foreach_add_(updates, params, alpha=weight_decay)
-    apply_layerwise_update(params, updates, lr, layer_adaptation)
+    root_bias_correction2 = math.sqrt(1 - beta2 ** step)
+
+    def direction(x: List[Tensor], g: List[Tensor], m: List[Tensor], v: List[Tensor]) -> List[Tensor]:
+        # m_t, v_t
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        # u_t = m_hat / (sqrt(v_hat) + eps) + wd * x, with m_hat = m_t / (1 - b1^t), v_hat = v_t / (1 - b2^t),
+        # as sqrt(1 - b2^t) / (1 - b1^t) * m_t / (sqrt(v_t) + eps * sqrt(1 - b2^t)): two passes fewer
+        roots = torch._foreach_sqrt(v)
+        torch._foreach_add_(roots, eps * root_bias_correction2)
+        updates = torch._foreach_mul(x, weight_decay)
+        torch._foreach_addcdiv_(updates, m, roots, value=root_bias_correction2 / bias_correction1)
+        return updates
+
+    layerwise_step([params, grads, exp_avgs, exp_avg_sqs], direction, step_size=lr,
+                   layer_adaptation=layer_adaptation, block_numel=block_numel)
 
 
 class LAMB(GroupwiseOptimizer):
@@ -122,7 +224,7 @@ class LAMB(GroupwiseOptimizer):
 
     params: tensors or param groups (``hpc.optim.param_groups``); lr: learning rate (> 0);
     betas: (b1, b2) in [0, 1); eps: added to sqrt(v_hat) (> 0); weight_decay: wd, decoupled into u.
-    A param group with ``layer_adaptation=False`` takes phi = 1 (see ``apply_layerwise_update``).
+    A param group with ``layer_adaptation=False`` takes phi = 1 (see ``layerwise_step``).
     The step counter t is kept per param group (``group["step"]``) and saved in ``state_dict``.
     """
 
@@ -138,10 +240,12 @@ class LAMB(GroupwiseOptimizer):
     def step_group(self, group: Dict) -> None:
         group["step"] += 1
         beta1, beta2 = group["betas"]
-        lamb_kernel(*gather_moments(self, group), step=group["step"], lr=group["lr"], beta1=beta1,
+        params, grads, exp_avgs, exp_avg_sqs = gather_moments(self, group)
+        lamb_kernel(params, grads, exp_avgs, exp_avg_sqs, step=group["step"], lr=group["lr"], beta1=beta1,
                     beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                    layer_adaptation=group["layer_adaptation"])
+                    layer_adaptation=group["layer_adaptation"], block_numel=self.block_numel(params))
 
 
-__all__ = ["LAMB", "GroupwiseOptimizer", "lamb_kernel", "layerwise_ratios", "apply_layerwise_update", "gather_moments",
-           "check_hyperparameter", "check_adam_hyperparameters"]
+__all__ = ["LAMB", "GroupwiseOptimizer", "CacheBlock", "CPU_BLOCK_NUMEL", "cache_blocks", "describe_kernel",
+           "lamb_kernel", "layerwise_ratios", "layerwise_step", "gather_moments", "check_hyperparameter",
+           "check_adam_hyperparameters"]

@@ -10,35 +10,38 @@ Per parameter tensor x with gradient g:
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import Tensor
 
-from hpc.optim.lamb import GroupwiseOptimizer, check_hyperparameter
+from hpc.optim.lamb import GroupwiseOptimizer, cache_blocks, check_hyperparameter
 
 # You et al. 2017 use a trust coefficient eta = 0.001.
 DEFAULT_TRUST_COEFFICIENT = 1e-3
 
 
 def lars_kernel(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *, lr: float,
-                momentum: float, trust_coefficient: float, weight_decay: float) -> None:
-    """One LARS step over all tensors at once (multi-tensor ``torch._foreach_*`` ops)."""
-    if not params:
-        return
-    param_norms = torch.stack(torch._foreach_norm(params))
-    grad_norms = torch.stack(torch._foreach_norm(grads))
-    # trust = eta * ||x|| / (||g|| + wd * ||x||)
-    defined = (param_norms > 0) & (grad_norms > 0)
-    trust = torch.where(defined, trust_coefficient * param_norms / (grad_norms + weight_decay * param_norms),
-                        torch.ones_like(param_norms))
-    # trust * (g + wd * x)
-    updates = torch._foreach_add(grads, params, alpha=weight_decay)
-    torch._foreach_mul_(updates, trust.unbind())
-    # b = mu * b + update;  x -= lr * b
-    torch._foreach_mul_(momentum_buffers, momentum)
-    torch._foreach_add_(momentum_buffers, updates)
-    torch._foreach_add_(params, momentum_buffers, alpha=-lr)
+                momentum: float, trust_coefficient: float, weight_decay: float,
+                block_numel: Optional[int] = None) -> None:
+    """One LARS step over all tensors (multi-tensor ``torch._foreach_*`` ops), a cache block of
+    ``block_numel`` elements at a time (``hpc.optim.lamb.cache_blocks``; None: the whole list per op)."""
+    for block in cache_blocks([params, grads, momentum_buffers], block_numel):
+        block_params, block_grads, block_buffers = block.segments
+        param_norms = block.tensor_norms(torch._foreach_norm(block_params))
+        grad_norms = block.tensor_norms(torch._foreach_norm(block_grads))
+        # trust = eta * ||x|| / (||g|| + wd * ||x||)
+        defined = (param_norms > 0) & (grad_norms > 0)
+        trust = torch.where(defined, trust_coefficient * param_norms / (grad_norms + weight_decay * param_norms),
+                            torch.ones_like(param_norms))
+        grad_scales, param_scales = block.per_segment(trust), block.per_segment(trust * weight_decay)
+        for chunk in block.chunks():
+            x, b = block_params[chunk], block_buffers[chunk]
+            # b = mu * b + trust * g + trust * wd * x;  x -= lr * b
+            torch._foreach_mul_(b, momentum)
+            torch._foreach_addcmul_(b, block_grads[chunk], grad_scales[chunk])
+            torch._foreach_addcmul_(b, x, param_scales[chunk])
+            torch._foreach_add_(x, b, alpha=-lr)
 
 
 class LARS(GroupwiseOptimizer):
@@ -76,4 +79,5 @@ class LARS(GroupwiseOptimizer):
             grads.append(p.grad)
             buffers.append(state["momentum_buffer"])
         lars_kernel(params, grads, buffers, lr=group["lr"], momentum=group["momentum"],
-                    trust_coefficient=group["trust_coefficient"], weight_decay=group["weight_decay"])
+                    trust_coefficient=group["trust_coefficient"], weight_decay=group["weight_decay"],
+                    block_numel=self.block_numel(params))

@@ -10,20 +10,20 @@ Per parameter tensor x with gradient g, at step t (counting from 1), cycle lengt
     u_t = r_t + wd * x
     x  -= lr * alpha * phi * u_t,   phi = ||x|| / ||u_t||, and phi = 1 when either norm is 0
 
-``T=None`` is an infinite cycle (xi = 1 always): plain LAMB *without* bias correction, the paper's
-"T = inf" column of Table 3. ``hpc.optim.LAMB`` is the bias-corrected form.
+``T=None`` or ``T=math.inf`` is an infinite cycle (xi = 1 always): plain LAMB *without* bias correction,
+the paper's "T = inf" column of Table 3. ``hpc.optim.LAMB`` is the bias-corrected form.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from hpc.optim.lamb import (GroupwiseOptimizer, apply_layerwise_update, check_adam_hyperparameters,
-                            check_hyperparameter, gather_moments)
+from hpc.optim.lamb import (GroupwiseOptimizer, check_adam_hyperparameters, check_hyperparameter, gather_moments,
+                            layerwise_step)
 
 # LargeDet Table 3: alpha = 0.012 and T = 200 are the best of the ablation (batch 256).
 DEFAULT_ALPHA = 0.012
@@ -33,51 +33,53 @@ DEFAULT_CYCLE = 200
 DEFAULT_LR = 0.02
 
 
-def moments_decay(step: int, cycle: Optional[int]) -> float:
-    """xi = cos(pi/2 * (t % T) / T); 1 for T = None (no decay)."""
-    if cycle is None:
+def moments_decay(step: int, cycle: Optional[Union[int, float]]) -> float:
+    """xi = cos(pi/2 * (t % T) / T); 1 for T = None or T = math.inf (no decay)."""
+    if cycle is None or cycle == math.inf:
         return 1.0
     return math.cos(math.pi / 2 * (step % cycle) / cycle)
 
 
 def pmd_lamb_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                     *, xi: float, lr: float, alpha: float, beta1: float, beta2: float, eps: float,
-                    weight_decay: float, layer_adaptation: bool = True) -> None:
-    """One PMD-LAMB step over all tensors at once (multi-tensor ``torch._foreach_*`` ops)."""
-    if not params:
-        return
-    # m_t = xi * b1 * m_{t-1} + (1 - b1) * g
-    torch._foreach_mul_(exp_avgs, xi * beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
-    # v_t = xi * b2 * v_{t-1} + (1 - b2) * g^2
-    torch._foreach_mul_(exp_avg_sqs, xi * beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    # r_t = m_t / sqrt(v_t + eps)
-    denominators = torch._foreach_add(exp_avg_sqs, eps)
-    torch._foreach_sqrt_(denominators)
-    updates = torch._foreach_div(exp_avgs, denominators)
-    # u_t = r_t + wd * x
-    if weight_decay != 0:
-        torch._foreach_add_(updates, params, alpha=weight_decay)
+                    weight_decay: float, layer_adaptation: bool = True, block_numel: Optional[int] = None) -> None:
+    """One PMD-LAMB step over all tensors (multi-tensor ``torch._foreach_*`` ops), a cache block of
+    ``block_numel`` elements at a time (``hpc.optim.lamb.cache_blocks``; None: the whole list per op)."""
+
+    def direction(x: List[Tensor], g: List[Tensor], m: List[Tensor], v: List[Tensor]) -> List[Tensor]:
+        # m_t = xi * b1 * m_{t-1} + (1 - b1) * g
+        torch._foreach_mul_(m, xi * beta1)
+        torch._foreach_add_(m, g, alpha=1 - beta1)
+        # v_t = xi * b2 * v_{t-1} + (1 - b2) * g^2
+        torch._foreach_mul_(v, xi * beta2)
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        # u_t = r_t + wd * x, with r_t = m_t / sqrt(v_t + eps)
+        roots = torch._foreach_add(v, eps)
+        torch._foreach_sqrt_(roots)
+        updates = torch._foreach_mul(x, weight_decay)
+        torch._foreach_addcdiv_(updates, m, roots)
+        return updates
+
     # x_{t+1} = x_t - lr * alpha * phi * u_t
-    apply_layerwise_update(params, updates, lr * alpha, layer_adaptation)
+    layerwise_step([params, grads, exp_avgs, exp_avg_sqs], direction, step_size=lr * alpha,
+                   layer_adaptation=layer_adaptation, block_numel=block_numel)
 
 
 class PMDLAMB(GroupwiseOptimizer):
-    """PMD-LAMB (LargeDet Algorithm 1); ``T=None`` is LAMB without bias correction.
+    """PMD-LAMB (LargeDet Algorithm 1); ``T=None`` or ``T=math.inf`` is LAMB without bias correction.
 
     params: tensors or param groups (``hpc.optim.param_groups``); lr: eta (> 0), the global learning
     rate from the schedule; alpha: the scale factor on the layer-wise ratio (> 0); T: cycle length in
-    steps (int >= 1) or None; betas: (b1, b2) in [0, 1); eps: inside the square root (> 0);
-    weight_decay: lambda (>= 0). A param group with ``layer_adaptation=False`` takes phi = 1
-    (``hpc.optim.lamb.apply_layerwise_update``); Algorithm 1 adapts every tensor (the default).
+    steps (int >= 1), or None or ``math.inf`` for no decay; betas: (b1, b2) in [0, 1); eps: inside the
+    square root (> 0); weight_decay: lambda (>= 0). A param group with ``layer_adaptation=False`` takes
+    phi = 1 (``hpc.optim.lamb.layerwise_step``); Algorithm 1 adapts every tensor (the default).
 
     The step counter t lives in each param group (``group["step"]``, saved by ``state_dict``), so a
     resumed run continues at the same position in the cycle.
     """
 
     def __init__(self, params: Iterable, lr: float = DEFAULT_LR, alpha: float = DEFAULT_ALPHA,
-                 T: Optional[int] = DEFAULT_CYCLE, betas: Tuple[float, float] = (0.9, 0.999),
+                 T: Optional[Union[int, float]] = DEFAULT_CYCLE, betas: Tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 5e-4, eps: float = 1e-6):
         super().__init__(params, dict(lr=lr, alpha=alpha, T=T, betas=tuple(betas), weight_decay=weight_decay,
                                       eps=eps, step=0, layer_adaptation=True))
@@ -88,13 +90,15 @@ class PMDLAMB(GroupwiseOptimizer):
         check_adam_hyperparameters(group)
         check_hyperparameter("alpha", group["alpha"], group["alpha"] > 0, "must be > 0")
         cycle = group["T"]
-        check_hyperparameter("T", cycle, cycle is None or (isinstance(cycle, numbers.Integral)
-                                                           and not isinstance(cycle, bool) and cycle >= 1),
-                             "the cycle length must be an integer >= 1, or None for no moments decay")
+        whole_cycle = isinstance(cycle, numbers.Integral) and not isinstance(cycle, bool) and cycle >= 1
+        check_hyperparameter("T", cycle, cycle is None or cycle == math.inf or whole_cycle,
+                             "the cycle length must be an integer >= 1, or None or inf for no moments decay")
 
     def step_group(self, group: Dict) -> None:
         group["step"] += 1
         beta1, beta2 = group["betas"]
-        pmd_lamb_kernel(*gather_moments(self, group), xi=moments_decay(group["step"], group["T"]),
+        params, grads, exp_avgs, exp_avg_sqs = gather_moments(self, group)
+        pmd_lamb_kernel(params, grads, exp_avgs, exp_avg_sqs, xi=moments_decay(group["step"], group["T"]),
                         lr=group["lr"], alpha=group["alpha"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                        weight_decay=group["weight_decay"], layer_adaptation=group["layer_adaptation"])
+                        weight_decay=group["weight_decay"], layer_adaptation=group["layer_adaptation"],
+                        block_numel=self.block_numel(params))

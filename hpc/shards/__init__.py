@@ -8,8 +8,8 @@ The file layout is in ``hpc.shards.writer``, the manifest in ``hpc.shards.manife
 explains the choices.
 """
 from hpc.shards.manifest import ShardError, read_manifest
-from hpc.shards.reader import LANDSCAPE, PORTRAIT, ShardDataset, decode_image
+from hpc.shards.reader import LANDSCAPE, PORTRAIT, CorruptRecordError, ShardDataset, decode_image
 from hpc.shards.sampler import DistributedShardSampler
 
-__all__ = ["DistributedShardSampler", "LANDSCAPE", "PORTRAIT", "ShardDataset", "ShardError", "decode_image",
-           "read_manifest"]
+__all__ = ["CorruptRecordError", "DistributedShardSampler", "LANDSCAPE", "PORTRAIT", "ShardDataset", "ShardError",
+           "decode_image", "read_manifest"]

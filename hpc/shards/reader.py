@@ -8,7 +8,9 @@
 Opening checks the manifest against the files: a missing shard, a shard of the wrong size (truncated
 or replaced) or, with ``verify_checksums=True``, a SHA-256 mismatch raises ``ShardError`` naming the
 file. Every record's bytes are checked against their CRC-32 when read, so a corrupt record fails the
-epoch loudly instead of shortening it.
+epoch loudly (``CorruptRecordError`` naming the shard, the record and the image id) instead of
+shortening it; with ``skip_corrupt=True`` such a record reads as None (with a warning on stderr)
+and the consumer counts it.
 
 The small per-image and per-annotation arrays are read once, at construction, into memory (they are
 shared copy-on-write with DataLoader workers). Image bytes are read through an h5py handle that each
@@ -20,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -29,6 +32,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from hpc.files import os_error_reason
 from hpc.shards.manifest import FORMAT_VERSION, ShardError, file_sha256, read_manifest
 
 FORMATS = ("jpeg", "raw")
@@ -41,6 +45,10 @@ TRANSPOSE_FOR_ORIENTATION = {
 }
 SIDE_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 LANDSCAPE, PORTRAIT = 0, 1
+
+
+class CorruptRecordError(ShardError):
+    """A record's stored bytes differ from their CRC-32; the message names the shard, record and image id."""
 
 
 def apply_orientation(image: Image.Image, orientation: int) -> Image.Image:
@@ -63,12 +71,18 @@ class ShardDataset(torch.utils.data.Dataset):
     categories: [{"id", "name"}] sorted by id (training labels 1..C in this order, 0 = background).
     image_ids: int64 [N]. image_sizes: int32 [N, 2] original (height, width).
     aspect_groups: int8 [N], LANDSCAPE (width >= height) or PORTRAIT. shard_of: int32 [N] shard index.
+    skip_corrupt: ``dataset[i]`` of a record that fails its CRC-32 is None instead of raising
+    ``CorruptRecordError``; ``corrupt_skipped`` counts them in this process (DataLoader workers each
+    keep their own count: count the None records in the batches instead).
     """
 
-    def __init__(self, shard_dir: str, *, with_segmentation: bool = False, verify_checksums: bool = False):
+    def __init__(self, shard_dir: str, *, with_segmentation: bool = False, verify_checksums: bool = False,
+                 skip_corrupt: bool = False):
         self.shard_dir = Path(shard_dir)
         self.manifest = read_manifest(self.shard_dir)
         self.with_segmentation = with_segmentation
+        self.skip_corrupt = skip_corrupt
+        self.corrupt_skipped = 0
         self.format = self.manifest["options"]["format"]
         self.categories = [{"id": c["id"], "name": c["name"]}
                            for c in sorted(self.manifest["dataset"]["categories"], key=lambda c: c["id"])]
@@ -125,7 +139,8 @@ class ShardDataset(torch.utils.data.Dataset):
                 for name in ("box", "category_id", "iscrowd", "area", "id"):
                     index[name] = handle[f"annotations/{name}"][()]
         except (OSError, KeyError) as error:
-            raise ShardError(f"Unreadable shard: {path} ({error}); run 'megdet pack' again to repack it") from None
+            raise ShardError(f"Unreadable shard: {path} ({os_error_reason(error, path.parent)}); run 'megdet pack' "
+                             f"again to repack it") from None
         return index
 
     def __len__(self) -> int:
@@ -150,19 +165,28 @@ class ShardDataset(torch.utils.data.Dataset):
         self._handles, self._image_data = {}, {}
 
     def read_bytes(self, index: int) -> np.ndarray:
-        """The stored bytes of image ``index`` (uint8 [length]): one read, CRC-checked."""
+        """The stored bytes of image ``index`` (uint8 [length]): one read, CRC-checked
+        (``CorruptRecordError`` when they do not match)."""
         shard = int(self.shard_of[index])
         start, length = int(self._offset[index]), int(self._length[index])
         try:
             self._shard(shard)
             stored = self._image_data[shard][start:start + length]
         except OSError as error:
-            raise ShardError(f"Unreadable shard: {self.shard_paths[shard]} ({error}); "
-                             f"run 'megdet pack' again to repack it") from None
+            raise ShardError(f"Unreadable shard: {self.shard_paths[shard]} "
+                             f"({os_error_reason(error, self.shard_dir)}); run 'megdet pack' again to repack it") from None
         if zlib.crc32(stored) != int(self._crc32[index]):
-            raise ShardError(f"Checksum mismatch: image id {int(self.image_ids[index])} in {self.shard_paths[shard]} "
-                             f"(bytes {start}..{start + length}) is corrupt; run 'megdet pack' again to repack it")
+            raise CorruptRecordError(
+                f"Checksum mismatch: {self._record_name(index)} is corrupt; run the same 'megdet pack' command "
+                f"again (it repacks shards that fail their checksum), or read with skip_corrupt=True to leave "
+                f"such records out")
         return stored
+
+    def _record_name(self, index: int) -> str:
+        start, length = int(self._offset[index]), int(self._length[index])
+        return (f"image id {int(self.image_ids[index])} in {self.shard_paths[int(self.shard_of[index])]} (record "
+                f"{int(self.local_index[index])} of that shard, index {index} of the data set, bytes "
+                f"{start}..{start + length})")
 
     def decode(self, index: int, stored: np.ndarray) -> np.ndarray:
         """Stored bytes of image ``index`` -> uint8 [H, W, 3] RGB, upright (raw: the stored pixels)."""
@@ -184,9 +208,18 @@ class ShardDataset(torch.utils.data.Dataset):
         texts = self._shard(int(self.shard_of[index]))["annotations/segmentation"].asstr()[start:start + count]
         return [json.loads(text) for text in texts]
 
-    def __getitem__(self, index: int) -> Dict[str, Any]:
+    def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
+        try:
+            stored = self.read_bytes(index)
+        except CorruptRecordError:
+            if not self.skip_corrupt:
+                raise
+            self.corrupt_skipped += 1
+            print(f"warning: skipped {self._record_name(index)}: its bytes do not match their CRC-32",
+                  file=sys.stderr, flush=True)
+            return None
         record = self._annotations(index)
-        record["image"] = self.decode(index, self.read_bytes(index))
+        record["image"] = self.decode(index, stored)
         if self.with_segmentation:
             record["segmentation"] = self._segmentations(index)
         return record

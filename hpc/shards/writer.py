@@ -29,29 +29,36 @@ chunk index, no chunk cache, nothing to decompress.
 
 A shard is written under a temporary name, fsync'ed, renamed, and only then given its completion
 record (``hpc.shards.manifest``): a crash leaves no file under a shard's name that is not complete.
+One packing job at a time writes a folder: ``pack_lock`` (held by rank 0 for the whole job).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import socket
+import sys
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
 from PIL import Image
 
 from hpc.errors import UserError
+from hpc.files import LockBusy, exclusive_lock, os_error_reason
 from hpc.shards import manifest as manifest_mod
 from hpc.shards.reader import FORMATS, ORIENTATION_TAG, SIDE_SWAPPING_ORIENTATIONS, apply_orientation
 
 DEFAULT_RAW_MAX_SIZE = 1333
 JPEG_VERIFY_SCALE = 8  # verify JPEGs by decoding every byte at 1/8 scale (libjpeg DCT scaling)
 RGB_CHANNELS = 3
+LOCK_NAME = ".megdet-pack.lock"  # in the shard folder while a packing job writes it
 
 
 class BadImageError(UserError):
@@ -109,6 +116,10 @@ def expected_bytes(entries: Sequence[ImageEntry], *, fmt: str, max_size: Optiona
         except FileNotFoundError:
             raise UserError(f"Invalid image file: {entry.path} (image id {entry.image_id}) does not "
                             f"exist; check --images or the file_name in the annotation file") from None
+        except OSError as error:  # a name too long, a file used as a folder, no permission
+            raise UserError(f"Invalid image file: {entry.path} (image id {entry.image_id}) cannot be looked up "
+                            f"({os_error_reason(error, entry.path.parent)}); check --images or the file_name "
+                            f"in the annotation file") from None
         if fmt == "jpeg":
             sizes.append(file_bytes)
         else:
@@ -199,8 +210,29 @@ def partial_path(shard_path: Path) -> Path:
 def pack_shard(entries: Sequence[ImageEntry], sizes: Sequence[int], *, shard_path: Path, index: int,
                num_shards: int, fmt: str, max_size: Optional[int], skip_bad: bool,
                key: str) -> manifest_mod.ShardSummary:
-    """Write one shard holding ``entries`` (``sizes``: their expected bytes) and its completion record."""
+    """Write one shard holding ``entries`` (``sizes``: their expected bytes) and its completion record.
+    A failure (a bad image, a full disk) removes what it wrote; a killed process leaves only the
+    partial file, which the next run overwrites."""
     partial = partial_path(shard_path)
+    try:
+        summary = _write_partial(entries, sizes, partial=partial, shard_name=shard_path.name, index=index,
+                                 num_shards=num_shards, fmt=fmt, max_size=max_size, skip_bad=skip_bad, key=key)
+        os.replace(partial, shard_path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    try:
+        manifest_mod.write_completion(shard_path, summary)
+    except BaseException:
+        shard_path.unlink(missing_ok=True)  # without its record it would be packed again: free its space now
+        raise
+    return summary
+
+
+def _write_partial(entries: Sequence[ImageEntry], sizes: Sequence[int], *, partial: Path, shard_name: str,
+                   index: int, num_shards: int, fmt: str, max_size: Optional[int], skip_bad: bool,
+                   key: str) -> manifest_mod.ShardSummary:
+    """Write the shard file ``partial`` (fsync'ed) and return its summary."""
     images: Dict[str, list] = {name: [] for name in (
         "offset", "length", "crc32", "image_id", "file_name", "height", "width", "stored_height",
         "stored_width", "orientation", "source")}
@@ -214,7 +246,8 @@ def pack_shard(entries: Sequence[ImageEntry], sizes: Sequence[int], *, shard_pat
                 source_bytes = entry.path.read_bytes()
             except OSError as error:
                 raise UserError(f"Invalid image file: {entry.path} (image id {entry.image_id}) cannot be read "
-                                f"({error}); check its permissions") from None
+                                f"({os_error_reason(error, entry.path.parent)}); check the file_name in the "
+                                f"annotation file and the file's permissions") from None
             try:
                 stored, height, width, orientation = encode_image(entry, source_bytes, fmt=fmt, max_size=max_size)
             except BadImageError as error:
@@ -239,12 +272,9 @@ def pack_shard(entries: Sequence[ImageEntry], sizes: Sequence[int], *, shard_pat
                             "max_size": max_size or 0, "shard_index": index, "num_shards": num_shards,
                             "num_images": len(kept), "plan_key": key})
     _fsync(partial)
-    summary = manifest_mod.ShardSummary(
-        file=shard_path.name, num_images=len(kept), num_annotations=sum(len(e.category_ids) for e in kept),
+    return manifest_mod.ShardSummary(
+        file=shard_name, num_images=len(kept), num_annotations=sum(len(e.category_ids) for e in kept),
         bytes=partial.stat().st_size, sha256=manifest_mod.file_sha256(partial), plan_key=key, skipped=skipped)
-    os.replace(partial, shard_path)
-    manifest_mod.write_completion(shard_path, summary)
-    return summary
 
 
 def _write_index(shard: h5py.File, images: Dict[str, list], kept: Sequence[ImageEntry]) -> None:
@@ -294,8 +324,32 @@ def pack_rank_shards(entries: Sequence[ImageEntry], sizes: Sequence[int], plan: 
                 summary = pack_shard(part, [sizes[i] for i in plan[index]], shard_path=shard_path, index=index,
                                      num_shards=len(plan), fmt=fmt, max_size=max_size, skip_bad=skip_bad, key=key)
             except OSError as error:  # image files are read inside with their own message: this is the shard
-                raise UserError(f"Invalid --out: writing {shard_path} failed ({error}); free space on its "
-                                f"file system or choose another folder, then run the command again") from None
+                raise UserError(f"Invalid --out: writing {shard_path.name} in {out_dir} failed "
+                                f"({os_error_reason(error, out_dir)}); free space there or choose another --out, "
+                                f"then run the same command again (finished shards are kept)") from None
             log(f"packed {shard_path.name}: {summary.num_images} images, {summary.bytes / 2**20:.1f} MiB")
         summaries.append(summary)
     return summaries
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def pack_lock(out_dir: Path, warn=_warn) -> Iterator[None]:
+    """Hold the packing lock of the shard folder ``out_dir`` for the block: ``UserError`` naming the
+    holder at once if another packing job holds it. One process per job takes it (``megdet pack``:
+    rank 0, before any rank writes, until the manifest is written); the kernel releases it if that
+    process dies. A file system without locks gets a warning and no lock."""
+    owner = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    try:
+        with exclusive_lock(Path(out_dir) / LOCK_NAME, owner) as locked:
+            if not locked:
+                warn(f"{out_dir} does not support file locks: nothing stops another megdet pack from "
+                     f"writing into it at the same time")
+            yield
+    except LockBusy as busy:
+        holder = busy.owner or "it has just started"
+        raise UserError(f"Invalid --out: {out_dir} is being packed by another megdet pack ({holder}); wait for "
+                        f"it to finish, or choose another --out") from None

@@ -16,6 +16,7 @@ BENCHMARKS["optim"] = ("megdet.bench.optim", "one optimizer step over ResNet-50-
 BENCHMARKS["model"] = ("megdet.bench.model", "forward+backward s/image of the detector, with and without sublinear memory, vs torchvision")
 BENCHMARKS["train"] = ("megdet.bench.train", "images/s of the real training step at 1 and N ranks, scaling efficiency, time shares of data, compute, allreduce, optimizer")
 BENCHMARKS["allreduce"] = ("megdet.bench.allreduce", "time and bus bandwidth of one allreduce, 4 KiB to 256 MiB: Horovod fusion on/off vs torch.distributed")
+BENCHMARKS["node"] = ("megdet.bench.node", "the checks that prove a GPU node: doctor, the step vs torchvision, amp modes, CGBN exactness, a short train + eval (scripts/gpu_check.sh)")
 BENCHMARKS["project"] = ("megdet.bench.project", "projected time to train on 8-160 GPUs (compute + ring allreduce model) next to the papers' times")
 
 

@@ -9,6 +9,9 @@ Sources, each yielding the image as a uint8 [H, W, 3] tensor with its boxes:
   jpeg_shards  ``hpc.shards.ShardDataset`` on ``megdet pack --format jpeg`` shards
   raw_shards   the same on ``--format raw`` shards (decoded at pack time, longer side <= --max-size)
   decode_limit the JPEG bytes already in memory, decoded as the shard reader does: the ceiling for jpeg
+  train_sample jpeg shards through the training transform (resize to --train-size, random flip) into the
+               uint8 tensor a training worker sends: what one loader worker costs per training image,
+               which sizes the CPUs per GPU of the job scripts
 Every (source, workers) pair runs one untimed pass (page cache, lazy opening), then ``--passes`` timed
 passes, each starting its workers afresh; the figures are medians over ``--repeats`` such measurements,
 taken round-robin over the sources. Two figures per row:
@@ -36,7 +39,7 @@ from PIL import Image
 from hpc.shards import ShardDataset, decode_image
 from megdet.bench import report
 
-SOURCES = ("loose", "jpeg_shards", "raw_shards", "decode_limit")
+SOURCES = ("loose", "jpeg_shards", "raw_shards", "decode_limit", "train_sample")
 
 
 class LooseFiles(torch.utils.data.Dataset):
@@ -73,6 +76,25 @@ class InMemoryJpeg(torch.utils.data.Dataset):
         return torch.from_numpy(decode_image(record["image_bytes"], record["orientation"])), record["boxes"]
 
 
+class TrainingSamples(torch.utils.data.Dataset):
+    """A shard record through the training transform (COCO's shorter-side sizes, flips): the uint8
+    image tensor and boxes a training loader worker produces."""
+
+    def __init__(self, shards: ShardDataset, min_size: int, max_size: int):
+        from megdet.data.transforms import DetectionTransform
+
+        self.shards = shards
+        self.transform = DetectionTransform(min_sizes=(min_size,), max_size=max_size, flip_prob=0.5,
+                                            category_ids=[int(c["id"]) for c in shards.categories])
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, index: int):
+        sample = self.transform(self.shards[index], np.random.default_rng(index))
+        return sample.image, sample.target["boxes"]
+
+
 class AsTensors(torch.utils.data.Dataset):
     """A shard record as (image tensor, boxes), the shape the other sources return."""
 
@@ -95,6 +117,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--passes", type=int, default=2, help="timed passes over the images per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per (source, workers); median reported")
     parser.add_argument("--max-size", type=int, default=1333, help="longer side of the raw shards (pixels)")
+    parser.add_argument("--train-size", type=int, nargs=2, default=[800, 1333], metavar=("MIN", "MAX"),
+                        help="shorter side and cap of the training transform of train_sample (default: 800 1333)")
 
 
 def _subset(coco_json: str, limit: int, out: Path) -> Path:
@@ -152,7 +176,8 @@ def run(args) -> int:
         rows: List[Dict] = [{"source": f"pack --format {fmt}", "workers": 0, "images_per_s": count / wall,
                              "cpu_ms_per_image": 1000 * cpu / count} for fmt, (wall, cpu) in seconds.items()]
         datasets = {"loose": LooseFiles(str(coco_json), args.images), "jpeg_shards": AsTensors(jpeg_shards),
-                    "raw_shards": AsTensors(raw_shards), "decode_limit": InMemoryJpeg(jpeg_shards)}
+                    "raw_shards": AsTensors(raw_shards), "decode_limit": InMemoryJpeg(jpeg_shards),
+                    "train_sample": TrainingSamples(jpeg_shards, *args.train_size)}
         for workers in args.workers:
             samples: Dict[str, List[Tuple[float, float]]] = {name: [] for name in SOURCES}
             for _ in range(args.repeats):
@@ -166,6 +191,7 @@ def run(args) -> int:
                              "vs_loose": cost["loose"] / cost[name]})
         inputs = {"coco_json": str(args.coco_json), "images": str(args.images), "num_images": len(jpeg_shards),
                   "passes": args.passes, "repeats": args.repeats, "raw_max_size": args.max_size,
+                  "train_size": args.train_size,
                   "jpeg_shard_bytes": sum(s["bytes"] for s in jpeg_shards.manifest["shards"]),
                   "raw_shard_bytes": sum(s["bytes"] for s in raw_shards.manifest["shards"])}
         jpeg_shards.close()

@@ -4,7 +4,8 @@
     megdet bench optim --repeats 50          # more rounds: a steadier median on a busy machine
 
 Rows: SGD with momentum (torch's foreach implementation, the baseline), PMD-LAMB (multi-tensor
-``torch._foreach_*`` kernel), the same PMD-LAMB written naively one parameter at a time, LAMB and
+``torch._foreach_*`` kernel, a cache block at a time as on CPU), the same kernel with every op over the
+whole tensor list (as on an accelerator), PMD-LAMB written naively one parameter at a time, LAMB and
 LARS. Every optimizer owns a copy of the same parameters and sees the same gradients; each round
 times one step of every optimizer in turn, so machine load affects all rows alike. Ratios are
 median step times over SGD's, in wall-clock time and in this process's CPU time (steadier on a
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from hpc.optim import LAMB, LARS, PMDLAMB
+from hpc.optim.lamb import CPU_BLOCK_NUMEL, describe_kernel
 from hpc.optim.pmd_lamb import moments_decay
 from megdet.bench import report
 
@@ -80,14 +82,24 @@ class NaivePMDLAMB:
             p.sub_(u * (self.lr * self.alpha * phi))
 
 
-# name: (build from parameters, what it is)
+class WholeListPMDLAMB(PMDLAMB):
+    """``hpc.optim.PMDLAMB`` with every op over the whole tensor list, as it runs on an accelerator: on
+    CPU, what the cache blocks save."""
+
+    def block_numel(self, params: List[Tensor]) -> None:
+        return None
+
+
+# name: (build from parameters, what it is); the parameters are CPU tensors
 OPTIMIZERS: Dict[str, Tuple[Callable[[List[Tensor]], object], str]] = {
     "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.32, momentum=0.9, weight_decay=1e-4, foreach=True),
             "torch.optim.SGD, momentum 0.9, foreach"),
-    "pmd_lamb": (lambda ps: PMDLAMB(ps, lr=0.32), "hpc.optim.PMDLAMB, multi-tensor kernel"),
+    "pmd_lamb": (lambda ps: PMDLAMB(ps, lr=0.32), f"hpc.optim.PMDLAMB, {describe_kernel(CPU_BLOCK_NUMEL)}"),
+    "pmd_lamb_whole_list": (lambda ps: WholeListPMDLAMB(ps, lr=0.32),
+                            f"hpc.optim.PMDLAMB, {describe_kernel(None)}"),
     "pmd_lamb_naive": (lambda ps: NaivePMDLAMB(ps, lr=0.32), "PMD-LAMB, one parameter at a time"),
-    "lamb": (lambda ps: LAMB(ps, lr=1e-3), "hpc.optim.LAMB, multi-tensor kernel"),
-    "lars": (lambda ps: LARS(ps, lr=0.32), "hpc.optim.LARS, multi-tensor kernel"),
+    "lamb": (lambda ps: LAMB(ps, lr=1e-3), f"hpc.optim.LAMB, {describe_kernel(CPU_BLOCK_NUMEL)}"),
+    "lars": (lambda ps: LARS(ps, lr=0.32), f"hpc.optim.LARS, {describe_kernel(CPU_BLOCK_NUMEL)}"),
 }
 
 

@@ -7,7 +7,11 @@ from a measured (or paper-derived) step time and allreduce bandwidth, next to th
                          --allreduce-results runs/bench/allreduce/allreduce.json --overlap 0.5
 
 Model (``hpc.perfmodel``): step = compute + exposed ring allreduce of the gradients + the CGBN
-allreduces over the BN group, at least images_per_gpu / input rate; time = iterations * step.
+allreduces over the BN group, at least images_per_gpu / input rate; time = iterations * step. CGBN
+makes two blocking allreduces per BN layer (84 per step for R50's 42 trainable BN layers); on
+Horovod each also waits half a HOROVOD_CYCLE_TIME for the background thread (``--cgbn-transport
+horovod``: 84 x 2.5 ms = 0.21 s at the job scripts' 5 ms, LargeDet's whole step), on torch.distributed
+none (``--cgbn-transport torch``, the default and what the job scripts run: MEGDET_CGBN_COMM=torch).
 Compute scales with the images per GPU from the measured step (one rank, no communication). Rows:
 for each GPU count, the MegDet Table 3 and LargeDet Table 4 rows run at that count (``--batch``:
 only those of that batch); a count with none gets a generated row, marked "no paper row".
@@ -38,6 +42,8 @@ DEFAULT_BANDWIDTH_GBPS = 12.0      # 100 Gb/s InfiniBand EDR = 12.5 GB/s line ra
 BACKWARD_SHARE = 2 / 3             # backward ~ 2x forward: the part of compute that --overlap can hide
 GPUS_PER_NODE = 8                  # generated rows: MegDet's 8-GPU servers; CGBN stays inside a node
 GRADIENT_BYTES_PER_PARAM = 4       # float32 gradients
+CGBN_TRANSPORTS = ("torch", "horovod")
+DEFAULT_CYCLE_TIME_MS = 5.0        # HOROVOD_CYCLE_TIME in jobs/templates/body.sh.in
 
 
 class Row(NamedTuple):
@@ -99,6 +105,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overlap", type=float, default=0.0,
                         help="share of the backward pass that hides the gradient allreduce, 0..1 "
                              "(default: %(default)s, no overlap: conservative)")
+    parser.add_argument("--cgbn-transport", choices=CGBN_TRANSPORTS, default="torch",
+                        help="what carries cross-GPU BN's blocking allreduces: torch (MEGDET_CGBN_COMM=torch, "
+                             "NCCL, starts at once) or horovod (waits for the background cycle) "
+                             "(default: %(default)s, what the job scripts use)")
+    parser.add_argument("--cycle-time-ms", type=float, default=DEFAULT_CYCLE_TIME_MS,
+                        help="HOROVOD_CYCLE_TIME for --cgbn-transport horovod (default: %(default)s, the job scripts')")
     parser.add_argument("--gradient-mb", type=float, default=None,
                         help="gradient size in MB (1e6 bytes) (default: trainable parameters of "
                              "resnet50_fpn x 4 bytes)")
@@ -112,12 +124,15 @@ def run(args) -> int:
             raise UserError(f"Invalid --{name.replace('_', '-')}: {value}; need a positive number")
     if args.latency_us < 0:
         raise UserError(f"Invalid --latency-us: {args.latency_us}; need 0 or more microseconds")
+    if args.cycle_time_ms < 0:
+        raise UserError(f"Invalid --cycle-time-ms: {args.cycle_time_ms}; need 0 or more milliseconds")
     if not 0 <= args.overlap <= 1:
         raise UserError(f"Invalid --overlap: {args.overlap}; need a share of the backward pass in 0..1")
     rows = [row for gpus in gpu_counts for row in _rows_at(gpus, args.batch)]
     step_s, step_images, step_from = _step_time(args)
     busbw_GBps, busbw_from = _bandwidth(args)
     params, bn_channels = _detector_shape()
+    cgbn_wait_s = perfmodel.horovod_wait_seconds(args.cycle_time_ms / 1e3) if args.cgbn_transport == "horovod" else 0.0
     gradient_bytes = args.gradient_mb * 1e6 if args.gradient_mb else params * GRADIENT_BYTES_PER_PARAM
     inputs = {
         "gpus": gpu_counts, "batch": args.batch,
@@ -129,11 +144,13 @@ def run(args) -> int:
                           f"resnet50_fpn trainable parameters ({params}) x {GRADIENT_BYTES_PER_PARAM} bytes, "
                           "one fused allreduce"),
         "bn_layers": len(bn_channels), "bn_channels": sum(bn_channels),
+        "cgbn_collectives_per_step": perfmodel.cgbn_collectives(bn_channels), "cgbn_transport": args.cgbn_transport,
+        "cgbn_wait_per_collective_ms": cgbn_wait_s * 1e3,
         "coco_train_images": COCO_TRAIN_IMAGES, "epochs": EPOCHS,
     }
     model = dict(seconds_per_image=step_s / step_images, busbw_Bps=busbw_GBps * 1e9,
                  latency_s=args.latency_us * 1e-6, input_rate=args.input_rate, overlap=args.overlap,
-                 gradient_bytes=gradient_bytes, bn_channels=bn_channels)
+                 gradient_bytes=gradient_bytes, bn_channels=bn_channels, cgbn_wait_s=cgbn_wait_s)
     results = [_project(row, **model) for row in rows]
     print(f"megdet bench {NAME}: inputs")
     for key, value in inputs.items():
@@ -169,7 +186,8 @@ def _rows_at(gpus: int, batch: Optional[int]) -> List[Row]:
 
 
 def _project(row: Row, *, seconds_per_image: float, busbw_Bps: float, latency_s: float,
-             input_rate: Optional[float], overlap: float, gradient_bytes: float, bn_channels: List[int]) -> Dict:
+             input_rate: Optional[float], overlap: float, gradient_bytes: float, bn_channels: List[int],
+             cgbn_wait_s: float) -> Dict:
     """The model's figures for one row, as a results row."""
     images_per_gpu = row.batch // row.gpus
     group = min(row.bn_size // images_per_gpu, row.gpus_per_node) if row.bn_size else 1
@@ -177,7 +195,7 @@ def _project(row: Row, *, seconds_per_image: float, busbw_Bps: float, latency_s:
     allreduce_s = perfmodel.exposed_allreduce_seconds(
         perfmodel.ring_allreduce_seconds(gradient_bytes, row.gpus, busbw_Bps, latency_s),
         backward_s=BACKWARD_SHARE * compute_s, overlap=overlap)
-    cgbn_s = perfmodel.cgbn_seconds(bn_channels, group, busbw_Bps, latency_s)
+    cgbn_s = perfmodel.cgbn_seconds(bn_channels, group, busbw_Bps, latency_s, cgbn_wait_s)
     step_s = perfmodel.step_seconds(compute_s, allreduce_s, cgbn_s, images_per_gpu, input_rate)
     step_1 = perfmodel.step_seconds(compute_s, 0.0, 0.0, images_per_gpu, input_rate)
     throughput = perfmodel.images_per_second(row.gpus, images_per_gpu, step_s)
@@ -240,11 +258,13 @@ def _bandwidth(args) -> Tuple[float, str]:
 
 def _detector_shape() -> Tuple[int, List[int]]:
     """Trainable parameters of resnet50_fpn (80 classes) and the channels of its trainable BN layers
-    (the ones CGBN replaces), counted on a model built on the CPU."""
+    (the ones CGBN replaces: res3-res5, 42 layers, the stem and res2 being frozen with the ImageNet
+    weights every paper preset starts from), counted on a model built on the CPU."""
     from torch import nn
 
     from megdet.model import build_detector
+    from megdet.weights import default_freeze_at
 
-    model = build_detector("resnet50_fpn", num_classes=80, norm="bn")
+    model = build_detector("resnet50_fpn", num_classes=80, norm="bn", freeze_at=default_freeze_at(pretrained=True))
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return params, [m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d)]

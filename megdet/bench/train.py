@@ -12,8 +12,9 @@ baseline is always measured. Every run keeps the config's ``data.images_per_rank
 shares statistics over all ranks (at 1 rank: plain local statistics) and the model and optimizer are
 the same. Under a launcher it measures the launched ranks once.
 
-The timed step is the Trainer's own (``megdet.engine.train``: its model, DataLoader over the shards,
-DistributedOptimizer, schedule), cut in four phases, in seconds on each rank's clock:
+The timed step is ``Trainer.step`` itself (``megdet.engine.train``: its model, DataLoader over the
+shards, DistributedOptimizer, schedule, device and autocast), cut in four phases, in seconds on each
+rank's clock (on a GPU, each phase ends with a device synchronisation, so its time is the GPU's):
   data              next batch from the DataLoader (decode + transform, or waiting for a worker)
   forward_backward  forward, losses and backward; the gradient allreduces start from the backward
                     hooks and overlap it
@@ -44,7 +45,8 @@ from hpc import launch
 from hpc.errors import UserError
 from megdet import config as config_mod
 from megdet.bench import report, spawn
-from megdet.engine.train import Trainer, autocast, init_rank
+from megdet.engine.build import build_runtime, init_rank
+from megdet.engine.train import Trainer, to_device
 
 NAME = "train"
 DEFAULT_CONFIG = "shapes_r18_cpu"
@@ -91,7 +93,7 @@ def run(args) -> int:
         if args.ranks is not None and launched not in ranks:
             raise UserError(f"the launcher started {launched} ranks but --ranks is {args.ranks}: launch "
                             f"{ranks[-1]} ranks, or leave out --ranks to measure the launched ones")
-        comm = init_rank()
+        comm = init_rank(_runtime(args).device)
         row = _measure(args, comm)
         if comm.rank == 0:
             threads = {comm.size: torch.get_num_threads()}
@@ -104,7 +106,7 @@ def run(args) -> int:
 def _spawn(args, ranks: List[int]) -> int:
     """Measure 1 rank here and each N > 1 under the launcher; merge the rows and add the efficiency."""
     ranks = sorted({1, *ranks})
-    comm = init_rank()
+    comm = init_rank(_runtime(args).device)
     rows = [_measure(args, comm)]
     threads = {1: torch.get_num_threads()}
     forwarded = [args.config, *args.overrides, f"--steps={args.steps}", f"--warmup={args.warmup}"]
@@ -138,11 +140,16 @@ def _config(args, ranks: int, output_dir: str) -> config_mod.Config:
     return config_mod.load(args.config, [*args.overrides, *fixed])
 
 
+def _runtime(args):
+    """This rank's device and autocast from the user's config (before the communicator starts)."""
+    return build_runtime(config_mod.load(args.config, args.overrides))
+
+
 def _measure(args, comm: comm_mod.Communicator) -> Optional[Dict]:
     """Time ``args.steps`` training steps on every rank of ``comm``; the row on rank 0, else None."""
     with tempfile.TemporaryDirectory(prefix="megdet-bench-train-") as output_dir:
         cfg = _config(args, comm.size, output_dir)
-        trainer = Trainer(cfg, comm)
+        trainer = Trainer(cfg, comm, build_runtime(cfg))
         try:
             seconds = _time_steps(trainer, args.warmup, args.steps)
         finally:
@@ -161,25 +168,23 @@ def _measure(args, comm: comm_mod.Communicator) -> Optional[Dict]:
 
 
 def _time_steps(trainer: Trainer, warmup: int, steps: int) -> List[Dict[str, float]]:
-    """Run ``warmup + steps`` steps as ``Trainer.train`` does; each timed step's seconds per phase."""
-    model, optimizer = trainer.model, trainer.optimizer
+    """Run ``warmup + steps`` steps of ``Trainer.step``; each timed step's seconds per phase."""
     batches = iter(trainer.loader())
+    device = trainer.device
     timed = []
     for iteration in range(warmup + steps):
-        marks = [time.perf_counter()]
+        marks = {"start": time.perf_counter()}
+
+        def mark(phase: str) -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            marks[phase] = time.perf_counter()
+
         (images, targets, _, _), _ = next(batches)
-        marks.append(time.perf_counter())
-        for group in optimizer.optimizer.param_groups:
-            group["lr"] = trainer.schedule.lr_at(iteration)
-        with autocast(trainer.cfg):
-            losses = model(images, targets)
-        optimizer.backward(sum(losses.values()))
-        marks.append(time.perf_counter())
-        optimizer.synchronize()
-        marks.append(time.perf_counter())
-        optimizer.step()
-        optimizer.zero_grad()
-        marks.append(time.perf_counter())
+        images, targets = to_device(images, targets, device)
+        mark("data")
+        trainer.step(iteration, images, targets, mark=mark)
         if iteration >= warmup:
-            timed.append({phase: end - start for phase, start, end in zip(PHASES, marks, marks[1:])})
+            ends = [marks[phase] for phase in ("start", *PHASES)]
+            timed.append({phase: end - start for phase, start, end in zip(PHASES, ends, ends[1:])})
     return timed

@@ -1,6 +1,7 @@
 """COCO box evaluation with pycocotools, of a results file or of detections spread over ranks.
 
     megdet eval --gt annotations/instances_val2017.json --results dets.json --out runs/eval
+    megdet eval --gt annotations/instances_val2017.json --results masks.json --iou-type segm   # mask AP
     horovodrun -np 8 -H localhost:8 megdet eval largedet_coco_12min --checkpoint runs/x/model_0003360.pt
 
 In a run, each rank turns its detector outputs into per-image arrays, rank 0 gathers them, evaluates
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -33,6 +35,8 @@ from hpc.files import write_json_atomic
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 RESULT_KEYS = ("image_id", "category_id", "bbox", "score")
+SEGM_RESULT_KEYS = ("image_id", "category_id", "segmentation", "score")
+IOU_TYPES = ("bbox", "segm")
 GT_KEYS = ("image_id", "category_id", "bbox", "area", "iscrowd")
 RESULTS_FILE = "bbox_results.json"
 METRICS_FILE = "metrics.json"
@@ -45,14 +49,11 @@ def load_ground_truth(path) -> COCO:
 
 def ground_truth_from_dict(dataset: Dict, path="the annotations") -> COCO:
     """A COCO ground truth from an instances dict (``path`` names it in errors)."""
-    if not isinstance(dataset, dict) or not all(k in dataset for k in ("images", "annotations", "categories")):
+    if not isinstance(dataset, dict) or not all(isinstance(dataset.get(k), list)
+                                                for k in ("images", "annotations", "categories")):
         raise UserError(f"ground truth {path} is not a COCO instances file (needs images, annotations and "
-                        "categories): give an instances_*.json")
-    for index, annotation in enumerate(dataset["annotations"]):
-        missing = [key for key in GT_KEYS if key not in annotation]
-        if missing:
-            raise UserError(f"annotation {index} of {path} lacks {', '.join(missing)}: COCOeval needs "
-                            f"{', '.join(GT_KEYS)} in every annotation")
+                        "categories lists): give an instances_*.json")
+    _check_ground_truth(dataset, path)
     ids = [annotation.get("id") for annotation in dataset["annotations"]]
     if any(not isinstance(i, int) or i <= 0 for i in ids) or len(set(ids)) != len(ids):
         # COCOeval records a match as the ground truth's id and treats id 0 as "no match"; the ids
@@ -74,18 +75,121 @@ def load_results(path) -> List[Dict]:
         if not isinstance(result, dict) or any(key not in result for key in RESULT_KEYS):
             raise UserError(f"detection {index} of {path} lacks one of {', '.join(RESULT_KEYS)}: write COCO "
                             "box results")
+        where = f"detection {index} of {path}"
+        for key in ("image_id", "category_id"):
+            if not _is_whole(result[key]):
+                raise UserError(f"{where} has {key} {_shown(result[key])}: ids are integers, as in the ground truth")
+        box = result["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_finite(value) for value in box)
+                and box[2] >= 0 and box[3] >= 0):
+            raise UserError(f"{where} has bbox {_shown(box)}: a COCO box is [x, y, width, height] of finite "
+                            "numbers, width and height >= 0")
+        if not _is_finite(result["score"]):
+            raise UserError(f"{where} has score {_shown(result['score'])}: a score is a finite number")
     return results
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    """A number that is a finite float64 (not NaN, not infinite, not an integer beyond float range)."""
+    return _is_number(value) and abs(value) <= sys.float_info.max
+
+
+def _is_convertible(value) -> bool:
+    """A number that converts to float64 (NaN and infinities included: pycocotools computes with them)."""
+    return _is_number(value) and (isinstance(value, float) or abs(value) <= sys.float_info.max)
+
+
+def _is_whole(value) -> bool:
+    """An integer id, or a float holding one (42.0: pycocotools matches it to 42)."""
+    return _is_number(value) and (isinstance(value, int) or value.is_integer())
+
+
+def _shown(value) -> str:
+    return json.dumps(value)[:100]
+
+
+def _check_ground_truth(dataset: Dict, path) -> None:
+    """UserError naming the first entry of an instances dict that pycocotools would fail on, or would
+    quietly leave out of the evaluation (an annotation of an unknown image or category)."""
+    known = {}
+    for kind, one in (("images", "image"), ("categories", "category")):
+        known[kind] = set()
+        for index, entry in enumerate(dataset[kind]):
+            if not isinstance(entry, dict) or not _is_integer_id(entry.get("id")):
+                raise UserError(f"{one} {index} of {path} has no integer id ({_shown(entry)}): COCOeval "
+                                f"indexes {kind} by id")
+            if entry["id"] in known[kind]:
+                raise UserError(f"{one} id {entry['id']} appears twice in {path}: give every {one} its own id")
+            known[kind].add(entry["id"])
+    for index, annotation in enumerate(dataset["annotations"]):
+        missing = GT_KEYS if not isinstance(annotation, dict) else [key for key in GT_KEYS if key not in annotation]
+        if missing:
+            raise UserError(f"annotation {index} of {path} lacks {', '.join(missing)}: COCOeval needs "
+                            f"{', '.join(GT_KEYS)} in every annotation")
+        where = f"annotation {index} of {path}"
+        for key, kind in (("image_id", "images"), ("category_id", "categories")):
+            if not _is_integer_id(annotation[key]) or annotation[key] not in known[kind]:
+                raise UserError(f"{where} has {key} {_shown(annotation[key])}, which is not in its {kind}: "
+                                f"fix the annotation or add the missing entry")
+        box = annotation["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_convertible(value) for value in box)):
+            raise UserError(f"{where} has bbox {_shown(box)}: a COCO box is [x, y, width, height]")
+        if not _is_convertible(annotation["area"]) or annotation["iscrowd"] not in (0, 1):
+            raise UserError(f"{where} has area {_shown(annotation['area'])} and iscrowd "
+                            f"{_shown(annotation['iscrowd'])}: the area is a number, iscrowd 0 or 1")
+
+
+def _is_integer_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_segm_results(path) -> List[Dict]:
+    """The detections of a COCO mask results file (a list of {image_id, category_id, segmentation, score},
+    "segmentation" a compressed RLE; a "bbox" may be there and is not used)."""
+    results = _read_json(path, "results")
+    if not isinstance(results, list):
+        raise UserError(f"results file {path} must hold a list of detections, not a {type(results).__name__}")
+    check_segm_results(results, path)
+    return results
+
+
+def check_segm_results(results: Sequence[Dict], source="the results") -> None:
+    """UserError naming ``source`` and the first detection that is not a dict with image_id, category_id,
+    score and a compressed RLE "segmentation" (what pycocotools' loadRes reads for masks)."""
+    for index, result in enumerate(results):
+        if not isinstance(result, dict) or any(key not in result for key in SEGM_RESULT_KEYS):
+            raise UserError(f"detection {index} of {source} lacks one of {', '.join(SEGM_RESULT_KEYS)}: segm "
+                            "evaluation needs a mask per detection (write COCO segm results with an RLE "
+                            "\"segmentation\"), or evaluate boxes with --iou-type bbox")
+        rle = result["segmentation"]
+        if not (isinstance(rle, dict) and isinstance(rle.get("counts"), (str, bytes))
+                and isinstance(rle.get("size"), list) and len(rle["size"]) == 2):
+            raise UserError(f"detection {index} of {source} has a \"segmentation\" that is not a compressed RLE "
+                            "{\"size\": [h, w], \"counts\": str}: encode masks with pycocotools.mask.encode "
+                            "(megdet.model.mask_head.encode_masks)")
 
 
 def _read_json(path, what: str):
     try:
-        return json.loads(Path(path).read_text())
+        data = Path(path).read_bytes()  # json.loads finds the encoding (UTF-8, -16 or -32), not the locale
     except FileNotFoundError:
         raise UserError(f"{what} file {path} does not exist: check the path") from None
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:
         raise UserError(f"cannot read {what} file {path} ({error.__class__.__name__}): check the file") from None
+    try:
+        return json.loads(data)
     except json.JSONDecodeError as error:
         raise UserError(f"{what} file {path} is not valid JSON ({error.msg} at line {error.lineno}): "
+                        "check the file") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{what} file {path} is not UTF-8 text (byte {error.start}: {error.reason}): "
+                        "check the file") from None
+    except RecursionError:
+        raise UserError(f"{what} file {path} nests lists or objects too deeply to be COCO JSON: "
                         "check the file") from None
 
 
@@ -126,9 +230,10 @@ def results_to_arrays(results: Sequence[Dict]) -> Dict[int, np.ndarray]:
 
 
 def gather_detections(comm, local: Dict[int, np.ndarray], root: int = 0) -> Optional[Dict[int, np.ndarray]]:
-    """Every rank's per-image detections merged on ``root`` (None on the other ranks). An image that
-    several ranks evaluated (a sampler that pads the last round) counts once, from the lowest rank."""
-    pieces = comm.allgather_object(local)
+    """Every rank's per-image detections merged on ``root`` (None on the other ranks); only ``root``
+    receives them. An image that several ranks evaluated (a sampler that pads the last round) counts
+    once, from the lowest rank."""
+    pieces = comm.gather_object(local, root=root)
     if comm.rank != root:
         return None
     merged: Dict[int, np.ndarray] = {}
@@ -138,10 +243,15 @@ def gather_detections(comm, local: Dict[int, np.ndarray], root: int = 0) -> Opti
     return merged
 
 
-def evaluate(coco_gt: COCO, results: List[Dict], image_ids: Optional[Sequence[int]] = None
-             ) -> Tuple[Dict[str, float], str]:
-    """(metrics in percent, the printed COCOeval summary) of box ``results`` against ``coco_gt`` over
-    ``image_ids`` (default: every ground-truth image)."""
+def evaluate(coco_gt: COCO, results: List[Dict], image_ids: Optional[Sequence[int]] = None,
+             iou_type: str = "bbox") -> Tuple[Dict[str, float], str]:
+    """(metrics in percent, the printed COCOeval summary) of ``results`` against ``coco_gt`` over
+    ``image_ids`` (default: every ground-truth image). ``iou_type`` "bbox" matches boxes; "segm"
+    matches the results' RLE masks with the ground truth's polygons and RLEs."""
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"Invalid iou_type: {iou_type!r} (use one of {', '.join(IOU_TYPES)})")
+    if iou_type == "segm":
+        check_segm_results(results)
     known = set(coco_gt.getImgIds())
     strangers = sorted({int(r["image_id"]) for r in results} - known)
     if strangers:
@@ -152,11 +262,17 @@ def evaluate(coco_gt: COCO, results: List[Dict], image_ids: Optional[Sequence[in
     if unknown:
         raise UserError(f"the results use category ids {unknown[:10]} that the ground truth lacks: map labels "
                         "to the ground truth's category ids")
+    if iou_type == "segm":
+        _check_segm_inputs(coco_gt, results)
+        # loadRes gives detections that have a "bbox" the box's area, not the mask's, which would move
+        # them between the small/medium/large ranges of segm AP (detectron2 drops it too).
+        copies = [{key: value for key, value in r.items() if key != "bbox"} for r in results]
+    else:
+        copies = [dict(r) for r in results]  # loadRes adds keys to the dicts it is given
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        # loadRes adds keys to the dicts it is given: hand it copies.
-        coco_dt = coco_gt.loadRes([dict(r) for r in results]) if results else _empty_results(coco_gt)
-        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        coco_dt = coco_gt.loadRes(copies) if results else _empty_results(coco_gt)
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         if image_ids is not None:
             evaluator.params.imgIds = sorted(int(i) for i in image_ids)
         evaluator.evaluate()
@@ -166,6 +282,21 @@ def evaluate(coco_gt: COCO, results: List[Dict], image_ids: Optional[Sequence[in
         evaluator.summarize()
     metrics = {name: float(value) * 100.0 for name, value in zip(METRIC_NAMES, evaluator.stats)}
     return metrics, summary.getvalue()
+
+
+def _check_segm_inputs(coco_gt: COCO, results: Sequence[Dict]) -> None:
+    """UserError unless every ground-truth annotation has a segmentation and every detection's mask
+    has its image's size (pycocotools fails on either without naming it)."""
+    unmasked = next((a for a in coco_gt.dataset["annotations"] if not a.get("segmentation")), None)
+    if unmasked is not None:
+        raise UserError(f"ground-truth annotation {unmasked.get('id')} of image {unmasked['image_id']} has no "
+                        "segmentation: segm evaluation needs instance masks in the ground truth; use --iou-type bbox")
+    for index, result in enumerate(results):
+        image = coco_gt.imgs[int(result["image_id"])]
+        if list(result["segmentation"]["size"]) != [image["height"], image["width"]]:
+            height, width = result["segmentation"]["size"]
+            raise UserError(f"detection {index} has a {height}x{width} mask but image {result['image_id']} is "
+                            f"{image['height']}x{image['width']} (h x w): paste masks at the original image size")
 
 
 def _empty_results(coco_gt: COCO) -> COCO:
@@ -213,24 +344,30 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gt", help="COCO instances json (ground truth)")
     parser.add_argument("--results", help="COCO box results json: [{image_id, category_id, bbox, score}, ...]")
     parser.add_argument("--out", help=f"folder for {METRICS_FILE} (written atomically)")
+    parser.add_argument("--iou-type", choices=IOU_TYPES, default="bbox",
+                        help="with --results: bbox (box AP) or segm (mask AP; the detections carry RLE masks)")
 
 
 def run(args) -> int:
     if args.config is not None or args.checkpoint is not None:
         if args.config is None or args.checkpoint is None:
             raise UserError("give both CONFIG and --checkpoint CKPT to evaluate a trained model")
+        if args.iou_type != "bbox":
+            raise UserError(f"--iou-type {args.iou_type} applies to a results file (--gt --results); a checkpoint "
+                            "is evaluated by box AP: drop --iou-type")
         return evaluate_checkpoint(args.config, args.overrides, args.checkpoint, args.out)
     if args.gt is None or args.results is None:
         raise UserError("give both --gt ANNOTATIONS.json and --results DETECTIONS.json, or CONFIG --checkpoint CKPT")
-    return evaluate_files(args.gt, args.results, args.out)
+    return evaluate_files(args.gt, args.results, args.out, iou_type=args.iou_type)
 
 
-def evaluate_files(gt_path, results_path, out_dir=None) -> int:
-    """``megdet eval --gt --results``: print the COCO table, and write the metrics when ``out_dir`` is set."""
+def evaluate_files(gt_path, results_path, out_dir=None, iou_type: str = "bbox") -> int:
+    """``megdet eval --gt --results [--iou-type segm]``: print the COCO table, and write the metrics when
+    ``out_dir`` is set (only once the evaluation succeeded)."""
     coco_gt = load_ground_truth(gt_path)
-    results = load_results(results_path)
-    metrics, table = evaluate(coco_gt, results)
-    print(f"bbox: {len(results)} detections on {len(coco_gt.getImgIds())} images of {gt_path}")
+    results = load_segm_results(results_path) if iou_type == "segm" else load_results(results_path)
+    metrics, table = evaluate(coco_gt, results, iou_type=iou_type)
+    print(f"{iou_type}: {len(results)} detections on {len(coco_gt.getImgIds())} images of {gt_path}")
     print(table, end="")
     if out_dir is not None:
         path = write_json_atomic(Path(out_dir) / METRICS_FILE,
@@ -239,40 +376,67 @@ def evaluate_files(gt_path, results_path, out_dir=None) -> int:
     return 0
 
 
-def infer_on_shards(model, dataset, transform, comm, images_per_rank: int) -> Dict[int, np.ndarray]:
+class _EvaluationBatches(torch.utils.data.Dataset):
+    """Batch ``i`` of this rank's share of ``dataset``, decoded and transformed (in a loader worker)."""
+
+    def __init__(self, dataset, transform, indices: List[int], images_per_rank: int):
+        self.dataset, self.transform = dataset, transform
+        self.batches = [indices[start:start + images_per_rank] for start in range(0, len(indices), images_per_rank)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int):
+        return collate([self.transform(self.dataset[i]) for i in self.batches[index]])
+
+
+def infer_on_shards(model, dataset, transform, comm, images_per_rank: int, *, device: torch.device,
+                    num_workers: int = 0, autocast=contextlib.nullcontext) -> Dict[int, np.ndarray]:
     """This rank's detections (``detections_to_array`` rows per image id) on its share of ``dataset``:
-    images rank, rank + size, ... in batches of ``images_per_rank``. Puts ``model`` in eval mode."""
+    images rank, rank + size, ... in batches of ``images_per_rank``, decoded by ``num_workers`` loader
+    processes, inferred on ``device`` (``model`` is there) under ``autocast()``. Puts ``model`` in
+    eval mode."""
     model.eval()
     category_ids = [int(c["id"]) for c in dataset.categories]
-    indices = list(range(comm.rank, len(dataset), comm.size))
+    batches = _EvaluationBatches(dataset, transform, list(range(comm.rank, len(dataset), comm.size)), images_per_rank)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
     local: Dict[int, np.ndarray] = {}
     with torch.no_grad():
-        for start in range(0, len(indices), images_per_rank):
-            samples = [transform(dataset[i]) for i in indices[start:start + images_per_rank]]
-            images, _, sizes, image_ids = collate(samples)
-            for image_id, output in zip(image_ids, model(images, original_sizes=sizes)):
+        for images, _, sizes, image_ids in loader:
+            images = [image.to(device, non_blocking=True) for image in images]
+            with autocast():
+                outputs = model(images, original_sizes=sizes)
+            for image_id, output in zip(image_ids, outputs):
                 local[image_id] = detections_to_array(output, category_ids)
     return local
 
 
-def evaluate_on_shards(model, dataset, config, comm, out_dir=None) -> Tuple[Dict[str, float], str]:
-    """Box AP of ``model`` on the shard set ``dataset`` with the ground truth packed in it, every rank
-    inferring its share (collective); (metrics in percent, printed table) on every rank."""
+def evaluate_on_shards(model, dataset, config, comm, runtime, *, workers: int = 0,
+                       out_dir=None) -> Tuple[Dict[str, float], str]:
+    """Box AP of ``model`` (on ``runtime.device``) on the shard set ``dataset`` with the ground truth
+    packed in it, every rank inferring its share under ``runtime``'s autocast with ``workers`` loader
+    processes (collective); (metrics in percent, printed table) on every rank."""
     transform = build_transform(config, categories=dataset.categories, train=False)
-    local = infer_on_shards(model, dataset, transform, comm, config.eval.images_per_rank)
+    local = infer_on_shards(model, dataset, transform, comm, config.eval.images_per_rank, device=runtime.device,
+                            num_workers=workers, autocast=runtime.autocast)
     coco_gt = ground_truth_from_dict(export_coco(dataset), dataset.shard_dir) if comm.rank == 0 else None
     return evaluate_distributed(comm, coco_gt, local, out_dir=out_dir)
 
 
 def evaluate_checkpoint(config_name: str, overrides: Sequence[str], checkpoint_path: str, out_dir=None) -> int:
-    """``megdet eval CONFIG --checkpoint CKPT``: distributed box AP of a trained model on data.val."""
+    """``megdet eval CONFIG --checkpoint CKPT``: distributed box AP of a trained model on data.val, each
+    rank on its own GPU (``train.device``) under ``train.amp``'s autocast; a checkpoint written on
+    any device loads (onto the CPU first, then the model's device)."""
     from hpc import checkpoint
     from hpc.shards import ShardDataset
     from megdet import config as config_mod
-    from megdet.engine.train import build_model, init_rank, run_dir
+    from megdet.engine.banner import run_banner
+    from megdet.engine.build import build_model, build_runtime, init_rank, loader_workers, run_dir
 
-    comm = init_rank()
     config = config_mod.load(config_name, overrides)
+    runtime = build_runtime(config)
+    comm = init_rank(runtime.device)
     error, state, dataset = None, None, None
     try:
         if not config.data.val:
@@ -287,10 +451,15 @@ def evaluate_checkpoint(config_name: str, overrides: Sequence[str], checkpoint_p
     except UserError as failure:
         error = str(failure)
     comm.agree(error)
-    model = build_model(config, inference=True)
+    model = build_model(config, inference=True).to(runtime.device)
     model.load_state_dict(state["model"])
+    workers = loader_workers(config, comm)
+    banner = run_banner(config, comm, runtime, workers=workers, command="eval")
+    if comm.rank == 0:
+        print(banner, flush=True)
     out = Path(out_dir) if out_dir else run_dir(config) / "eval"
-    metrics, table = evaluate_on_shards(model, dataset, config, comm, out_dir=out if comm.rank == 0 else None)
+    metrics, table = evaluate_on_shards(model, dataset, config, comm, runtime, workers=workers,
+                                        out_dir=out if comm.rank == 0 else None)
     if comm.rank == 0:
         print(f"bbox: {len(dataset)} images of {config.data.val} on {comm.size} ranks, {checkpoint_path}")
         print(table, end="")

@@ -34,11 +34,14 @@ class MetricsLogger:
 
     resume_from: the iteration a resumed run restarts at; lines of later iterations (written after that
     checkpoint by the interrupted run) are removed so the file has each iteration once.
+    tensorboard: also write each scalar as a TensorBoard event in ``path``'s folder (``loss/NAME``,
+    ``train/NAME``, ``eval/NAME``), events of a resumed run's later iterations purged likewise.
     """
 
-    def __init__(self, path, *, enabled: bool, resume_from: Optional[int] = None):
+    def __init__(self, path, *, enabled: bool, resume_from: Optional[int] = None, tensorboard: bool = False):
         self.path = Path(path)
         self.enabled = enabled
+        self.writer = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +49,8 @@ class MetricsLogger:
             kept = [line + "\n" for line in self.path.read_text().splitlines()
                     if _iteration_of(line) is not None and _iteration_of(line) <= resume_from]
             write_atomic(self.path, "".join(kept))
+        if tensorboard:
+            self.writer = tensorboard_writer(self.path.parent, purge_after=resume_from)
 
     def log(self, iteration: int, **scalars: float) -> None:
         if not self.enabled:
@@ -56,6 +61,38 @@ class MetricsLogger:
             record[name] = value if math.isfinite(value) else None
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, value in record.items():
+                if name not in ("iter", "time") and value is not None:
+                    self.writer.add_scalar(tensorboard_tag(name), value, iteration, walltime=record["time"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def tensorboard_tag(name: str) -> str:
+    """A metric's TensorBoard tag: losses under loss/, the COCO metrics under eval/, the rest under train/."""
+    if name == "loss" or name.startswith("loss_"):
+        return f"loss/{name}"
+    return f"eval/{name}" if name.startswith(("AP", "AR")) else f"train/{name}"
+
+
+def summary_writer_class():
+    """torch's TensorBoard SummaryWriter; UserError when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise UserError(f"train.tensorboard=true needs the tensorboard package ({error}): pip install "
+                        "tensorboard (scripts/setup.sh installs it), or set train.tensorboard=false") from None
+    return SummaryWriter
+
+
+def tensorboard_writer(folder: Path, purge_after: Optional[int]):
+    """A TensorBoard SummaryWriter into ``folder``; events of iterations after ``purge_after`` (a resumed
+    run's checkpoint) that an interrupted run wrote are dropped."""
+    return summary_writer_class()(log_dir=str(folder), purge_step=None if purge_after is None else purge_after + 1)
 
 
 def _iteration_of(line: str) -> Optional[int]:

@@ -13,6 +13,9 @@ rate follows the schedule as a pure function of the iteration. Rank 0 writes int
 checkpoints ``model_<iteration>.pt``, and at the end ``bbox_results.json``, ``metrics.json`` and the
 ``metrics.png`` plot.
 
+Each rank computes on its own GPU (``train.device``: cuda:<local rank>, or the CPU) under the autocast
+of ``train.amp``; rank 0 first prints a banner of what runs (engines, device, AMP, kernels, BN groups).
+
 ``--resume`` continues from the latest checkpoint of the run folder (or the file given) exactly:
 model, optimizer moments (PMD-LAMB's cycle position), iteration (schedule and sampler position) and
 every rank's random state. SIGTERM or SIGUSR1 (Slurm's ``--signal=B:USR1@120``, which the job scripts in
@@ -24,8 +27,9 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,90 +37,22 @@ from tqdm import tqdm
 
 from hpc import checkpoint
 from hpc import comm as comm_mod
-from hpc import launch
+from hpc.amp import LossScaler
+from hpc.distributed import DistributedOptimizer
 from hpc.errors import UserError
 from hpc.files import write_atomic
-from hpc.distributed import DistributedOptimizer
-from hpc.optim import LAMB, LARS, PMDLAMB, param_groups
-from hpc.schedule import Schedule
 from hpc.shards import DistributedShardSampler, ShardDataset
 from megdet import config as config_mod
 from megdet.data.transforms import build_transform, collate
 from megdet.engine import evaluate as evaluate_mod
-from megdet.engine.metrics import METRICS_FILE, PLOT_FILE, MetricsLogger, plot_metrics, read_metrics
-from megdet.model import build_detector
+from megdet.engine.banner import run_banner
+from megdet.engine.build import (Runtime, build_model, build_optimizer, build_runtime, build_schedule, init_rank,
+                                 loader_workers, run_dir)
+from megdet.weights import resolve as resolve_weights
+from megdet.engine.metrics import (METRICS_FILE, PLOT_FILE, MetricsLogger, plot_metrics, read_metrics,
+                                   summary_writer_class)
 
-
-def build_model(cfg: config_mod.Config, *, inference: bool = False) -> torch.nn.Module:
-    """The detector of ``cfg.model`` (a collective under cross-GPU BN: call it on every rank).
-
-    inference: for evaluation only. Batch norm in eval mode uses the running statistics, so cross-GPU
-    BN becomes plain BN (same parameters and buffers) and any number of ranks can evaluate.
-    """
-    cross_gpu = cfg.model.norm == "cgbn" and not inference
-    model = build_detector(cfg.model.name, num_classes=cfg.model.num_classes,
-                           norm="bn" if cfg.model.norm == "cgbn" and inference else cfg.model.norm,
-                           bn_group_size=cfg.bn_group_ranks() if cross_gpu else None,
-                           backbone_weights=cfg.model.backbone_weights,
-                           sublinear_stages=tuple(cfg.model.sublinear_stages),
-                           score_threshold=cfg.eval.score_thresh, nms_threshold=cfg.eval.nms_thresh,
-                           detections_per_image=cfg.eval.detections_per_image, **model_settings(cfg))
-    # Activations only: channels-last weights would give channels-last gradients, which Horovod refuses.
-    model.channels_last = cfg.train.channels_last
-    return model
-
-
-def model_settings(cfg: config_mod.Config) -> Dict:
-    """The detector settings ``cfg.model`` overrides (``megdet.model.detector.DEFAULTS`` keys)."""
-    settings = {}
-    if cfg.model.anchor_sizes is not None:
-        settings["anchor_sizes"] = tuple(cfg.model.anchor_sizes)
-    if cfg.model.rois_per_image is not None:
-        settings["roi_batch_size_per_image"] = cfg.model.rois_per_image
-    if cfg.model.roi_positive_fraction is not None:
-        settings["roi_positive_fraction"] = cfg.model.roi_positive_fraction
-    for key in ("fpn_channels", "box_head_dim"):
-        if getattr(cfg.model, key) is not None:
-            settings[key] = getattr(cfg.model, key)
-    if cfg.model.proposals_per_image is not None:
-        kept = cfg.model.proposals_per_image
-        settings["rpn_post_nms_topk"] = (kept, kept)
-        settings["rpn_pre_nms_topk"] = (2 * kept, 2 * kept)
-    return settings
-
-
-def autocast(cfg: config_mod.Config):
-    """The context the training forward pass runs in: bf16 autocast for ``train.amp=bf16``. The detector
-    decodes boxes, pools RoIs and takes its softmax in float32 (megdet.model), so only the convolutions
-    and FC layers run in bf16."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.amp == "bf16")
-
-
-def build_optimizer(cfg: config_mod.Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """``cfg.solver.optimizer`` over ``model``'s parameters, no weight decay on norm and bias parameters."""
-    solver = cfg.solver
-    groups = param_groups(model, weight_decay=solver.weight_decay)
-    for group in groups:
-        group["layer_adaptation"] = group["name"] in config_mod.LAYER_ADAPTATION[solver.layer_adaptation]
-    if solver.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=solver.lr, momentum=solver.momentum)
-    if solver.optimizer == "pmd_lamb":
-        return PMDLAMB(groups, lr=solver.lr, alpha=solver.pmd_alpha, T=solver.pmd_cycle, betas=tuple(solver.betas),
-                       weight_decay=solver.weight_decay, eps=solver.eps)
-    if solver.optimizer == "lamb":
-        return LAMB(groups, lr=solver.lr, betas=tuple(solver.betas), weight_decay=solver.weight_decay, eps=solver.eps)
-    return LARS(groups, lr=solver.lr, momentum=solver.momentum, weight_decay=solver.weight_decay)
-
-
-def build_schedule(cfg: config_mod.Config) -> Schedule:
-    solver = cfg.solver
-    return Schedule(lr=solver.lr, max_iter=solver.max_iter, steps=tuple(solver.steps),
-                    decay_factors=tuple(solver.decay_factors), warmup_iters=solver.warmup_iters,
-                    warmup_factor=solver.warmup_factor)
-
-
-def run_dir(cfg: config_mod.Config) -> Path:
-    return Path(cfg.train.output_dir or Path("runs") / cfg.name)
+Batch = Tuple[List[torch.Tensor], List[Dict[str, torch.Tensor]]]
 
 
 class _TrainingBatches(torch.utils.data.Dataset):
@@ -153,11 +89,44 @@ def _as_is(batch):
     return batch
 
 
-class Trainer:
-    """One training run of ``cfg`` on ``comm``'s ranks; see the module docstring."""
+def to_device(images: List[torch.Tensor], targets: List[Dict[str, torch.Tensor]], device: torch.device) -> Batch:
+    """A batch from the loader (uint8 images, pinned when the device is a GPU) onto ``device``, with
+    copies that do not wait for the host."""
+    return ([image.to(device, non_blocking=True) for image in images],
+            [{key: value.to(device, non_blocking=True) for key, value in target.items()} for target in targets])
 
-    def __init__(self, cfg: config_mod.Config, comm: comm_mod.Communicator, *, resume: Optional[str] = None):
-        self.cfg, self.comm = cfg, comm
+
+@dataclass
+class MetricsWindow:
+    """What happened since the last metrics line: images, wall and data-wait seconds, boxes dropped as
+    degenerate, steps, and each loss summed over the steps (on the device: no host sync per step)."""
+
+    images: int = 0
+    seconds: float = 0.0
+    data_seconds: float = 0.0
+    degenerate: int = 0
+    steps: int = 0
+    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, losses: Dict[str, torch.Tensor], images: int, seconds: float, data_seconds: float,
+            degenerate: int) -> None:
+        self.images += images
+        self.seconds += seconds
+        self.data_seconds += data_seconds
+        self.degenerate += degenerate
+        self.steps += 1
+        for name, value in losses.items():
+            self.losses[name] = self.losses[name] + value.detach() if name in self.losses else value.detach()
+
+
+class Trainer:
+    """One training run of ``cfg`` on ``comm``'s ranks, each on ``runtime.device``; see the module
+    docstring."""
+
+    def __init__(self, cfg: config_mod.Config, comm: comm_mod.Communicator, runtime: Runtime, *,
+                 resume: Optional[str] = None):
+        self.cfg, self.comm, self.runtime = cfg, comm, runtime
+        self.device = runtime.device
         self.out = run_dir(cfg)
         self.stop = checkpoint.StopSignals()
         error = None
@@ -167,25 +136,38 @@ class Trainer:
             self.val_set = ShardDataset(cfg.data.val) if cfg.data.val else None
             self.transform = build_transform(cfg, categories=self.train_set.categories, train=True)
             self.resume_path = self._resume_path(resume)
+            if cfg.model.backbone_weights is not None:
+                resolve_weights(cfg.model.backbone_weights)  # a cache that differs between nodes stops every rank
+            if cfg.train.tensorboard:
+                summary_writer_class()
         except UserError as failure:
             error = str(failure)
         comm.agree(error)  # a missing shard on one node stops every rank, not only that one
 
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg)
+        self.model = build_model(cfg).to(self.device)
         self.model.train()
         torch.manual_seed(cfg.train.seed + comm.rank)  # the detector's sampling differs between ranks
+        self.workers = loader_workers(cfg, comm)
+        banner = run_banner(cfg, comm, runtime, workers=self.workers)
+        if comm.rank == 0:
+            print(banner, flush=True)
         self.optimizer = DistributedOptimizer(build_optimizer(cfg, self.model), self.model,
-                                              batch_size=cfg.solver.batch_size, comm=comm)
+                                              batch_size=cfg.solver.batch_size, comm=comm,
+                                              loss_scaler=LossScaler() if runtime.loss_scaling else None)
         self.schedule = build_schedule(cfg)
         self.start_iter = 0
         if self.resume_path is not None:
             self._load(self.resume_path)
         self.sampler = DistributedShardSampler(self.train_set.aspect_groups, batch_size=cfg.data.images_per_rank,
                                                rank=comm.rank, world_size=comm.size, seed=cfg.train.seed)
-        self.metrics = MetricsLogger(self.out / METRICS_FILE, enabled=comm.rank == 0, resume_from=self.start_iter)
+        self.metrics = MetricsLogger(self.out / METRICS_FILE, enabled=comm.rank == 0, resume_from=self.start_iter,
+                                     tensorboard=cfg.train.tensorboard)
         if comm.rank == 0:
             write_atomic(self.out / "config.yaml", cfg.to_yaml())
+            if cfg.train.tensorboard:
+                print(f"megdet train: TensorBoard events in {self.out}: tensorboard --logdir {self.out.parent}",
+                      flush=True)
 
     def _resume_path(self, resume: Optional[str]) -> Optional[Path]:
         if resume is None:
@@ -233,51 +215,62 @@ class Trainer:
 
     def loader(self) -> torch.utils.data.DataLoader:
         """This rank's batches of iterations start_iter..max_iter-1, as ((images, targets, ids, sizes),
-        boxes dropped as degenerate)."""
+        boxes dropped as degenerate); pinned for a GPU."""
         batches = _TrainingBatches(self.train_set, self.transform, seed=self.cfg.train.seed, rank=self.comm.rank)
-        workers = self.cfg.data.num_workers
         return torch.utils.data.DataLoader(
             batches, sampler=_batch_keys(self.sampler, self.start_iter, self.cfg.solver.max_iter), batch_size=None,
-            collate_fn=_as_is, num_workers=workers, prefetch_factor=2 if workers else None,
+            collate_fn=_as_is, num_workers=self.workers, prefetch_factor=2 if self.workers else None,
+            pin_memory=self.device.type == "cuda",
             # its own generator: a DataLoader draws a seed from the global one, which a resume restores
             generator=torch.Generator().manual_seed(self.cfg.train.seed))
+
+    def step(self, iteration: int, images: List[torch.Tensor], targets: List[Dict[str, torch.Tensor]],
+             mark: Optional[Callable[[str], None]] = None) -> Dict[str, torch.Tensor]:
+        """One training step at ``iteration`` on a batch already on the device: the schedule's learning
+        rate, forward and losses under autocast, backward (the gradient allreduces start from its hooks),
+        the wait for them, and the guarded optimizer step. Returns the losses ("loss" is their sum), on
+        the device. ``mark(phase)``, when given, is called as each phase ends: "forward_backward",
+        "communication", "optimizer" (``megdet bench train`` times them)."""
+        lr = self.schedule.lr_at(iteration)
+        for group in self.optimizer.optimizer.param_groups:
+            group["lr"] = lr
+        with self.runtime.autocast():
+            losses = self.model(images, targets)
+        total = sum(losses.values())
+        self.optimizer.backward(total)
+        if mark:
+            mark("forward_backward")
+        self.optimizer.synchronize()
+        if mark:
+            mark("communication")
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        if mark:
+            mark("optimizer")
+        return {"loss": total, **losses}
 
     def train(self) -> int:
         """Run to ``solver.max_iter`` (or the target AP); returns the process exit status."""
         cfg, comm = self.cfg, self.comm
-        window = {"images": 0, "time": 0.0, "data": 0.0, "degenerate": 0, "steps": 0, "losses": {}}
+        window = MetricsWindow()
         progress = tqdm(total=cfg.solver.max_iter, initial=self.start_iter, disable=comm.rank != 0,
                         desc=cfg.name, unit="it", dynamic_ncols=True, mininterval=2.0)
         tick = time.perf_counter()
         for iteration, ((images, targets, _, _), degenerate) in enumerate(self.loader(), start=self.start_iter):
             data_done = time.perf_counter()
-            lr = self.schedule.lr_at(iteration)
-            for group in self.optimizer.optimizer.param_groups:
-                group["lr"] = lr
-            with autocast(cfg):
-                losses = self.model(images, targets)
-            total = sum(losses.values())
-            self.optimizer.backward(total)
-            self.optimizer.step()
-            self.optimizer.zero_grad()
+            losses = self.step(iteration, *to_device(images, targets, self.device))
             now = time.perf_counter()
-            window["images"] += cfg.solver.batch_size
-            window["time"] += now - tick
-            window["data"] += data_done - tick
-            window["degenerate"] += degenerate
-            window["steps"] += 1
-            for name, value in {"loss": total, **losses}.items():
-                window["losses"][name] = window["losses"].get(name, 0.0) + value.detach()
+            window.add(losses, cfg.solver.batch_size, now - tick, data_done - tick, degenerate)
             tick = now
             done = iteration + 1
             progress.update(1)
 
             stop_requested = False
             if done % cfg.train.log_period == 0 or done == cfg.solver.max_iter:
-                logged_losses, stop_requested = self._log(done, lr, window)
-                progress.set_postfix(loss=f"{logged_losses['loss']:.3f}", lr=f"{lr:.3g}",
-                                     img_s=f"{logged_losses['images_per_s']:.1f}", refresh=False)
-                window = {**dict.fromkeys(window, 0), "losses": {}}
+                logged, stop_requested = self._log(done, self.schedule.lr_at(iteration), window)
+                progress.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['lr']:.3g}",
+                                     img_s=f"{logged['images_per_s']:.1f}", refresh=False)
+                window = MetricsWindow()
             if done % cfg.train.checkpoint_period == 0 and done < cfg.solver.max_iter:
                 self.save(done)
             if cfg.train.eval_period and done % cfg.train.eval_period == 0 and done < cfg.solver.max_iter:
@@ -286,7 +279,7 @@ class Trainer:
                     if comm.rank == 0:
                         print(f"megdet train: box AP {metrics['AP']:.1f} >= target {cfg.train.target_ap} at "
                               f"iteration {done}: stopping", flush=True)
-                    self.save(done)
+                    progress.close()
                     return self._finish(done, evaluated=True)
             if stop_requested:
                 path = self.save(done)
@@ -298,27 +291,31 @@ class Trainer:
         progress.close()
         return self._finish(cfg.solver.max_iter)
 
-    def _log(self, iteration: int, lr: float, window: Dict) -> Tuple[Dict[str, float], bool]:
+    def _log(self, iteration: int, lr: float, window: MetricsWindow) -> Tuple[Dict[str, float], bool]:
         """Average the window's losses over its steps and the ranks and write a metrics line; returns what
         was logged and whether any rank has received a stop signal. One allreduce carries both, so stop
         signals cost no collective of their own: every rank learns of one at the same metrics line
         (``train.log_period`` iterations, well inside Slurm's 120 s warning)."""
-        names = sorted(window["losses"])
-        sums = torch.stack([window["losses"][n].float() for n in names])
-        stop_flag = torch.tensor([float(self.stop.received is not None)])
-        averaged = self.comm.allreduce(torch.cat([sums / window["steps"], stop_flag]), op="average", name="train_log")
-        scalars = {name: value for name, value in zip(names, averaged[:-1].tolist())}
-        seconds = max(window["time"], 1e-9)
-        scalars.update(lr=lr, images_per_s=window["images"] / seconds, data_fraction=window["data"] / seconds,
-                       skipped_steps=self.optimizer.skipped_steps, dropped_boxes=window["degenerate"])
+        names = sorted(window.losses)
+        sums = torch.stack([window.losses[n].float() for n in names])
+        stop_flag = torch.tensor([float(self.stop.received is not None)], device=sums.device)
+        averaged = self.comm.allreduce(torch.cat([sums / window.steps, stop_flag]), op="average",
+                                       name="train_log").tolist()
+        scalars = dict(zip(names, averaged[:-1]))
+        seconds = max(window.seconds, 1e-9)
+        scalars.update(lr=lr, images_per_s=window.images / seconds, data_fraction=window.data_seconds / seconds,
+                       skipped_steps=self.optimizer.skipped_steps, dropped_boxes=window.degenerate)
+        if self.optimizer.loss_scaler is not None:
+            scalars.update(loss_scale=self.optimizer.loss_scaler.scale, overflow_steps=self.optimizer.overflow_steps)
         self.metrics.log(iteration, **scalars)
-        return scalars, averaged[-1].item() > 0
+        return scalars, averaged[-1] > 0
 
     def evaluate(self, iteration: int) -> Dict[str, float]:
         """Box AP on the validation shards (every rank infers its share), logged; returns the metrics."""
         if self.val_set is None:
             raise UserError(f"{self.cfg.name} evaluates during training but data.val is empty: set data.val=SHARDS")
-        metrics, table = evaluate_mod.evaluate_on_shards(self.model, self.val_set, self.cfg, self.comm,
+        metrics, table = evaluate_mod.evaluate_on_shards(self.model, self.val_set, self.cfg, self.comm, self.runtime,
+                                                         workers=self.workers,
                                                          out_dir=self.out if self.comm.rank == 0 else None)
         self.model.train()
         self.metrics.log(iteration, **{k: metrics[k] for k in ("AP", "AP50", "AP75")})
@@ -334,6 +331,7 @@ class Trainer:
             plot = plot_metrics(read_metrics(self.out / METRICS_FILE), self.out / PLOT_FILE)
             print(f"megdet train: finished {iteration} iterations on {self.comm.size} ranks; checkpoint {path}; "
                   f"plot {plot}", flush=True)
+        self.metrics.close()
         self.stop.restore()
         return 0
 
@@ -345,16 +343,8 @@ def add_arguments(parser) -> None:
                         help="continue from CHECKPOINT, or (no value) from the run folder's latest one if any")
 
 
-def init_rank() -> comm_mod.Communicator:
-    """Start the communicator and share the host's cores out between its ranks."""
-    comm = comm_mod.init()
-    threads = launch.threads_per_rank(comm.local_size)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    return comm
-
-
 def run(args) -> int:
-    comm = init_rank()
     cfg = config_mod.load(args.config, args.overrides)
-    return Trainer(cfg, comm, resume=args.resume).train()
+    runtime = build_runtime(cfg)  # this rank's GPU, before any CUDA or NCCL work
+    comm = init_rank(runtime.device)
+    return Trainer(cfg, comm, runtime, resume=args.resume).train()

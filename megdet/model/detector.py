@@ -2,7 +2,7 @@
 preset name plus overrides into a model.
 
     model = build_detector("resnet50_fpn", num_classes=80, norm="cgbn", bn_group_size=8,
-                           backbone_weights="resnet50-0676ba61.pth")
+                           backbone_weights="torchvision:resnet50")   # or a file path
     losses = model(images, targets)            # train mode: {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
     detections = model.eval()(images, original_sizes=sizes)   # [{"boxes", "scores", "labels"}, ...]
 
@@ -25,6 +25,8 @@ from megdet.model.matching import Matcher
 from megdet.model.resnet import STAGE_MODULES, STAGE_NAMES, ResNet, load_torchvision_checkpoint
 from megdet.model.roi_heads import BoxHead, BoxPredictor, MultiScaleRoIAlign, RoIHeads
 from megdet.model.rpn import RPN, RPNHead
+from megdet.weights import default_freeze_at, frozen_stage_names
+from megdet.weights import resolve as resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,6 @@ ROI_LEVEL_STRIDES = LEVEL_STRIDES[:4]
 # Every setting of the model; the presets are detectron2's Faster R-CNN R50-FPN defaults unless noted.
 DEFAULTS = dict(
     depth=50,
-    freeze_at=2,                      # stem + res2 frozen (only useful with ImageNet weights)
     fpn_channels=256,
     anchor_sizes=(32, 64, 128, 256, 512),
     anchor_aspect_ratios=(0.5, 1.0, 2.0),
@@ -68,8 +69,8 @@ DEFAULTS = dict(
 )
 PRESETS = {
     # CPU-sized for demos and tests at small input sizes (shorter side ~256-512 px, few objects):
-    # trained from scratch (nothing frozen), half-width FPN and box head, half the proposals and RoIs.
-    "resnet18_fpn": dict(DEFAULTS, depth=18, freeze_at=0, fpn_channels=128, box_head_dim=512,
+    # half-width FPN and box head, half the proposals and RoIs.
+    "resnet18_fpn": dict(DEFAULTS, depth=18, fpn_channels=128, box_head_dim=512,
                          rpn_pre_nms_topk=(1000, 1000), rpn_post_nms_topk=(500, 500),
                          roi_batch_size_per_image=256),
     "resnet50_fpn": dict(DEFAULTS, depth=50),
@@ -122,40 +123,52 @@ class FasterRCNN(nn.Module):
         return self.rescale(outputs, image_sizes, image_sizes if original_sizes is None else original_sizes)
 
     def pad_and_normalise(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """N images (3, Hi, Wi) -> (N, 3, H, W), normalised, zero-padded (= the mean colour) at the bottom
-        and right to multiples of ``size_divisibility``."""
+        """N images (3, Hi, Wi), uint8 or float RGB in 0..255, on the model's device -> float32 (N, 3, H, W),
+        normalised, zero-padded (= the mean colour) at the bottom and right to multiples of
+        ``size_divisibility``. uint8 batches cross to the GPU at a quarter of the bytes and are
+        converted here."""
         divisor = self.size_divisibility
         height = -(-max(image.shape[1] for image in images) // divisor) * divisor
         width = -(-max(image.shape[2] for image in images) // divisor) * divisor
-        batch = images[0].new_zeros((len(images), 3, height, width))
+        batch = torch.zeros((len(images), 3, height, width), dtype=torch.float32, device=images[0].device)
         for slot, image in zip(batch, images):
-            slot[:, :image.shape[1], :image.shape[2]] = (image - self.pixel_mean) / self.pixel_std
+            slot[:, :image.shape[1], :image.shape[2]] = (image.float() - self.pixel_mean) / self.pixel_std
         if self.channels_last or self.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last):
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
     def check_images(self, images: Sequence[torch.Tensor]) -> None:
-        """UserError for anything but a non-empty list of finite float (3, H, W) tensors of at least
-        ``size_divisibility`` pixels per side."""
+        """UserError for anything but a non-empty list of (3, H, W) tensors, uint8 or finite float, of at
+        least ``size_divisibility`` pixels per side, all on the model's device. The finiteness of float
+        images is read in one host synchronisation for the batch."""
         if isinstance(images, torch.Tensor) or len(images) == 0:
             raise UserError("images must be a non-empty list of Tensor[3, H, W] (one per image), got "
                             f"{type(images).__name__}")
+        device = self.pixel_mean.device
         for index, image in enumerate(images):
             if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
                 shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
                 raise UserError(f"image {index} has shape {shape}; each image must be a Tensor[3, H, W] (RGB)")
-            if not image.is_floating_point():
-                raise UserError(f"image {index} has dtype {image.dtype}; convert images to float32 RGB in 0..255")
+            if image.dtype != torch.uint8 and not image.is_floating_point():
+                raise UserError(f"image {index} has dtype {image.dtype}; give uint8 or float RGB in 0..255")
+            if image.device != device:
+                raise UserError(f"image {index} is on {image.device} but the model is on {device}; move the "
+                                "images to the model's device")
             if min(image.shape[1:]) < self.size_divisibility:
                 raise UserError(f"image {index} is {image.shape[1]}x{image.shape[2]} pixels, smaller than the "
                                 f"network's stride {self.size_divisibility}; resize it to at least "
                                 f"{self.size_divisibility} pixels per side")
-            if not torch.isfinite(image).all():
+        floats = [index for index, image in enumerate(images) if image.is_floating_point()]
+        if floats:
+            finite = torch.stack([torch.isfinite(images[index]).all() for index in floats]).tolist()
+            if not all(finite):
+                index = floats[finite.index(False)]
                 raise UserError(f"image {index} contains NaN or infinite pixels; check the decoding and transforms")
 
     def check_targets(self, targets: Sequence[Dict[str, torch.Tensor]], num_images: int) -> None:
         """UserError unless there is one target per image with finite boxes (K, 4), x2 > x1 and y2 > y1,
-        labels (K,) in 1..K and iscrowd (K,)."""
+        labels (K,) in 1..K and iscrowd (K,). The value checks of the whole batch are read in one
+        host synchronisation; only a failing batch pays for more, to name the box."""
         if len(targets) != num_images:
             raise UserError(f"got {len(targets)} targets for {num_images} images; give one target dict per image")
         for index, target in enumerate(targets):
@@ -170,18 +183,25 @@ class FasterRCNN(nn.Module):
             if crowd.dtype != torch.bool or labels.dtype != torch.int64 or not boxes.is_floating_point():
                 raise UserError(f"target {index}: dtypes boxes {boxes.dtype}, labels {labels.dtype}, iscrowd "
                                 f"{crowd.dtype}; need float boxes, int64 labels, bool iscrowd")
-            not_finite = ~torch.isfinite(boxes).all(dim=1)
-            if not_finite.any():
+            devices = {boxes.device, labels.device, crowd.device}
+            if devices != {self.pixel_mean.device}:
+                raise UserError(f"target {index} is on {', '.join(sorted(map(str, devices)))} but the model is on "
+                                f"{self.pixel_mean.device}; move the targets to the model's device")
+        problems = [(~torch.isfinite(t["boxes"]).all(dim=1),
+                     (t["boxes"][:, 2] <= t["boxes"][:, 0]) | (t["boxes"][:, 3] <= t["boxes"][:, 1]),
+                     (t["labels"] < 1) | (t["labels"] > self.num_classes)) for t in targets]
+        counts = torch.stack([torch.stack([flags.sum() for flags in image]) for image in problems]).tolist()
+        for index, (target, (not_finite, empty, out_of_range), (bad_values, bad_sides, bad_labels)) in \
+                enumerate(zip(targets, problems, counts)):
+            if bad_values:
                 raise UserError(f"target {index}: box {int(not_finite.nonzero()[0])} is not finite; "
                                 "fix the annotations")
-            empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
-            if empty.any():
+            if bad_sides:
                 first = int(empty.nonzero()[0])
-                raise UserError(f"target {index}: box {first} {boxes[first].tolist()} has x2 <= x1 or y2 <= y1 "
-                                f"({int(empty.sum())} such boxes); drop empty boxes in the data transforms")
-            out_of_range = (labels < 1) | (labels > self.num_classes)
-            if out_of_range.any():
-                raise UserError(f"target {index}: label {int(labels[out_of_range][0])} is outside "
+                raise UserError(f"target {index}: box {first} {target['boxes'][first].tolist()} has x2 <= x1 or "
+                                f"y2 <= y1 ({bad_sides} such boxes); drop empty boxes in the data transforms")
+            if bad_labels:
+                raise UserError(f"target {index}: label {int(target['labels'][out_of_range][0])} is outside "
                                 f"1..{self.num_classes}; map category ids to contiguous labels 1..num_classes")
 
     @staticmethod
@@ -199,15 +219,22 @@ class FasterRCNN(nn.Module):
 
 def build_detector(name: str = "resnet50_fpn", *, num_classes: int, norm: str = "cgbn",
                    bn_group_size: Optional[int] = None, backbone_weights: Optional[str] = None,
-                   sublinear_stages: Sequence[str] = (), **overrides) -> FasterRCNN:
+                   freeze_at: Optional[int] = None, sublinear_stages: Sequence[str] = (),
+                   **overrides) -> FasterRCNN:
     """The detector ``name`` (one of ``MODEL_NAMES``) for labels 1..``num_classes``.
 
     Args:
         norm: backbone norm layers, "cgbn" (cross-GPU BN over ``bn_group_size`` ranks, None = all; a
             collective: call on every rank), "frozen" (fixed statistics and affine) or "bn" (per-process).
-        backbone_weights: a torchvision ResNet ImageNet checkpoint file; None trains from scratch.
+        backbone_weights: a torchvision-layout ResNet ImageNet checkpoint, a file path or a name of
+            ``megdet.weights`` ("torchvision:resnet50", from torch hub's cache); None trains from
+            scratch, and then the last norm of each residual branch starts at zero where it trains.
+        freeze_at: stages with no gradient and frozen norms: 0 none, 1 the stem, 2 stem + res2, ... 5;
+            None: 2 with weights (detectron2), 0 without. Built as asked; ``megdet.config`` refuses
+            model.norm=frozen on random weights unless model.allow_frozen_random asks for it.
         sublinear_stages: backbone stages (of res2..res5) recomputed in backward instead of stored
-            (``hpc.memory.recompute``): one more forward of each, none of their activations kept.
+            (``hpc.memory.recompute``): one more forward of each, none of their activations kept. A
+            frozen stage stores nothing to recompute and is refused.
         overrides: any key of ``DEFAULTS`` (e.g. ``fpn_channels=256``, ``rpn_post_nms_topk=(500, 500)``).
     """
     from hpc.cgbn import convert_model
@@ -229,16 +256,25 @@ def build_detector(name: str = "resnet50_fpn", *, num_classes: int, norm: str = 
     if unknown_stages:
         raise UserError(f"sublinear_stages {sorted(unknown_stages)} are not backbone stages; use some of "
                         f"{', '.join(STAGE_NAMES)}")
+    if freeze_at is None:
+        freeze_at = default_freeze_at(pretrained=backbone_weights is not None)
+    frozen = frozen_stage_names(freeze_at)
+    frozen_recomputed = [stage for stage in sublinear_stages if stage in frozen]
+    if frozen_recomputed:
+        raise UserError(f"sublinear_stages {frozen_recomputed} are frozen (freeze_at={freeze_at}): a frozen stage "
+                        "keeps no activations, so recomputing it saves nothing; drop them")
     if len(settings["anchor_sizes"]) != len(LEVEL_STRIDES):
         raise UserError(f"anchor_sizes={settings['anchor_sizes']} needs one size per level P2-P6 "
                         f"({len(LEVEL_STRIDES)} sizes)")
 
     backbone = ResNet(depth=settings["depth"])
     if backbone_weights is not None:
-        load_torchvision_checkpoint(backbone, backbone_weights)
+        load_torchvision_checkpoint(backbone, resolve_weights(backbone_weights))
+    elif norm != "frozen":
+        backbone.zero_init_residual([stage for stage in STAGE_NAMES if stage not in frozen])
     if norm != "bn":
         backbone = convert_model(backbone, mode=norm, group_size=bn_group_size)
-    backbone.freeze(settings["freeze_at"], lambda module: convert_model(module, mode="frozen"))
+    backbone.freeze(freeze_at, lambda module: convert_model(module, mode="frozen"))
     recompute(backbone, [STAGE_MODULES[stage] for stage in sublinear_stages])
 
     channels = settings["fpn_channels"]
@@ -277,7 +313,7 @@ def build_detector(name: str = "resnet50_fpn", *, num_classes: int, norm: str = 
         detections_per_image=settings["detections_per_image"],
     )
     logger.info("built %s: ResNet-%d, norm %s, freeze_at %d, FPN %d ch, sublinear stages %s", name,
-                settings["depth"], norm, settings["freeze_at"], channels, tuple(sublinear_stages) or "none")
+                settings["depth"], norm, freeze_at, channels, tuple(sublinear_stages) or "none")
     return FasterRCNN(backbone=backbone, fpn=fpn, rpn=rpn, roi_heads=roi_heads, num_classes=num_classes,
                       pixel_mean=settings["pixel_mean"], pixel_std=settings["pixel_std"],
                       size_divisibility=settings["size_divisibility"])

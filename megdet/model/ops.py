@@ -1,9 +1,11 @@
 """Box and RoI operators: ``box_iou``, ``box_ioa``, ``nms``, ``batched_nms``, ``roi_align``.
 
 ``nms``, ``batched_nms`` and ``roi_align`` call torchvision's compiled kernels when torchvision imports
-and a tiny call of each runs; otherwise they call the pure-PyTorch versions in this module (vectorised:
-no Python loop per box). The choice is made and logged once, at first use. ``box_iou`` is plain tensor
-arithmetic either way (as torchvision's own).
+and a tiny call of each runs on the device type of their inputs (probed once per device type, on
+that device); otherwise they call the pure-PyTorch versions in this module: vectorised (no Python
+loop per box) and, for CUDA, with no host synchronisation per loop round. ``describe_backend`` says
+which runs and why; the training banner prints it. ``box_iou`` is plain tensor arithmetic either way
+(as torchvision's own).
 
 Boxes are ``Tensor[N, 4]`` in ``(x1, y1, x2, y2)`` format, in pixels, with ``x1 <= x2`` and ``y1 <= y2``;
 a box's width is ``x2 - x1`` (no "+1"). RoIs for ``roi_align`` are ``Tensor[K, 5]``:
@@ -12,13 +14,10 @@ a box's width is ``x2 - x1`` (no "+1"). RoIs for ``roi_align`` are ``Tensor[K, 5
 from __future__ import annotations
 
 import functools
-import logging
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-
-logger = logging.getLogger(__name__)
 
 # Above this many boxes, the pure batched NMS runs one NMS per group (sum of squares of the group sizes
 # of work) instead of one NMS over all boxes shifted apart per group (the square of the sum); below it,
@@ -104,6 +103,8 @@ def nms_pytorch(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float)
     rule to the whole vector, box i is final after i rounds (it depends only on boxes before it), and the
     fixed point is unique, so the result equals greedy NMS exactly. Rounds = the longest suppression
     chain (a handful in practice), each one (N,) x (N, N) matrix-vector product.
+    The convergence test reads the device, so it runs after 1, 2, 4, ... rounds (re-applying the rule
+    at the fixed point changes nothing): log2(rounds) host synchronisations, not one per round.
     """
     if boxes.shape[0] == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
@@ -111,11 +112,13 @@ def nms_pytorch(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float)
     # As 0/1 floats so that "is suppressed by a survivor" is one matrix-vector product per round.
     suppresses = _suppression_matrix(boxes[order], iou_threshold).float()
     survives = torch.ones(order.shape[0], dtype=torch.bool, device=boxes.device)
+    rounds = 1
     while True:
-        updated = (survives.float() @ suppresses) == 0
-        if torch.equal(updated, survives):
+        for _ in range(rounds):
+            survives = (survives.float() @ suppresses) == 0
+        if torch.equal((survives.float() @ suppresses) == 0, survives):
             return order[survives]
-        survives = updated
+        rounds *= 2
 
 
 def batched_nms_pytorch(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
@@ -128,15 +131,16 @@ def batched_nms_pytorch(boxes: torch.Tensor, scores: torch.Tensor, groups: torch
         # overlap; then one NMS does them all.
         extent = boxes.max() - boxes.min() + 1
         return nms_pytorch(boxes + (groups.to(boxes) * extent)[:, None], scores, iou_threshold)
-    kept = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
-    for group in torch.unique(groups):  # one NMS per class or level, never one per box
-        members = torch.nonzero(groups == group).squeeze(1)
-        kept[members[nms_pytorch(boxes[members], scores[members], iou_threshold)]] = True
-    keep = torch.nonzero(kept).squeeze(1)
+    # One NMS per class or level, never one per box; the group sizes are read once, not per group.
+    by_group = torch.sort(groups, stable=True).indices
+    sizes = torch.unique_consecutive(groups[by_group], return_counts=True)[1].tolist()
+    keep = torch.cat([members[nms_pytorch(boxes[members], scores[members], iou_threshold)]
+                      for members in torch.split(by_group, sizes)])
     return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
 
 
-def _axis_taps(coords: torch.Tensor, real: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _axis_taps(coords: torch.Tensor, real: torch.Tensor, size: int,
+               window: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cells and summed bilinear weights along one axis for every bin, with RoIAlign's border rules
     (Caffe2/detectron/torchvision): a sample more than one cell outside the map (coord < -1 or
     coord > size) weighs 0; inside that margin it is clamped to [0, size - 1].
@@ -144,9 +148,10 @@ def _axis_taps(coords: torch.Tensor, real: torch.Tensor, size: int) -> Tuple[tor
     ``coords`` (K, P, G): sample positions in cells of each RoI's P bins; ``real`` (K, 1, G): which of
     the G samples exist (RoIs with fewer samples are padded). Returns ``cells`` (K, P, T) int64 and
     ``weights`` (K, P, T), the sum over a bin's samples of their low/high weights per cell. The samples
-    of a bin span few consecutive cells, so taps on the same cell are merged into a window of T cells
-    from the bin's lowest one, unless the window would be longer than the 2G separate taps (large bins
-    at a fixed sampling ratio).
+    of a bin span few consecutive cells, so taps on the same cell are merged into a window of
+    ``window`` cells from the bin's lowest one (a bound the caller knows: G + 1 for adaptive
+    sampling, whose G samples span less than G = ceil(bin) cells), unless that is no shorter than the
+    2G separate taps or ``window`` is None (a fixed sampling ratio, whose bins may span many cells).
     """
     inside = (coords >= -1.0) & (coords <= size) & real
     coords = coords.clamp(min=0)
@@ -158,27 +163,52 @@ def _axis_taps(coords: torch.Tensor, real: torch.Tensor, size: int) -> Tuple[tor
     # (K, P, G, 2) -> (K, P, 2G)
     cells = torch.stack((low, high), dim=-1).flatten(2)
     weights = (torch.stack((1 - frac, frac), dim=-1) * inside[..., None].to(coords.dtype)).flatten(2)
+    if window is None or window >= cells.shape[-1]:
+        return cells, weights
     weighted = weights != 0
     # the lowest weighted cell of each bin (inverted RoIs sample in decreasing order)
     first = torch.where(weighted, cells, torch.full_like(cells, size)).min(dim=-1, keepdim=True).values
     first = first.clamp(max=size - 1)
     offsets = torch.where(weighted, cells - first, torch.zeros_like(cells))
-    window = int(offsets.max()) + 1
-    if window >= cells.shape[-1]:
-        return cells, weights
     merged = weights.new_zeros(weights.shape[:-1] + (window,)).scatter_add_(-1, offsets, weights)
     window_cells = (first + torch.arange(window, device=cells.device)).clamp(max=size - 1)
     return window_cells, merged
 
 
+def roi_sample_grid(rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float,
+                    sampling_ratio: int, aligned: bool):
+    """RoIAlign's geometry of ``rois`` (K, 5): (x1, y1, bin_w, bin_h) in feature cells, each (K,), and
+    the samples per bin along y and x, (K,) int64 each (``sampling_ratio``, or adaptive ceil(bin))."""
+    half_cell = 0.5 if aligned else 0.0
+    x1 = rois[:, 1] * spatial_scale - half_cell
+    y1 = rois[:, 2] * spatial_scale - half_cell
+    roi_w = rois[:, 3] * spatial_scale - half_cell - x1
+    roi_h = rois[:, 4] * spatial_scale - half_cell - y1
+    if not aligned:  # legacy RoIAlign forces RoIs to at least one cell
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_w, bin_h = roi_w / output_size[1], roi_h / output_size[0]
+    if sampling_ratio > 0:
+        grid_h = torch.full((rois.shape[0],), sampling_ratio, dtype=torch.int64, device=rois.device)
+        grid_w = grid_h
+    else:  # adaptive: about one sample per feature cell; empty or inverted RoIs get no samples
+        grid_h = torch.ceil(bin_h).clamp(min=0).long()
+        grid_w = torch.ceil(bin_w).clamp(min=0).long()
+    return x1, y1, bin_w, bin_h, grid_h, grid_w
+
+
 def roi_align_pytorch(features: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int],
-                      spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+                      spatial_scale: float, sampling_ratio: int, aligned: bool,
+                      max_samples: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """RoIAlign in pure PyTorch; same contract as ``roi_align``.
 
     Bilinear sampling on a regular grid is separable: a bin's average is a weighted sum over a small
     window of rows times a window of columns. So every output bin is a weighted sum of a few feature
     cells, and the whole op is one ``embedding_bag`` (gather + weighted sum, with its backward) over
     the features laid out as a table of cells: no tensor of per-sample features is materialised.
+
+    max_samples: the largest samples per bin along (y, x) over ``rois``, when the caller has read them
+    already (``MultiScaleRoIAlign``, for all levels at once); None reads them here, the op's one host
+    synchronisation.
 
     Shapes: features (N, C, H, W); rois (K, 5); returns (K, C, PH, PW).
     """
@@ -190,21 +220,10 @@ def roi_align_pytorch(features: torch.Tensor, rois: torch.Tensor, output_size: T
     # sample positions in float32 at least (bf16/fp16 features would put them off by whole cells)
     coord_dtype = torch.promote_types(features.dtype, torch.float32)
     rois = rois.detach().to(coord_dtype)
-    half_cell = 0.5 if aligned else 0.0
-    x1 = rois[:, 1] * spatial_scale - half_cell
-    y1 = rois[:, 2] * spatial_scale - half_cell
-    roi_w = rois[:, 3] * spatial_scale - half_cell - x1
-    roi_h = rois[:, 4] * spatial_scale - half_cell - y1
-    if not aligned:  # legacy RoIAlign forces RoIs to at least one cell
-        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-    bin_w, bin_h = roi_w / pooled_w, roi_h / pooled_h
-    if sampling_ratio > 0:
-        grid_h = torch.full((k,), sampling_ratio, dtype=torch.int64, device=rois.device)
-        grid_w = grid_h
-    else:  # adaptive: about one sample per feature cell; empty or inverted RoIs get no samples
-        grid_h = torch.ceil(bin_h).clamp(min=0).long()
-        grid_w = torch.ceil(bin_w).clamp(min=0).long()
-    max_grid_h, max_grid_w = int(grid_h.max()), int(grid_w.max())
+    x1, y1, bin_w, bin_h, grid_h, grid_w = roi_sample_grid(rois, output_size, spatial_scale, sampling_ratio, aligned)
+    if max_samples is None:
+        max_samples = tuple(torch.stack((grid_h.max(), grid_w.max())).tolist())
+    max_grid_h, max_grid_w = max_samples
     if max_grid_h == 0 or max_grid_w == 0:
         return features.new_zeros((k, channels, pooled_h, pooled_w))
 
@@ -216,8 +235,11 @@ def roi_align_pytorch(features: torch.Tensor, rois: torch.Tensor, output_size: T
         coords = start[:, None, None] + (bins[None, :, None] + offsets[:, None, :]) * bin_size[:, None, None]
         return coords, (steps[None, :] < grid[:, None])[:, None, :]
 
-    rows, row_weights = _axis_taps(*sample_positions(y1, bin_h, grid_h, pooled_h, max_grid_h), height)
-    cols, col_weights = _axis_taps(*sample_positions(x1, bin_w, grid_w, pooled_w, max_grid_w), width)
+    adaptive = sampling_ratio <= 0
+    rows, row_weights = _axis_taps(*sample_positions(y1, bin_h, grid_h, pooled_h, max_grid_h), height,
+                                   max_grid_h + 1 if adaptive else None)
+    cols, col_weights = _axis_taps(*sample_positions(x1, bin_w, grid_w, pooled_w, max_grid_w), width,
+                                   max_grid_w + 1 if adaptive else None)
     row_weights = row_weights / (grid_h * grid_w).clamp(min=1).to(coord_dtype)[:, None, None]
 
     image_offset = rois[:, 0].long() * (height * width)
@@ -238,22 +260,35 @@ def roi_align_pytorch(features: torch.Tensor, rois: torch.Tensor, output_size: T
 
 
 @functools.lru_cache(maxsize=None)
-def backend() -> str:
-    """``"torchvision"`` when torchvision's compiled nms and roi_align import and run, else ``"pytorch"``;
-    decided and logged once per process."""
+def _probe(device_type: str) -> Tuple[str, str]:
+    """("torchvision", its version) when torchvision's compiled nms and roi_align import and run on a
+    tensor of ``device_type``, else ("pytorch", why not)."""
     try:
         import torchvision.ops
 
-        boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0], [1.0, 1.0, 5.0, 5.0]])
-        torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8]), 0.5)
-        torchvision.ops.roi_align(torch.zeros(1, 1, 8, 8), torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]]),
-                                  (2, 2), 1.0, 2, True)
+        device = torch.device(device_type)
+        boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0], [1.0, 1.0, 5.0, 5.0]], device=device)
+        torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8], device=device), 0.5)
+        torchvision.ops.roi_align(torch.zeros(1, 1, 8, 8, device=device),
+                                  torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]], device=device), (2, 2), 1.0, 2, True)
     except Exception as error:  # any failure to import or run means the kernels are unusable here
-        logger.info("megdet.model.ops: pure-PyTorch nms/roi_align (torchvision ops unusable: %s: %s)",
-                    type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-        return "pytorch"
-    logger.info("megdet.model.ops: torchvision %s nms/roi_align", torchvision.__version__)
-    return "torchvision"
+        reason = str(error).splitlines()[0] if str(error) else ""
+        return "pytorch", f"torchvision unusable on {device_type}: {type(error).__name__}: {reason}"
+    return "torchvision", torchvision.__version__
+
+
+def backend(device_type: str = "cpu") -> str:
+    """``"torchvision"`` when torchvision's compiled nms and roi_align run on ``device_type``, else
+    ``"pytorch"``; probed once per device type."""
+    return _probe(device_type)[0]
+
+
+def describe_backend(device_type: str) -> str:
+    """Which nms/roi_align run on ``device_type``, and why, in one line for the banner."""
+    name, detail = _probe(device_type)
+    if name == "torchvision":
+        return f"torchvision {detail} compiled nms/roi_align"
+    return f"pure-PyTorch nms/roi_align ({detail})"
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -266,7 +301,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     Returns:
         ``Tensor[K]`` int64 indices of the kept boxes, by decreasing score.
     """
-    if backend() == "torchvision":
+    if backend(boxes.device.type) == "torchvision":
         import torchvision.ops
 
         return torchvision.ops.nms(boxes, scores, iou_threshold)
@@ -283,7 +318,7 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     Returns:
         ``Tensor[K]`` int64 indices of the kept boxes, by decreasing score.
     """
-    if backend() == "torchvision":
+    if backend(boxes.device.type) == "torchvision":
         import torchvision.ops
 
         return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)
@@ -291,7 +326,8 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
 
 
 def roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int],
-              spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+              spatial_scale: float, sampling_ratio: int, aligned: bool,
+              max_samples: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """RoIAlign (He et al. 2017): average of bilinear samples on a regular grid in each output bin.
 
     Args:
@@ -302,15 +338,17 @@ def roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int
         sampling_ratio: samples per bin along each axis; 0 = adaptive, ``ceil(roi_size / output_size)``.
         aligned: shift RoIs by -0.5 cell so that a pixel's centre samples that pixel (detectron2's
             ROIAlignV2); False is the original, which also forces RoIs to at least 1 x 1 cell.
+        max_samples: for the pure-PyTorch kernel, the largest samples per bin over ``rois`` if known
+            (see ``roi_align_pytorch``); torchvision's ignores it.
     Returns:
         ``Tensor[K, C, PH, PW]``; gradients flow to ``features`` only.
     """
-    if backend() == "torchvision":
+    if backend(features.device.type) == "torchvision":
         import torchvision.ops
 
         # coordinates in bf16/fp16 would be off by pixels: pool in float32 at least
         dtype = torch.promote_types(features.dtype, torch.float32)
         return torchvision.ops.roi_align(features.to(dtype), rois.to(dtype), output_size, spatial_scale,
                                          sampling_ratio, aligned).to(features.dtype)
-    return roi_align_pytorch(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    return roi_align_pytorch(features, rois, output_size, spatial_scale, sampling_ratio, aligned, max_samples)
 

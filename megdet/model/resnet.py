@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from hpc.errors import UserError
+from megdet.weights import STAGES, frozen_stage_names
 
-STAGE_NAMES = ("res2", "res3", "res4", "res5")
+STAGE_NAMES = STAGES[1:]  # res2..res5, the stages with outputs
 # stage name -> torchvision's module name
 STAGE_MODULES = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
 # Keys of a torchvision ImageNet checkpoint that are not part of the backbone (the classifier).
@@ -118,11 +119,14 @@ class ResNet(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        # Zero-init the last norm of each residual branch: every block starts as the identity, which
-        # trains from scratch more stably (Goyal et al. 2017, the large-batch paper).
-        for module in self.modules():
-            if isinstance(module, (BasicBlock, Bottleneck)):
-                nn.init.zeros_(getattr(module, module.last_norm).weight)
+
+    def zero_init_residual(self, stages: Sequence[str]) -> None:
+        """Zero the scale (gamma) of the last norm of each residual branch in ``stages``: every block
+        starts as the identity, which trains from scratch more stably (Goyal et al. 2017, the large-batch
+        paper). Only for norms that train: a frozen zero gamma would cut the branch off for good."""
+        for name in stages:
+            for block in getattr(self, STAGE_MODULES[name]):
+                nn.init.zeros_(getattr(block, block.last_norm).weight)
 
     def freeze(self, freeze_at: int, to_frozen_norm: Callable[[nn.Module], nn.Module]) -> None:
         """Stop gradients into the first ``freeze_at`` stages (``frozen_stage_names``) and make their norm
@@ -146,13 +150,6 @@ class ResNet(nn.Module):
         return outputs
 
 
-def frozen_stage_names(freeze_at: int) -> Sequence[str]:
-    """Names of the stages ``freeze_at`` freezes: 0 none, 1 the stem, 2 stem + res2, ... up to 5."""
-    if not 0 <= freeze_at <= len(STAGE_NAMES) + 1:
-        raise UserError(f"freeze_at={freeze_at} is out of range; use 0 (train all) to {len(STAGE_NAMES) + 1}")
-    return (("stem",) + STAGE_NAMES)[:freeze_at]
-
-
 def load_torchvision_checkpoint(resnet: ResNet, path: Union[str, Path]) -> None:
     """Load an ImageNet checkpoint saved by torchvision (``torch.save(resnet.state_dict())``) into ``resnet``.
 
@@ -166,8 +163,10 @@ def load_torchvision_checkpoint(resnet: ResNet, path: Union[str, Path]) -> None:
                         "ResNet ImageNet checkpoint (.pth), or leave it unset to train from scratch")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"backbone_weights {str(path)!r} cannot be read by torch.load: {error}") from error
+    except Exception as error:  # torch's text runs over several lines; its first one says what failed
+        first = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"backbone_weights {str(path)!r} cannot be read by torch.load ({first}): it is truncated "
+                        "or not a torch checkpoint; fetch the file again") from None
     if not isinstance(state, dict):
         raise UserError(f"backbone_weights {str(path)!r} holds a {type(state).__name__}, not a state dict")
     state = {key: value for key, value in state.items() if not key.startswith(CLASSIFIER_PREFIX)}

@@ -15,7 +15,7 @@ from torch import nn
 
 from megdet.model.box_coder import BoxCoder
 from megdet.model.matching import IGNORE, Matcher, sample_labels
-from megdet.model.ops import batched_nms, box_area, clip_boxes, nonempty, roi_align
+from megdet.model.ops import backend, batched_nms, box_area, clip_boxes, nonempty, roi_align, roi_sample_grid
 
 # A RoI's level is floor(CANONICAL_LEVEL + log2(sqrt(area) / CANONICAL_BOX_SIZE)) (FPN paper, eq. 1):
 # an ImageNet-sized 224 x 224 RoI pools from P4.
@@ -52,16 +52,38 @@ class MultiScaleRoIAlign(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor]) -> torch.Tensor:
         """``features``: levels (N, C, Hi, Wi) matching ``strides``; ``boxes``: N tensors (Ri, 4) in input
-        pixels. Returns (R, C, S, S) in the order of the concatenated boxes."""
+        pixels. Returns (R, C, S, S) in the order of the concatenated boxes.
+
+        The RoIs are sorted by level and the level sizes read in one host synchronisation (with, for
+        the pure-PyTorch RoIAlign, each level's largest sampling grid), not one per level."""
         rois = torch.cat([torch.cat((torch.full_like(b[:, :1], i), b), dim=1) for i, b in enumerate(boxes)])
         levels = self.level_of(rois[:, 1:])
-        pooled, order = [], []
-        for level, (level_features, stride) in enumerate(zip(features, self.strides)):
-            members = torch.nonzero(levels == level).squeeze(1)
-            pooled.append(roi_align(level_features, rois[members], (self.output_size, self.output_size),
-                                    1.0 / stride, self.sampling_ratio, self.aligned))
-            order.append(members)
-        return torch.cat(pooled)[torch.argsort(torch.cat(order))]
+        by_level = torch.sort(levels, stable=True).indices
+        rois = rois[by_level]
+        num_levels = len(self.strides)
+        read = [torch.bincount(levels, minlength=num_levels)]
+        pure = backend(rois.device.type) == "pytorch"
+        if pure:
+            read.append(self._largest_grids(rois, levels[by_level]))
+        read = torch.cat(read).tolist()
+        sizes = read[:num_levels]
+        grids = [tuple(read[num_levels + 2 * i:num_levels + 2 * i + 2]) for i in range(num_levels)] if pure \
+            else [None] * num_levels
+        pooled = [roi_align(level_features, level_rois, (self.output_size, self.output_size), 1.0 / stride,
+                            self.sampling_ratio, self.aligned, grid)
+                  for level_features, level_rois, stride, grid
+                  in zip(features, torch.split(rois, sizes), self.strides, grids)]
+        return torch.cat(pooled)[torch.argsort(by_level)]
+
+    def _largest_grids(self, rois: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """(L * 2,) int64: each level's largest samples per bin along y and x over its ``rois``."""
+        scaled = rois.to(torch.float32, copy=True)  # in the cells of each RoI's own level: spatial_scale 1
+        scaled[:, 1:] *= torch.tensor([1.0 / s for s in self.strides], device=rois.device)[levels, None]
+        grid_h, grid_w = roi_sample_grid(scaled, (self.output_size, self.output_size), 1.0, self.sampling_ratio,
+                                         self.aligned)[4:]
+        grids = torch.stack((grid_h, grid_w), dim=1)                                        # (R, 2)
+        largest = torch.zeros((len(self.strides), 2), dtype=grids.dtype, device=grids.device)
+        return largest.scatter_reduce_(0, levels[:, None].expand(-1, 2), grids, "amax").flatten()
 
 
 class BoxHead(nn.Module):

@@ -1,0 +1,67 @@
+"""megdet.memory: the rules the peak-memory model rests on, seen in a real training graph (a frozen stage
+keeps nothing, a recomputed one only its input), and what ``fit`` does with a GPU's memory."""
+import pytest
+import torch
+
+from hpc.errors import UserError
+from hpc.memory import saved_tensor_bytes
+from megdet import config, memory
+from megdet.model import build_detector
+from tests.test_model import mixed_batch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def saved_by_stage(**settings):
+    torch.manual_seed(0)
+    model = build_detector("resnet18_fpn", num_classes=4, norm="bn", fpn_channels=32, box_head_dim=64,
+                           rpn_pre_nms_topk=(100, 100), rpn_post_nms_topk=(50, 50), roi_batch_size_per_image=32,
+                           **settings).train()
+    backbone = model.backbone
+    parts = {"stem": [backbone.conv1, backbone.bn1, backbone.maxpool], "res2": [backbone.layer1],
+             "res3": [backbone.layer2], "res4": [backbone.layer3], "res5": [backbone.layer4]}
+    images, targets = mixed_batch()
+    outputs = {}
+    backbone.layer1.register_forward_hook(lambda module, inputs, output: outputs.setdefault("res2", output))
+    sizes = saved_tensor_bytes(lambda: model(images, targets), parts,
+                               exclude=[*model.parameters(), *model.buffers()])
+    return sizes, outputs["res2"]
+
+
+def test_a_frozen_stage_keeps_nothing_and_a_recomputed_stage_only_its_input():
+    trained, _ = saved_by_stage(freeze_at=0)
+    assert all(trained[stage] > 0 for stage in memory.STAGES)
+    frozen, res2_output = saved_by_stage(freeze_at=2, sublinear_stages=("res3",))
+    assert "stem" not in frozen and "res2" not in frozen, "no gradient reaches a frozen stage: it keeps nothing"
+    assert frozen["res3"] == res2_output.untyped_storage().nbytes(), "a recomputed stage keeps only its input"
+    assert frozen["res4"] > trained["res4"], "the next stage keeps the recomputed stage's output"
+    assert frozen["res5"] == trained["res5"]
+
+
+def estimate(**changes):
+    settings = dict(model="resnet50_fpn", norm="cgbn", pretrained=True, images=4, recomputed=(), optimizer="sgd")
+    settings.update(changes)
+    return memory.training_peak(**settings).gib
+
+
+def test_the_estimate_follows_images_norm_recomputation_precision_and_optimizer():
+    assert estimate(images=8) - estimate(images=4) == pytest.approx(estimate(images=4) - estimate(images=0))
+    assert estimate(norm="frozen") < estimate() and estimate(pretrained=False) > estimate()
+    assert estimate(recomputed=("res3",)) < estimate() and estimate(amp="bf16") < estimate()
+    assert estimate(optimizer="pmd_lamb") > estimate()
+    assert estimate(max_size=1000, min_size=600) < estimate()
+    with pytest.raises(UserError, match="no memory figures for model 'resnet101_fpn'"):
+        estimate(model="resnet101_fpn")
+
+
+def test_fit_recomputes_the_largest_saving_first_never_a_frozen_stage_and_refuses_one_line():
+    cfg = config.load("megdet_r50_fpn_bs64_bn64")  # 8 images per GPU, res3 recomputed, stem and res2 frozen
+    assert memory.fit(cfg, 12).recomputed == ("res3",)
+    assert memory.fit(cfg, 11).recomputed == ("res3", "res4")
+    scratch = config.load("megdet_r50_fpn_bs64_bn64", ["model.backbone_weights=null", "model.sublinear_stages=[]"])
+    assert memory.fit(scratch, 12).recomputed[0] == "res2", "from scratch res2 trains and saves the most"
+    with pytest.raises(UserError) as caught:
+        memory.fit(cfg, 6)
+    message = str(caught.value)
+    assert "\n" not in message and "even with res3, res4, res5 recomputed" in message, message
+    assert "spread the batch over 16 GPUs or more (4 images each)" in message
