@@ -10,20 +10,16 @@ trains without loss scaling; fp16 does not: gradients below 2**-24 flush to zero
 multiplied by a scale S before backward and the gradients divided by S after the allreduce. S halves
 whenever some rank's gradients overflow (that step is skipped on every rank) and doubles after
 ``growth_interval`` clean steps (Micikevicius et al. 2018, "Mixed Precision Training").
-
-torch is imported where it is used, so that the config (which lists AMP_MODES) loads without it.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import Dict, List, Optional
+
+import torch
 
 from hpc.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
-
-AMP_MODES = ("none", "bf16", "fp16", "auto")
+from hpc.options import AMP_MODES
 # torch.cuda.amp.GradScaler's defaults: 2**16, x2 after 2000 clean steps, x0.5 on overflow.
 DEFAULT_INIT_SCALE = 2.0 ** 16
 DEFAULT_GROWTH_INTERVAL = 2000
@@ -39,8 +35,6 @@ def resolve(mode: str, device: torch.device) -> Optional[torch.dtype]:
     supports it, else fp16 on a GPU, else float32 on the CPU. UserError for an unknown mode or fp16
     on a device that cannot run it (the CPU: no fp16 arithmetic here, and loss scaling is a GPU
     recipe)."""
-    import torch
-
     if mode not in AMP_MODES:
         raise UserError(f"train.amp={mode!r} is not one of {', '.join(AMP_MODES)}: choose one of them")
     if mode == "auto":
@@ -59,8 +53,6 @@ def resolve(mode: str, device: torch.device) -> Optional[torch.dtype]:
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     """The autocast context of ``dtype`` for ``device``'s type (a no-op for None)."""
-    import torch
-
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -68,8 +60,6 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 def describe(dtype: Optional[torch.dtype]) -> str:
     """The banner's words for an autocast dtype."""
-    import torch
-
     return {None: "none (float32)", torch.bfloat16: "bf16 autocast",
             torch.float16: "fp16 autocast with dynamic loss scaling"}[dtype]
 
@@ -97,8 +87,6 @@ class LossScaler:
 
     def unscale_(self, grads: List[torch.Tensor]) -> None:
         """Divide the (averaged) gradients by S in place."""
-        import torch
-
         if grads:
             torch._foreach_mul_(grads, 1.0 / self.scale)
 

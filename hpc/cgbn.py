@@ -1,8 +1,7 @@
 """Cross-GPU batch normalization (MegDet), frozen batch norm, and converting a model between them.
 
     comm = hpc.comm.init()
-    group_size = group_size_for(bn_size_images=32, images_per_rank=2, world_size=comm.size)
-    model = convert_model(model, mode="cgbn", group_size=group_size)   # collective: every rank calls it
+    model = convert_model(model, mode="cgbn", group_size=16)   # BN size 32 at 2 images per rank; collective
     model = convert_model(model, mode="frozen")                         # fixed affine, the detection baseline
 
 Shapes: N images on this rank, C channels, H x W feature map. A BN group is ``group_size`` consecutive
@@ -22,7 +21,7 @@ Eval mode and groups of one rank communicate nothing. See docs/cgbn.md.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,48 +37,14 @@ MIN_VALUES_PER_CHANNEL = 2  # an unbiased variance needs two values, as in nn.Ba
 DEFAULT_MOMENTUM = 0.1  # nn.BatchNorm2d's
 
 
-def group_size_for(bn_size_images: int, images_per_rank: int, world_size: int) -> int:
-    """Ranks per BN group for MegDet's "BN size" (images sharing statistics): bn_size / images_per_rank.
-
-    Raises UserError when the BN size is not a multiple of images_per_rank or the group size does
-    not divide world_size.
-    """
-    if images_per_rank < 1:
-        raise UserError(f"Invalid images_per_rank: {images_per_rank}; need at least 1")
-    if bn_size_images < images_per_rank or bn_size_images % images_per_rank:
-        raise UserError(f"Invalid BN size: {bn_size_images} images is not a multiple of "
-                        f"{images_per_rank} images per rank; choose a multiple of {images_per_rank}")
-    group_size = bn_size_images // images_per_rank
-    if world_size % group_size:
-        raise UserError(f"Invalid BN size: {bn_size_images} images = groups of {group_size} ranks, "
-                        f"which does not divide the world of {world_size} ranks; choose a BN size of "
-                        f"{images_per_rank} x a divisor of {world_size}")
-    return group_size
-
-
-def node_local_error(group_ranks: Tuple[int, ...], rank: int, local_rank: int, local_size: int) -> Optional[str]:
-    """Why this rank's BN group spans nodes, or None. Launchers place consecutive ranks on a node
-    (block mapping), so this rank's node holds ranks [rank - local_rank, rank - local_rank + local_size)."""
-    node_first = rank - local_rank
-    node_last = node_first + local_size - 1
-    if group_ranks[0] < node_first or group_ranks[-1] > node_last:
-        return (f"Invalid group_size: the BN group of ranks {group_ranks[0]}-{group_ranks[-1]} spans "
-                f"nodes (rank {rank}'s node holds ranks {node_first}-{node_last}); with node_local=True "
-                f"choose a group size that divides the {local_size} ranks per node")
-    return None
-
-
-def bn_group(comm: comm_mod.Communicator, group_size: Optional[int], node_local: bool) -> comm_mod.Group:
+def bn_group(comm: comm_mod.Communicator, group_size: Optional[int]) -> comm_mod.Group:
     """This rank's BN group of ``group_size`` consecutive ranks (None: the world). Collective: every
-    rank calls it in the same order. With node_local, every rank raises if any group spans nodes."""
+    rank calls it in the same order. (Which groups a recipe allows, e.g. MegDet's "inside one
+    machine", is the config's rule: ``megdet.config.Config.check_world``.)"""
     group_size = comm.size if group_size is None else group_size
     if not isinstance(group_size, int) or group_size < 1 or comm.size % group_size:
         raise UserError(f"Invalid group_size: {group_size} does not divide the world of {comm.size} "
                         f"ranks; choose a divisor of {comm.size}")
-    if node_local:
-        start = comm.rank // group_size * group_size
-        ranks = tuple(range(start, start + group_size))
-        comm.agree(node_local_error(ranks, comm.rank, comm.local_rank, comm.local_size))
     return comm.partition(group_size)
 
 
@@ -227,9 +192,8 @@ class CrossGPUBatchNorm2d(_BatchNorm):
     dtype that nn.BatchNorm2d takes; statistics in float32 (float64 for a float64 module or input),
     and autocast bf16/fp16 inputs come out in their own dtype.
     group_size: ranks sharing statistics (None: the whole world); the group is created here, so
-    construct layers in the same order on every rank. node_local: raise on every rank if a group
-    would span nodes. name: stable name of this layer's collectives (Horovod caches their
-    negotiation by name); ``convert_model`` uses the module path.
+    construct layers in the same order on every rank. name: stable name of this layer's collectives
+    (Horovod caches their negotiation by name); ``convert_model`` uses the module path.
 
     Hang guard: an invalid input (not 4-D, wrong channel count, not floating point) on any rank is
     flagged inside the forward allreduce that every member joins anyway; where that collective makes
@@ -242,9 +206,9 @@ class CrossGPUBatchNorm2d(_BatchNorm):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = DEFAULT_MOMENTUM,
-                 group_size: Optional[int] = None, node_local: bool = False, name: Optional[str] = None):
+                 group_size: Optional[int] = None, name: Optional[str] = None):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True)
-        group = bn_group(comm_mod.get_cgbn(), group_size, node_local)
+        group = bn_group(comm_mod.get_cgbn(), group_size)
         self.group_ranks = group.ranks  # the Group itself holds engine handles that cannot be copied
         self.name = name or f"cgbn{num_features}"
 
@@ -308,8 +272,7 @@ class FrozenBatchNorm2d(nn.Module):
 BATCH_NORMS_2D = (nn.BatchNorm2d, CrossGPUBatchNorm2d, FrozenBatchNorm2d)
 
 
-def convert_model(model: nn.Module, mode: str = "cgbn", group_size: Optional[int] = None,
-                  node_local: bool = False) -> nn.Module:
+def convert_model(model: nn.Module, mode: str = "cgbn", group_size: Optional[int] = None) -> nn.Module:
     """Replace every 2-d batch norm in ``model`` (``nn.BatchNorm2d``, ``CrossGPUBatchNorm2d``,
     ``FrozenBatchNorm2d``) by the kind ``mode`` names, keeping weights, biases, running statistics,
     eps, momentum, device and dtype. In place: returns ``model`` (the new layer if ``model`` itself
@@ -321,10 +284,10 @@ def convert_model(model: nn.Module, mode: str = "cgbn", group_size: Optional[int
     """
     if mode not in CONVERT_MODES:
         raise UserError(f"Invalid mode: {mode!r}; use one of {', '.join(CONVERT_MODES)}")
-    if mode != "cgbn" and (group_size is not None or node_local):
-        raise UserError(f"Invalid arguments: group_size={group_size} and node_local={node_local} apply to "
-                        f"mode 'cgbn' only, not {mode!r}; drop them")
-    group_size = bn_group(comm_mod.get_cgbn(), group_size, node_local).size if mode == "cgbn" else None
+    if mode != "cgbn" and group_size is not None:
+        raise UserError(f"Invalid arguments: group_size={group_size} applies to mode 'cgbn' only, not {mode!r}; "
+                        "drop it")
+    group_size = bn_group(comm_mod.get_cgbn(), group_size).size if mode == "cgbn" else None
     return _convert(model, mode, group_size, path="")
 
 

@@ -9,21 +9,18 @@ as many GPUs as it runs ranks, unless Slurm binds one GPU to each task (``srun -
 exports ``SLURM_GPUS_PER_TASK=1`` and gives each task a ``CUDA_VISIBLE_DEVICES`` of its own GPU), in
 which case every rank takes the one GPU it sees. ``select`` calls ``torch.cuda.set_device``, so that
 NCCL, the caching allocator and every ``torch.cuda`` call without a device use this rank's GPU and
-no rank opens a context on another's. torch is imported where it is used, so that the config
-(which lists DEVICE_KINDS) loads without it.
+no rank opens a context on another's.
 """
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional
+
+import torch
 
 from hpc import launch as launch_mod
 from hpc.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
-
-DEVICE_KINDS = ("auto", "cuda", "cpu")
+from hpc.options import DEVICE_KINDS
 
 
 class DeviceError(UserError):
@@ -47,8 +44,6 @@ def gpu_index(local_rank: int, local_size: int, visible: int, env: Optional[Mapp
 def select(kind: str = "auto", launch: Optional[launch_mod.Launch] = None) -> torch.device:
     """This rank's device for ``kind`` (one of DEVICE_KINDS), made current for CUDA. Call it before
     any CUDA work and before starting a communicator. ``launch``: default ``hpc.launch.detect()``."""
-    import torch
-
     if kind not in DEVICE_KINDS:
         raise DeviceError(f"train.device={kind!r} is not one of {', '.join(DEVICE_KINDS)}: choose one of them")
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -68,8 +63,6 @@ def select(kind: str = "auto", launch: Optional[launch_mod.Launch] = None) -> to
 def describe(device: torch.device) -> Dict[str, str]:
     """What ``device`` is, for banners: {"device": "cuda:0", "name": "NVIDIA H200", "memory_gib": "139.8",
     "capability": "9.0"} (name "cpu" and the core count for the CPU)."""
-    import torch
-
     if device.type != "cuda":
         return {"device": "cpu", "name": "cpu", "cores": str(len(os.sched_getaffinity(0)))}
     properties = torch.cuda.get_device_properties(device)

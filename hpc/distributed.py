@@ -6,13 +6,13 @@
     comm = hpc.comm.init()
     optimizer = DistributedOptimizer(PMDLAMB(param_groups(model, weight_decay=5e-4), lr=lr), model,
                                      batch_size=images_per_step, backward_passes_per_step=2)
-    scheduler = ScheduledLR(optimizer.optimizer, schedule)
     for iteration in range(schedule.max_iter):
+        for group in optimizer.optimizer.param_groups:
+            group["lr"] = schedule.lr_at(iteration)              # hpc.schedule: a pure function
         for images, targets in micro_batches:                    # backward_passes_per_step of them
             optimizer.backward(model(images, targets))           # loss scaled by 1 / passes
         optimizer.step()                                         # False when the step was skipped
         optimizer.zero_grad()
-        scheduler.step()
 
 Engines (``hpc.comm``): horovod wraps the optimizer in Horovod's ``DistributedOptimizer`` (gradient
 allreduces named by parameter, fused by Horovod's tensor fusion); torch reduces gradients in buckets
@@ -33,8 +33,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from hpc import comm as comm_mod
 from hpc.amp import LossScaler
 from hpc.errors import UserError
+from hpc.options import COMPRESSIONS
 
-COMPRESSIONS = ("none", "fp16")
 # Five skipped steps in a row: a transient overflow skips one or two; a diverged run skips every one.
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 5
 # DDP's default bucket size.

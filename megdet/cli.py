@@ -7,43 +7,66 @@
     MEGDET_COMM=torch torchrun --nproc-per-node 2 $(which megdet) doctor
 
 Each command lives in its own module with ``add_arguments(parser)`` and ``run(args) -> exit code``.
-Errors in the user's input or environment (``hpc.errors.UserError``) are printed as one line on
-every rank with exit status 2; anything else is a bug and keeps its traceback.
+The parser is built from the names and help strings below; only the chosen command's module is
+imported (and, for ``bench``, only the chosen benchmark's), so ``megdet --help``, ``megdet job`` and a
+config error answer without importing torch. Errors in the user's input or environment
+(``hpc.errors.UserError``) are printed as one line on every rank with exit status 2; anything else is
+a bug and keeps its traceback. A command that succeeded on every rank ends with a barrier
+(``hpc.comm.finish``) when it started a communicator.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from hpc.errors import UserError
 
 EXIT_USER_ERROR = 2
 
 # name: (module, one-line help)
-COMMANDS = {
-    "doctor": ("hpc.doctor", "check the launch: ranks, engine, Horovod build, a world and a group allreduce"),
+COMMANDS: Dict[str, Tuple[str, str]] = {
+    "doctor": ("hpc.doctor", "check the launch: ranks, devices, engine, Horovod build, a world and a group allreduce"),
     "bench": ("megdet.bench", "benchmarks that print ratios measured side by side"),
     "job": ("megdet.job", "write a Slurm or PBS script that trains a preset on N GPUs (checked, resumable)"),
     "synth": ("megdet.data.synth", "write a synthetic COCO data set of shapes (JPEG + instances json), from a seed"),
-    "train": ("megdet.engine.train", "train a detector from a preset (under horovodrun, mpirun, srun or alone)"),
-    "eval": ("megdet.engine.evaluate", "COCO box AP of a trained model on shards, or of a results file (pycocotools)"),
-    "plot": ("megdet.engine.metrics", "draw a run's loss, learning rate, throughput and AP curves, or a benchmark's results, to PNG"),
+    "train": ("megdet.commands.train", "train a detector from a preset (under horovodrun, mpirun, srun or alone)"),
+    "eval": ("megdet.commands.eval", "COCO box or mask AP of a trained model on shards, or of a results file (pycocotools)"),
+    "plot": ("megdet.commands.plot", "draw a run's loss, learning rate, throughput and AP curves, or a benchmark's results, to PNG"),
     "pack": ("megdet.pack", "pack a COCO split into HDF5 shards (alone or under mpirun); export it back"),
-    "weights": ("megdet.weights", "list torchvision's ImageNet ResNet weights in torch hub's cache and check their sha256"),
+    "weights": ("megdet.weights", "list and verify the ImageNet backbone weights in torch hub's cache"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_commands(parser: argparse.ArgumentParser, registry: Dict[str, Tuple[str, str]], argv: Sequence[str], *,
+                 dest: str, metavar: str, common: Optional[Callable] = None) -> None:
+    """Subcommands of ``parser`` named in ``registry`` ({name: (module, help)}). Only the first of
+    ``argv`` that names one is imported and given its arguments (``common(parser, name)`` first, when
+    given); a module that lists ``SUBCOMMANDS`` of its own (``megdet bench``) has them added the same
+    way, with its ``add_common_arguments``."""
+    argv = list(argv)
+    chosen = next((arg for arg in argv if arg in registry), None)
+    subparsers = parser.add_subparsers(dest=dest, required=True, metavar=metavar)
+    for name, (module_name, help_text) in registry.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name != chosen:
+            continue
+        if common is not None:
+            common(sub, name)
+        module = importlib.import_module(module_name)
+        if hasattr(module, "SUBCOMMANDS"):
+            add_commands(sub, module.SUBCOMMANDS, argv[argv.index(name) + 1:], dest=f"{name}_name",
+                         metavar=module.SUBCOMMAND_METAVAR, common=module.add_common_arguments)
+        else:
+            module.add_arguments(sub)
+            sub.set_defaults(run=module.run)
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megdet", description="Large mini-batch object detection on "
                                      "Horovod, MPI and HDF5 shards (MegDet, LargeDet).")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+    add_commands(parser, COMMANDS, argv, dest="command", metavar="COMMAND")
     return parser
 
 
@@ -56,7 +79,8 @@ def rank_label() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         status = args.run(args)
     except UserError as error:

@@ -24,9 +24,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from hpc.amp import AMP_MODES
-from hpc.device import DEVICE_KINDS
 from hpc.errors import UserError
+from hpc.options import AMP_MODES, COMPRESSIONS, DEVICE_KINDS
+from hpc.schedule import DEFAULT_WARMUP_FACTOR, POLICIES, decay_factors, linear_scaling_rule
+from megdet.model.settings import MODEL_NAMES, NORMS
 from megdet import weights
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -37,15 +38,9 @@ TABLE_ROWS = {name: (path, row) for path in sorted(TABLE_DIR.glob("*.yaml"))
               for name, row in yaml.safe_load(path.read_text())["rows"].items()}
 PRESETS = tuple(sorted([path.stem for path in CONFIG_DIR.glob("*.yaml")] + list(TABLE_ROWS)))
 
-MODELS = ("resnet50_fpn", "resnet18_fpn")
-NORMS = ("cgbn", "frozen", "bn")
 OPTIMIZERS = ("sgd", "pmd_lamb", "lamb", "lars")
 # solver.layer_adaptation: which param groups (hpc.optim.param_groups) take LAMB's ratio ||x|| / ||u||.
 LAYER_ADAPTATION = {"all": ("weights", "norm", "bias"), "weights": ("weights",)}
-# Learning-rate factor applied at each of solver.steps (MegDet Sec. 4): normal decays by 0.1 at every
-# step; long decays by 0.1 twice and then halves.
-POLICY_FACTORS = {"normal": None, "long": (0.1, 0.1, 0.5)}
-NORMAL_FACTOR = 0.1
 
 
 @dataclass
@@ -62,7 +57,7 @@ class PaperConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet50_fpn"            # one of MODELS
+    name: str = "resnet50_fpn"            # one of megdet.model.settings.MODEL_NAMES
     num_classes: int = 80                 # foreground classes; labels are 1..num_classes
     norm: str = "bn"                      # one of NORMS; cgbn = cross-GPU batch norm over bn_size images;
                                           # frozen (fixed statistics and affine) only on backbone_weights
@@ -74,19 +69,22 @@ class ModelConfig:
     backbone_weights: Optional[str] = None
     allow_frozen_random: bool = False     # model.norm=frozen without weights: keep BN at its initial values
     sublinear_stages: List[str] = field(default_factory=list)  # stages recomputed in backward (memory)
-    anchor_sizes: Optional[List[int]] = None  # anchor side (pixels) on P2..P6; None: 32, 64, 128, 256, 512
-    rois_per_image: Optional[int] = None  # RoIs sampled per image for the box head; None: the model's (512)
-    roi_positive_fraction: Optional[float] = None  # at most this share of the RoIs are foreground; None: 0.25
-    fpn_channels: Optional[int] = None    # FPN and RPN head width; None: the model's (256; resnet18_fpn 128)
-    box_head_dim: Optional[int] = None    # width of the box head's two FC layers; None: 1024 (resnet18_fpn 512)
-    proposals_per_image: Optional[int] = None  # RPN proposals kept after NMS, train and test; None: 1000
+    # The detector's own settings, by the keys of megdet.model.settings.DEFAULTS; None (the default):
+    # the value of the named model there, the one place those values are written.
+    anchor_sizes: Optional[List[int]] = None          # anchor side in pixels on P2..P6
+    fpn_channels: Optional[int] = None                # FPN and RPN head width
+    rpn_pre_nms_topk: Optional[List[int]] = None      # [train, test] proposals kept per level before NMS
+    rpn_post_nms_topk: Optional[List[int]] = None     # [train, test] proposals kept per image after NMS
+    roi_batch_size_per_image: Optional[int] = None    # RoIs sampled per image for the box head
+    roi_positive_fraction: Optional[float] = None     # at most this share of them foreground
+    box_head_dim: Optional[int] = None                # width of the box head's two FC layers
 
 
 @dataclass
 class DataConfig:
     train: str = ""                       # folder of training shards (megdet pack)
     val: str = ""                         # folder of validation shards
-    images_per_rank: int = 2              # training images per rank per iteration
+    images_per_rank: int = 2              # training images per rank per forward pass
     min_sizes: List[int] = field(default_factory=lambda: [800])  # shorter side, one drawn per image
     max_size: int = 1333                  # cap on the longer side
     test_min_size: int = 800
@@ -97,15 +95,16 @@ class DataConfig:
 @dataclass
 class SolverConfig:
     optimizer: str = "sgd"                # one of OPTIMIZERS
-    batch_size: int = 16                  # images per iteration over all ranks
+    batch_size: int = 16                  # images per iteration over all ranks and passes
+    backward_passes_per_step: int = 1     # micro-batches of data.images_per_rank accumulated per step
     lr: Optional[float] = None            # None: base_lr * batch_size / base_batch (linear scaling rule)
     base_lr: float = 0.02
     base_batch: int = 16
     max_iter: int = 90000
     steps: List[int] = field(default_factory=lambda: [60000, 80000])  # iterations where the LR decays
-    policy: str = "normal"                # key of POLICY_FACTORS
+    policy: str = "normal"                # key of hpc.schedule.POLICIES: the decay factor at each step
     warmup_iters: int = 0
-    warmup_factor: float = 1.0            # LR at iteration 0 is warmup_factor * lr, linear up to lr
+    warmup_factor: float = DEFAULT_WARMUP_FACTOR  # LR at iteration 0 is warmup_factor * lr, linear up to lr
     momentum: float = 0.9                 # sgd, lars
     weight_decay: float = 0.0001
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # lamb, pmd_lamb: beta_1, beta_2
@@ -118,9 +117,8 @@ class SolverConfig:
 
     @property
     def decay_factors(self) -> List[float]:
-        """The LR factor applied at each of ``steps``."""
-        fixed = POLICY_FACTORS[self.policy]
-        return list(fixed) if fixed is not None else [NORMAL_FACTOR] * len(self.steps)
+        """The LR factor applied at each of ``steps`` (``hpc.schedule.decay_factors``)."""
+        return list(decay_factors(self.policy, len(self.steps)))
 
 
 @dataclass
@@ -132,17 +130,19 @@ class TrainConfig:
     target_ap: Optional[float] = None     # stop once box AP (percent) reaches it at an evaluation
     log_period: int = 20                  # iterations between metrics lines
     device: str = "auto"                  # one of DEVICE_KINDS; auto: cuda:<local rank> when a GPU is visible
-    amp: str = "none"                     # one of AMP_MODES (hpc.amp); auto: bf16 or fp16 on a GPU, none on the CPU
+    amp: str = "none"                     # one of hpc.options.AMP_MODES; auto: bf16 or fp16 on a GPU, none on the CPU
     channels_last: bool = False           # NHWC activations (faster oneDNN/cuDNN kernels with amp)
     tensorboard: bool = False             # also write the metrics as TensorBoard events in the run folder
+    grad_compression: str = "none"        # one of hpc.options.COMPRESSIONS; fp16: gradients sent as float16
 
 
 @dataclass
 class EvalConfig:
     images_per_rank: int = 1
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_image: int = 100
+    # The detector's inference settings, by the keys of megdet.model.settings.DEFAULTS; None: the model's.
+    score_threshold: Optional[float] = None  # keep detections scoring above this
+    nms_threshold: Optional[float] = None    # per-class NMS IoU
+    detections_per_image: Optional[int] = None
 
 
 @dataclass
@@ -178,10 +178,14 @@ class Config:
             raise UserError(f"solver.batch_size={batch} is not divisible by {world_size} ranks: launch a "
                             f"divisor of {batch} ranks (e.g. {batch // per_rank} for data.images_per_rank="
                             f"{per_rank}) or set solver.batch_size to a multiple of {world_size}")
-        if batch // world_size != per_rank:
+        passes = self.solver.backward_passes_per_step
+        if batch // world_size != per_rank * passes:
+            per_step = f"data.images_per_rank={per_rank}" if passes == 1 else \
+                f"data.images_per_rank={per_rank} x solver.backward_passes_per_step={passes}"
             raise UserError(f"solver.batch_size={batch} over {world_size} ranks is {batch // world_size} images "
-                            f"per rank but data.images_per_rank={per_rank}: launch {batch // per_rank} ranks "
-                            f"or set data.images_per_rank={batch // world_size}")
+                            f"per rank but {per_step}: launch {batch // (per_rank * passes)} ranks or set "
+                            f"data.images_per_rank={batch // world_size // passes}"
+                            + (f" (with {passes} passes)" if passes > 1 else ""))
         group = self.bn_group_ranks()
         if group is not None and world_size % group:
             raise UserError(f"model.bn_size={self.model.bn_size} is {group} ranks of {per_rank} images, which "
@@ -216,7 +220,8 @@ def load(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
         config.train.output_dir = os.path.join("runs", config.name)
     _validate(config)
     if config.solver.lr is None:
-        config.solver.lr = config.solver.base_lr * config.solver.batch_size / config.solver.base_batch
+        config.solver.lr = linear_scaling_rule(config.solver.batch_size, base_lr=config.solver.base_lr,
+                                               base_batch=config.solver.base_batch)
     if config.solver.pmd_cycle != math.inf:
         config.solver.pmd_cycle = int(config.solver.pmd_cycle)
     return config
@@ -402,26 +407,32 @@ def _check_backbone(model: ModelConfig) -> None:
 def _validate(config: Config) -> None:
     """Values that are the right type but cannot work, each named with its fix."""
     model, data, solver, train = config.model, config.data, config.solver, config.train
-    _choice("model.name", model.name, MODELS)
+    _choice("model.name", model.name, MODEL_NAMES)
     _choice("model.norm", model.norm, NORMS)
     _choice("solver.optimizer", solver.optimizer, OPTIMIZERS)
-    _choice("solver.policy", solver.policy, tuple(POLICY_FACTORS))
+    _choice("solver.policy", solver.policy, tuple(POLICIES))
     _choice("solver.layer_adaptation", solver.layer_adaptation, tuple(LAYER_ADAPTATION))
     _choice("train.amp", train.amp, AMP_MODES)
     _choice("train.device", train.device, DEVICE_KINDS)
+    _choice("train.grad_compression", train.grad_compression, COMPRESSIONS)
     if solver.layer_adaptation != "all" and solver.optimizer not in ("lamb", "pmd_lamb"):
         raise UserError(f"solver.layer_adaptation={solver.layer_adaptation!r} applies to lamb and pmd_lamb, not "
                         f"{solver.optimizer}: drop it or set solver.layer_adaptation=all")
     if model.anchor_sizes is not None and (len(model.anchor_sizes) != 5 or min(model.anchor_sizes) <= 0):
         raise UserError(f"model.anchor_sizes={model.anchor_sizes} needs 5 positive sizes, one per level P2-P6")
-    for key in ("rois_per_image", "fpn_channels", "box_head_dim", "proposals_per_image"):
+    for key in ("roi_batch_size_per_image", "fpn_channels", "box_head_dim"):
         if getattr(model, key) is not None:
             _positive(f"model.{key}", getattr(model, key))
+    for key in ("rpn_pre_nms_topk", "rpn_post_nms_topk"):
+        value = getattr(model, key)
+        if value is not None and (len(value) != 2 or min(value) <= 0):
+            raise UserError(f"model.{key}={value} needs 2 positive counts: [train, test]")
     if model.roi_positive_fraction is not None and not 0 < model.roi_positive_fraction <= 1:
         raise UserError(f"model.roi_positive_fraction={model.roi_positive_fraction} must be in (0, 1]")
     for key, value in (("model.num_classes", model.num_classes), ("data.images_per_rank", data.images_per_rank),
                        ("data.max_size", data.max_size), ("data.test_min_size", data.test_min_size),
                        ("solver.batch_size", solver.batch_size), ("solver.base_lr", solver.base_lr),
+                       ("solver.backward_passes_per_step", solver.backward_passes_per_step),
                        ("solver.base_batch", solver.base_batch), ("solver.max_iter", solver.max_iter),
                        ("train.checkpoint_period", train.checkpoint_period),
                        ("train.log_period", train.log_period), ("eval.images_per_rank", config.eval.images_per_rank)):
@@ -446,10 +457,10 @@ def _validate(config: Config) -> None:
     if list(solver.steps) != sorted(set(solver.steps)) or any(not 0 < s < solver.max_iter for s in solver.steps):
         raise UserError(f"solver.steps={solver.steps} must be increasing iterations between 0 and "
                         f"solver.max_iter={solver.max_iter}")
-    fixed = POLICY_FACTORS[solver.policy]
-    if fixed is not None and len(fixed) != len(solver.steps):
-        raise UserError(f"solver.policy={solver.policy!r} decays the LR {len(fixed)} times but solver.steps="
-                        f"{solver.steps} has {len(solver.steps)}: give {len(fixed)} steps")
+    decays = len(POLICIES[solver.policy].decay_factors)
+    if solver.policy != "normal" and decays != len(solver.steps):
+        raise UserError(f"solver.policy={solver.policy!r} decays the LR {decays} times but solver.steps="
+                        f"{solver.steps} has {len(solver.steps)}: give {decays} steps")
     if not 0 <= solver.warmup_iters <= solver.max_iter:
         raise UserError(f"solver.warmup_iters={solver.warmup_iters} must be in [0, solver.max_iter="
                         f"{solver.max_iter}]")
@@ -457,10 +468,12 @@ def _validate(config: Config) -> None:
         raise UserError(f"solver.warmup_factor={solver.warmup_factor} must be in (0, 1]")
     if len(solver.betas) != 2 or not all(0.0 < b < 1.0 for b in solver.betas):
         raise UserError(f"solver.betas={solver.betas} must be two values in (0, 1): [beta_1, beta_2]")
-    for key, value in (("eval.score_thresh", config.eval.score_thresh), ("eval.nms_thresh", config.eval.nms_thresh)):
-        if not 0.0 <= value <= 1.0:
+    for key, value in (("eval.score_threshold", config.eval.score_threshold),
+                       ("eval.nms_threshold", config.eval.nms_threshold)):
+        if value is not None and not 0.0 <= value <= 1.0:
             raise UserError(f"{key}={value} must be in [0, 1]")
-    _positive("eval.detections_per_image", config.eval.detections_per_image)
+    if config.eval.detections_per_image is not None:
+        _positive("eval.detections_per_image", config.eval.detections_per_image)
     if data.num_workers is not None and data.num_workers < 0:
         raise UserError(f"data.num_workers={data.num_workers} must be >= 0 (0: load in the training process; "
                         "null: one per CPU the launcher gives the rank, less one)")

@@ -71,13 +71,27 @@ class _OneProcess:
 
 
 def _world():
-    """mpi4py's COMM_WORLD when ``mpirun`` started several processes, else a one-process stand-in."""
+    """mpi4py's COMM_WORLD when ``mpirun`` (or ``srun`` with an MPI for Slurm) started several
+    processes, else a one-process stand-in. Any other launch of several packers is refused: they would
+    each pack the whole split into the same folder."""
     started = launch.detect()
-    if started.is_mpi and (started.size or 1) > 1:
+    if (started.size or 1) == 1:
+        return _OneProcess()
+    if started.launcher not in ("mpirun", "srun"):
+        raise UserError(f"{started.launcher} started {started.size} packers, but megdet pack shares the work "
+                        f"over MPI only: launch it with 'mpirun -np {started.size} megdet pack ...' (or srun "
+                        "--mpi=pmi2), or run it as one process")
+    try:
         from mpi4py import MPI
-
-        return MPI.COMM_WORLD
-    return _OneProcess()
+    except ImportError as error:
+        raise UserError(f"megdet pack under {started.launcher} needs mpi4py ({error}): pip install mpi4py "
+                        "(scripts/setup.sh installs it), or run it as one process") from None
+    world = MPI.COMM_WORLD
+    if world.Get_size() != started.size:
+        raise UserError(f"{started.launcher} started {started.size} packers but MPI sees a world of "
+                        f"{world.Get_size()}: launch with the mpirun of the MPI that mpi4py was built for (or "
+                        "srun --mpi=pmi2 with an MPI built for Slurm), or run it as one process")
+    return world
 
 
 def run(args) -> int:

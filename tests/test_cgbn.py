@@ -188,8 +188,6 @@ def _check_bad_input(comm):
     assert int(layer.num_batches_tracked) == 1
     lonely = cgbn.CrossGPUBatchNorm2d(CHANNELS, group_size=1)
     _expect_user_error(lambda: lonely(torch.zeros(0, CHANNELS, HEIGHT, WIDTH)), "fewer than 2 values per channel")
-    # node_local on one host: every group fits.
-    assert cgbn.CrossGPUBatchNorm2d(CHANNELS, group_size=n, node_local=True).group_ranks == tuple(range(n))
 
 
 def body_cgbn(comm):
@@ -228,7 +226,7 @@ def test_cgbn_equals_batchnorm_on_the_group_batch(launcher, nprocs, cgbn_engine)
 
 def test_world_of_one_is_plain_batchnorm():
     comm = comm_mod.LocalCommunicator()
-    assert cgbn.bn_group(comm, None, node_local=True) is comm.world
+    assert cgbn.bn_group(comm, None) is comm.world
     layer, reference = cgbn.CrossGPUBatchNorm2d(CHANNELS), nn.BatchNorm2d(CHANNELS)
     x = torch.randn(4, CHANNELS, HEIGHT, WIDTH)
     xs = [x.clone().requires_grad_() for _ in range(2)]
@@ -238,33 +236,6 @@ def test_world_of_one_is_plain_batchnorm():
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(xs[0].grad, xs[1].grad)
     assert torch.equal(layer.weight.grad, reference.weight.grad)
     assert torch.equal(layer.running_var, reference.running_var)
-
-
-def test_group_size_for_turns_bn_size_into_ranks_and_names_the_numbers():
-    assert cgbn.group_size_for(bn_size_images=32, images_per_rank=2, world_size=128) == 16
-    assert cgbn.group_size_for(bn_size_images=2, images_per_rank=2, world_size=8) == 1
-    with pytest.raises(UserError, match="5 images is not a multiple of 2 images per rank"):
-        cgbn.group_size_for(bn_size_images=5, images_per_rank=2, world_size=8)
-    with pytest.raises(UserError, match="groups of 3 ranks, which does not divide the world of 8 ranks"):
-        cgbn.group_size_for(bn_size_images=6, images_per_rank=2, world_size=8)
-    with pytest.raises(UserError, match="Invalid images_per_rank: 0"):
-        cgbn.group_size_for(bn_size_images=4, images_per_rank=0, world_size=8)
-
-
-def test_node_local_groups_on_two_nodes_of_four_ranks():
-    """Block mapping: ranks 0-3 on node A, 4-7 on node B (local_size 4)."""
-    for rank in range(8):
-        local_rank = rank % 4
-        start = rank // 4 * 4
-        assert cgbn.node_local_error(tuple(range(start, start + 4)), rank, local_rank, 4) is None
-        pair = rank // 2 * 2
-        assert cgbn.node_local_error((pair, pair + 1), rank, local_rank, 4) is None
-        message = cgbn.node_local_error(tuple(range(8)), rank, local_rank, 4)
-        assert message == (f"Invalid group_size: the BN group of ranks 0-7 spans nodes (rank {rank}'s node "
-                           f"holds ranks {start}-{start + 3}); with node_local=True choose a group size "
-                           "that divides the 4 ranks per node")
-    # Round-robin mapping (ranks 0, 2 on one node): the pair [0, 1] spans nodes, as rank 1 sees.
-    assert cgbn.node_local_error((0, 1), rank=1, local_rank=0, local_size=2) is not None
 
 
 def _model_with_trained_batch_norms():
@@ -321,7 +292,7 @@ def test_convert_model_keeps_weights_and_buffers_in_every_mode():
 def test_convert_model_and_frozen_reject_bad_input_with_the_fix():
     with pytest.raises(UserError, match="Invalid mode: 'sync'; use one of cgbn, frozen, bn"):
         cgbn.convert_model(nn.BatchNorm2d(4), mode="sync")
-    with pytest.raises(UserError, match="apply to mode 'cgbn' only, not 'frozen'"):
+    with pytest.raises(UserError, match="applies to mode 'cgbn' only, not 'frozen'"):
         cgbn.convert_model(nn.BatchNorm2d(4), mode="frozen", group_size=2)
     with pytest.raises(UserError, match=r"Invalid layer 0: .* affine=False"):
         cgbn.convert_model(nn.Sequential(nn.BatchNorm2d(4, affine=False)), mode="frozen")

@@ -266,7 +266,8 @@ def test_yaml_files_and_their_errors(tmp_path):
     ("solver.layer_adaptation=bias", r"solver.layer_adaptation='bias' is not one of all, weights"),
     ("solver.layer_adaptation=weights", r"applies to lamb and pmd_lamb, not sgd: drop it"),
     ("model.anchor_sizes=[16, 32]", r"model.anchor_sizes=\[16, 32\] needs 5 positive sizes"),
-    ("model.rois_per_image=0", r"model.rois_per_image=0 must be positive"),
+    ("model.roi_batch_size_per_image=0", r"model.roi_batch_size_per_image=0 must be positive"),
+    ("model.rpn_post_nms_topk=[100]", r"model.rpn_post_nms_topk=\[100\] needs 2 positive counts: \[train, test\]"),
     ("model.fpn_channels=0", r"model.fpn_channels=0 must be positive"),
     ("model.roi_positive_fraction=1.5", r"model.roi_positive_fraction=1.5 must be in \(0, 1\]"),
 ])
@@ -386,9 +387,10 @@ def test_solver_and_model_options_reach_the_optimizer_and_the_detector():
     from megdet.engine.build import build_model, build_optimizer, model_settings
 
     cfg = config.load("shapes_r18_cpu", ["solver.layer_adaptation=weights", "model.anchor_sizes=[8, 16, 32, 64, 128]",
-                                         "model.rois_per_image=64", "model.roi_positive_fraction=0.5",
+                                         "model.roi_batch_size_per_image=64", "model.roi_positive_fraction=0.5",
                                          "model.fpn_channels=32", "model.box_head_dim=128",
-                                         "model.proposals_per_image=50", "model.norm=bn", "model.bn_size=null"])
+                                         "model.rpn_pre_nms_topk=[100, 100]", "model.rpn_post_nms_topk=[50, 50]",
+                                         "eval.score_threshold=0.1", "model.norm=bn", "model.bn_size=null"])
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(1, 3, 5, 5))
     adapted = {group["name"]: group["layer_adaptation"] for group in build_optimizer(cfg, model).param_groups}
@@ -398,7 +400,8 @@ def test_solver_and_model_options_reach_the_optimizer_and_the_detector():
     settings = model_settings(cfg)
     assert settings == {"anchor_sizes": (8, 16, 32, 64, 128), "roi_batch_size_per_image": 64,
                         "roi_positive_fraction": 0.5, "fpn_channels": 32, "box_head_dim": 128,
-                        "rpn_pre_nms_topk": (100, 100), "rpn_post_nms_topk": (50, 50)}
+                        "rpn_pre_nms_topk": (100, 100), "rpn_post_nms_topk": (50, 50), "score_threshold": 0.1,
+                        "nms_threshold": 0.5, "detections_per_image": 100}
     detector = build_model(cfg)
     assert detector.fpn.output_convs[0].out_channels == 32 and detector.roi_heads.box_head.fc2.out_features == 128
     assert detector.rpn.post_nms_topk == {True: 50, False: 50} and detector.roi_heads.positive_fraction == 0.5
@@ -410,7 +413,8 @@ def test_amp_and_channels_last_reach_the_training_step():
     from megdet.engine.build import build_model, build_runtime
 
     cfg = config.load("shapes_r18_cpu", ["train.amp=bf16", "train.channels_last=true", "model.norm=bn",
-                                         "model.bn_size=null", "model.proposals_per_image=20", "model.rois_per_image=16"])
+                                         "model.bn_size=null", "model.rpn_pre_nms_topk=[40, 40]", "model.rpn_post_nms_topk=[20, 20]",
+                                         "model.roi_batch_size_per_image=16"])
     torch.manual_seed(0)
     model = build_model(cfg).train()
     assert model.channels_last and model.backbone.conv1.weight.is_contiguous()

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,11 +123,19 @@ def test_ground_truth_fed_back_through_detector_outputs_scores_100():
                                       "labels": torch.tensor([0])}, category_ids)
 
 
+def results_to_arrays(results):
+    """A COCO results list -> per-image [D, 6] arrays, the inverse of ``evaluate.arrays_to_results``."""
+    rows = {}
+    for result in results:
+        rows.setdefault(int(result["image_id"]), []).append([*result["bbox"], result["score"], result["category_id"]])
+    return {image_id: np.asarray(r, dtype=np.float64).reshape(-1, 6) for image_id, r in rows.items()}
+
+
 def body_distributed_evaluation(comm, out_dir):
     """Rank r holds the images whose position is r mod 2, plus the first image on both ranks (as a
     padding sampler does); rank 0 writes the files; every rank returns the metrics."""
     results = evaluate.load_results(FAKE_BBOX)
-    per_image = evaluate.results_to_arrays(results)
+    per_image = results_to_arrays(results)
     image_ids = sorted(per_image)
     mine = {i: per_image[i] for k, i in enumerate(image_ids) if k % comm.size == comm.rank or k == 0}
     coco_gt = evaluate.load_ground_truth(GT)
@@ -140,7 +149,7 @@ def test_two_ranks_give_the_metrics_of_one(tmp_path):
     values = expect_ok(run_ranks("tests.test_evaluate:body_distributed_evaluation", 2, "horovodrun",
                                  out_dir=str(tmp_path / "eval")))
     coco_gt = evaluate.load_ground_truth(GT)
-    per_image = evaluate.results_to_arrays(evaluate.load_results(FAKE_BBOX))
+    per_image = results_to_arrays(evaluate.load_results(FAKE_BBOX))
     single, _ = evaluate.evaluate(coco_gt, evaluate.arrays_to_results(per_image))
     assert as_printed(single) == published_bbox_table()
     for value in values:

@@ -55,10 +55,12 @@ def test_the_estimate_follows_images_norm_recomputation_precision_and_optimizer(
 
 
 def test_fit_recomputes_the_largest_saving_first_never_a_frozen_stage_and_refuses_one_line():
-    cfg = config.load("megdet_r50_fpn_bs64_bn64")  # 8 images per GPU, res3 recomputed, stem and res2 frozen
+    # 8 images per GPU, res3 recomputed, stem and res2 frozen; float32 activations (auto would halve them)
+    cfg = config.load("megdet_r50_fpn_bs64_bn64", ["train.amp=none"])
     assert memory.fit(cfg, 12).recomputed == ("res3",)
     assert memory.fit(cfg, 11).recomputed == ("res3", "res4")
-    scratch = config.load("megdet_r50_fpn_bs64_bn64", ["model.backbone_weights=null", "model.sublinear_stages=[]"])
+    scratch = config.load("megdet_r50_fpn_bs64_bn64", ["train.amp=none", "model.backbone_weights=null",
+                                                       "model.sublinear_stages=[]"])
     assert memory.fit(scratch, 12).recomputed[0] == "res2", "from scratch res2 trains and saves the most"
     with pytest.raises(UserError) as caught:
         memory.fit(cfg, 6)

@@ -26,7 +26,7 @@ import megdet.pack
 from hpc.errors import UserError
 from hpc.shards import ShardDataset
 from hpc.shards.manifest import MANIFEST_NAME, read_manifest
-from tests.multirank import REPO, _base_env, launch_command, mpirun_skip_reason
+from tests.multirank import REPO, _base_env, launch_command, mpirun_skip_reason, skip_unless_launcher
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 # name: (annotation file, image folder) under REALDATA
@@ -401,3 +401,18 @@ def test_mpirun_pack_equals_serial_and_fails_on_every_rank(tmp_path):
     assert errors[0].startswith("rank 1 failed") and all(missing in line for line in errors.values())
     assert (tmp_path / "failed" / "shard-00000-of-00005.h5").exists()
     assert not (tmp_path / "failed" / MANIFEST_NAME).exists()
+
+
+@pytest.mark.multirank
+def test_packers_under_a_launcher_without_mpi_are_refused_on_every_rank(tmp_path):
+    """horovodrun (or torchrun, srun without MPI) would start N packers of the whole split into one
+    folder; each rank refuses, naming mpirun, and nothing is written."""
+    skip_unless_launcher("horovodrun")
+    ann, images, _ = subset(tmp_path, "voc100", count=4)
+    argv = ["pack", "--coco-json", str(ann), "--images", str(images), "--out", str(tmp_path / "out")]
+    done = subprocess.run(launch_command("horovodrun", 2, MEGDET + argv), cwd=REPO, env=_base_env(None),
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    errors = rank_errors(subprocess.CompletedProcess(done.args, done.returncode, done.stdout, done.stdout + done.stderr))
+    assert done.returncode != 0 and sorted(errors) == [0, 1], done.stdout + done.stderr
+    assert all("horovodrun started 2 packers" in e and "mpirun -np 2 megdet pack" in e for e in errors.values())
+    assert not (tmp_path / "out").exists()

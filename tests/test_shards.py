@@ -153,7 +153,7 @@ def test_sampler_resumes_from_an_iteration():
         epochs.append(list(sampler))
     per_epoch = sampler.iterations_per_epoch
     resumed = DistributedShardSampler(groups, batch_size=2, rank=1, world_size=2, seed=3)
-    resumed.resume(per_epoch + 3)
+    resumed.set_epoch(*divmod(per_epoch + 3, resumed.iterations_per_epoch))
     assert (resumed.epoch, len(resumed)) == (1, per_epoch - 3)
     assert list(resumed) == epochs[1][3:]
     resumed.set_epoch(2)

@@ -59,6 +59,12 @@ def straight_run(shards):
 def test_a_run_trains_checkpoints_evaluates_and_plots(straight_run):
     out, done = straight_run
     assert "finished 40 iterations on 2 ranks" in done.stdout
+    banner = done.stdout[done.stdout.index("megdet train: world of 2 ranks on 1 node(s) (2 per node), launcher horovodrun"):]
+    for line in ("  engines: gradients horovod", "  devices: CPU", "  amp: bf16 autocast; channels-last activations",
+                 "  ops: pure-PyTorch nms/roi_align", "  batch norm: cross-GPU BN over groups of 2 ranks (4 images), "
+                 "inside a node", "  horovod built with: mpi, gloo", "  data: 0 loader worker(s) per rank"):
+        assert line in banner[:1000], (line, banner[:1000])
+    assert done.stdout.count("megdet train: world of") == 1, "rank 0 alone says what runs, once"
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in done.stdout
     assert sorted(p.name for p in out.glob("model_*.pt")) == ["model_0000020.pt", "model_0000040.pt"]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -69,6 +75,26 @@ def test_a_run_trains_checkpoints_evaluates_and_plots(straight_run):
     assert all(line["images_per_s"] > 0 and line["lr"] > 0 for line in train_lines)
     assert train_lines[-1]["loss"] < train_lines[0]["loss"], "40 steps on 24 images must lower the loss"
     assert (out / "metrics.png").stat().st_size > 10_000
+
+
+def test_accumulated_micro_batches_and_tensorboard_on_one_process(shards):
+    """solver.batch_size=4 from 2 passes of 2 images on one rank (Horovod's backward_passes_per_step
+    path is tested in test_distributed_optimizer); the run's TensorBoard events read back."""
+    from tests.test_plot import tensorboard_scalars
+
+    out = shards / "accumulated"
+    done = megdet(["train", *tiny_config(shards, out, val=False), "model.bn_size=null", "solver.max_iter=6",
+                   "solver.steps=[4]", "solver.warmup_iters=2", "train.log_period=3", "train.checkpoint_period=6",
+                   "solver.backward_passes_per_step=2", "train.tensorboard=true"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "finished 6 iterations on 1 ranks" in done.stdout and f"tensorboard --logdir {out.parent}" in done.stdout
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iter"] for line in lines] == [3, 6] and all(line["images_per_s"] > 0 for line in lines)
+    scalars = tensorboard_scalars(out)
+    assert [step for step, _ in scalars["loss/loss"]] == [3, 6]
+    assert scalars["loss/loss"][-1][1] == pytest.approx(lines[-1]["loss"], rel=1e-6)
+    refused = megdet(["train", *tiny_config(shards, shards / "refused", val=False), "solver.backward_passes_per_step=3"])
+    assert refused.returncode == 2 and "data.images_per_rank=2 x solver.backward_passes_per_step=3" in refused.stderr
 
 
 def _rank_processes(launcher_process):

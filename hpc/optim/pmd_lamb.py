@@ -53,11 +53,12 @@ def pmd_lamb_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Te
         # v_t = xi * b2 * v_{t-1} + (1 - b2) * g^2
         torch._foreach_mul_(v, xi * beta2)
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-        # u_t = r_t + wd * x, with r_t = m_t / sqrt(v_t + eps)
-        roots = torch._foreach_add(v, eps)
-        torch._foreach_sqrt_(roots)
+        # u_t = r_t + wd * x, with r_t = m_t / sqrt(v_t + eps) as m_t * rsqrt(v_t + eps): rsqrt and a product
+        # cost half of what sqrt and a quotient do on CPU
+        inverse_roots = torch._foreach_add(v, eps)
+        torch._foreach_rsqrt_(inverse_roots)
         updates = torch._foreach_mul(x, weight_decay)
-        torch._foreach_addcdiv_(updates, m, roots)
+        torch._foreach_addcmul_(updates, m, inverse_roots)
         return updates
 
     # x_{t+1} = x_t - lr * alpha * phi * u_t

@@ -3,7 +3,7 @@
     sampler = DistributedShardSampler(dataset.aspect_groups, batch_size=2, rank=comm.rank,
                                       world_size=comm.size, seed=0)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=4, collate_fn=list)
-    sampler.resume(iteration)          # once, after loading a checkpoint taken at ``iteration``
+    sampler.set_epoch(*divmod(iteration, sampler.iterations_per_epoch))   # resume at ``iteration``
     for epoch in ...: sampler.set_epoch(epoch); for batch in loader: ...
 
 The rules, every epoch, from nothing but (seed, epoch) (and the rank, for own-shards mode):
@@ -80,12 +80,6 @@ class DistributedShardSampler(torch.utils.data.Sampler):
         if not 0 <= start_iteration <= self.iterations_per_epoch:
             raise ValueError(f"Invalid start_iteration: {start_iteration} (epoch has {self.iterations_per_epoch})")
         self.epoch, self.start_iteration = epoch, start_iteration
-
-    def resume(self, iteration: int) -> None:
-        """Continue after ``iteration`` iterations in total (epochs included), e.g. from a checkpoint."""
-        if iteration < 0 or self.iterations_per_epoch == 0:
-            raise ValueError(f"Invalid iteration: {iteration} ({self.iterations_per_epoch} iterations per epoch)")
-        self.set_epoch(*divmod(iteration, self.iterations_per_epoch))
 
     def _grouped_batches(self, order: np.ndarray, rng: np.random.Generator) -> List[np.ndarray]:
         """``order`` cut into single-group batches (rule 2), in shuffled order (rule 3)."""

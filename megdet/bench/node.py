@@ -191,8 +191,8 @@ def _train(out: Path, sizes: Dict) -> Dict:
         shutil.rmtree(folder, ignore_errors=True)
     size, cpu = sizes["synth_size"], sizes["device"] == "cpu"
     overrides = [f"model.name={sizes['model']}", "model.bn_size=null", "model.anchor_sizes=null",
-                 "model.fpn_channels=null", "model.box_head_dim=null", "model.rois_per_image=null",
-                 "model.proposals_per_image=null", "data.images_per_rank=2", "solver.batch_size=2",
+                 "model.fpn_channels=null", "model.box_head_dim=null", "model.roi_batch_size_per_image=null",
+                 "model.rpn_pre_nms_topk=null", "model.rpn_post_nms_topk=null", "data.images_per_rank=2", "solver.batch_size=2",
                  f"data.min_sizes=[{sizes['size']}]", f"data.max_size={sizes['max_size']}",
                  f"data.test_min_size={sizes['size']}", "solver.max_iter=30", "solver.steps=[20,25]",
                  "solver.warmup_iters=5", f"train.device={sizes['device']}", f"train.amp={'none' if cpu else 'auto'}",

@@ -25,6 +25,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from hpc import perfmodel
 from hpc.errors import UserError
+from hpc.schedule import POLICIES
 from megdet.bench import report
 
 NAME = "project"
@@ -32,7 +33,7 @@ COLUMNS = ("gpus", "row", "batch", "bn_size", "images_per_gpu", "iterations", "c
            "cgbn_s", "step_s", "images_per_s", "efficiency", "projected", "paper", "projected/paper", "source")
 
 COCO_TRAIN_IMAGES = 118_000        # MegDet Sec. 4: "118,000 training images" (train2017 has 118,287)
-EPOCHS = {"normal": 11, "long": 18}  # MegDet Sec. 4: normal ends at epoch 11, long at epoch 18
+EPOCHS = {name: policy.epochs for name, policy in POLICIES.items()}  # MegDet Sec. 4: normal 11, long 18
 STEP_IMAGES = 2                    # images per rank of --step-time and of the default step time
 # Default compute: MegDet Table 3 "16-base", 33.2 h for 11 epochs at batch 16 (81125 iterations) on
 # 8 Titan Xp GPUs x 2 images. It includes that server's own gradient allreduce, so it slightly

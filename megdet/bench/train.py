@@ -180,10 +180,9 @@ def _time_steps(trainer: Trainer, warmup: int, steps: int) -> List[Dict[str, flo
                 torch.cuda.synchronize(device)
             marks[phase] = time.perf_counter()
 
-        (images, targets, _, _), _ = next(batches)
-        images, targets = to_device(images, targets, device)
+        micro_batches = [to_device(*next(batches)[0][:2], device) for _ in range(trainer.passes)]
         mark("data")
-        trainer.step(iteration, images, targets, mark=mark)
+        trainer.step(iteration, micro_batches, mark=mark)
         if iteration >= warmup:
             ends = [marks[phase] for phase in ("start", *PHASES)]
             timed.append({phase: end - start for phase, start, end in zip(PHASES, ends, ends[1:])})

@@ -22,7 +22,11 @@ from hpc.optim import LAMB, LARS, PMDLAMB, param_groups
 from hpc.schedule import Schedule
 from megdet import config as config_mod
 from megdet.model import build_detector
+from megdet.model.settings import DEFAULTS
 from megdet.weights import default_freeze_at
+
+
+MODEL_SETTINGS = frozenset(DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -81,30 +85,21 @@ def build_model(cfg: config_mod.Config, *, inference: bool = False) -> torch.nn.
                            bn_group_size=cfg.bn_group_ranks() if cross_gpu else None,
                            backbone_weights=None if inference else cfg.model.backbone_weights,
                            freeze_at=default_freeze_at(pretrained),
-                           sublinear_stages=tuple(cfg.model.sublinear_stages),
-                           score_threshold=cfg.eval.score_thresh, nms_threshold=cfg.eval.nms_thresh,
-                           detections_per_image=cfg.eval.detections_per_image, **model_settings(cfg))
+                           sublinear_stages=tuple(cfg.model.sublinear_stages), **model_settings(cfg))
     # Activations only: channels-last weights would give channels-last gradients, which Horovod refuses.
     model.channels_last = cfg.train.channels_last
     return model
 
 
 def model_settings(cfg: config_mod.Config) -> Dict:
-    """The detector settings ``cfg.model`` overrides (``megdet.model.detector.DEFAULTS`` keys)."""
+    """The detector settings that ``cfg.model`` and ``cfg.eval`` give, by the detector's own keys
+    (``megdet.model.settings.DEFAULTS``); the others keep the named model's values."""
     settings = {}
-    if cfg.model.anchor_sizes is not None:
-        settings["anchor_sizes"] = tuple(cfg.model.anchor_sizes)
-    if cfg.model.rois_per_image is not None:
-        settings["roi_batch_size_per_image"] = cfg.model.rois_per_image
-    if cfg.model.roi_positive_fraction is not None:
-        settings["roi_positive_fraction"] = cfg.model.roi_positive_fraction
-    for key in ("fpn_channels", "box_head_dim"):
-        if getattr(cfg.model, key) is not None:
-            settings[key] = getattr(cfg.model, key)
-    if cfg.model.proposals_per_image is not None:
-        kept = cfg.model.proposals_per_image
-        settings["rpn_post_nms_topk"] = (kept, kept)
-        settings["rpn_pre_nms_topk"] = (2 * kept, 2 * kept)
+    for section in (cfg.model, cfg.eval):
+        for key in MODEL_SETTINGS.intersection(vars(section)):
+            value = getattr(section, key)
+            if value is not None:
+                settings[key] = tuple(value) if isinstance(value, list) else value
     return settings
 
 

@@ -220,15 +220,6 @@ def arrays_to_results(per_image: Dict[int, np.ndarray]) -> List[Dict]:
     return results
 
 
-def results_to_arrays(results: Sequence[Dict]) -> Dict[int, np.ndarray]:
-    """The inverse of ``arrays_to_results``: a COCO results list -> per-image [D, 6] arrays."""
-    rows: Dict[int, List[List[float]]] = {}
-    for result in results:
-        rows.setdefault(int(result["image_id"]), []).append(
-            [*result["bbox"], result["score"], result["category_id"]])
-    return {image_id: np.asarray(r, dtype=np.float64).reshape(-1, 6) for image_id, r in rows.items()}
-
-
 def gather_detections(comm, local: Dict[int, np.ndarray], root: int = 0) -> Optional[Dict[int, np.ndarray]]:
     """Every rank's per-image detections merged on ``root`` (None on the other ranks); only ``root``
     receives them. An image that several ranks evaluated (a sampler that pads the last round) counts
@@ -337,33 +328,11 @@ def evaluate_distributed(comm, coco_gt: COCO, local: Dict[int, np.ndarray], out_
     return metrics, table
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("config", nargs="?", help="a preset or YAML file, with --checkpoint: evaluate a trained model")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.val=DIR")
-    parser.add_argument("--checkpoint", help="a checkpoint written by megdet train")
-    parser.add_argument("--gt", help="COCO instances json (ground truth)")
-    parser.add_argument("--results", help="COCO box results json: [{image_id, category_id, bbox, score}, ...]")
-    parser.add_argument("--out", help=f"folder for {METRICS_FILE} (written atomically)")
-    parser.add_argument("--iou-type", choices=IOU_TYPES, default="bbox",
-                        help="with --results: bbox (box AP) or segm (mask AP; the detections carry RLE masks)")
-
-
-def run(args) -> int:
-    if args.config is not None or args.checkpoint is not None:
-        if args.config is None or args.checkpoint is None:
-            raise UserError("give both CONFIG and --checkpoint CKPT to evaluate a trained model")
-        if args.iou_type != "bbox":
-            raise UserError(f"--iou-type {args.iou_type} applies to a results file (--gt --results); a checkpoint "
-                            "is evaluated by box AP: drop --iou-type")
-        return evaluate_checkpoint(args.config, args.overrides, args.checkpoint, args.out)
-    if args.gt is None or args.results is None:
-        raise UserError("give both --gt ANNOTATIONS.json and --results DETECTIONS.json, or CONFIG --checkpoint CKPT")
-    return evaluate_files(args.gt, args.results, args.out, iou_type=args.iou_type)
-
-
 def evaluate_files(gt_path, results_path, out_dir=None, iou_type: str = "bbox") -> int:
     """``megdet eval --gt --results [--iou-type segm]``: print the COCO table, and write the metrics when
     ``out_dir`` is set (only once the evaluation succeeded)."""
+    if iou_type not in IOU_TYPES:
+        raise UserError(f"--iou-type {iou_type!r} is not one of {', '.join(IOU_TYPES)}: choose one of them")
     coco_gt = load_ground_truth(gt_path)
     results = load_segm_results(results_path) if iou_type == "segm" else load_results(results_path)
     metrics, table = evaluate(coco_gt, results, iou_type=iou_type)
@@ -424,17 +393,15 @@ def evaluate_on_shards(model, dataset, config, comm, runtime, *, workers: int = 
     return evaluate_distributed(comm, coco_gt, local, out_dir=out_dir)
 
 
-def evaluate_checkpoint(config_name: str, overrides: Sequence[str], checkpoint_path: str, out_dir=None) -> int:
+def evaluate_checkpoint(config, checkpoint_path: str, out_dir=None) -> int:
     """``megdet eval CONFIG --checkpoint CKPT``: distributed box AP of a trained model on data.val, each
     rank on its own GPU (``train.device``) under ``train.amp``'s autocast; a checkpoint written on
     any device loads (onto the CPU first, then the model's device)."""
     from hpc import checkpoint
     from hpc.shards import ShardDataset
-    from megdet import config as config_mod
     from megdet.engine.banner import run_banner
     from megdet.engine.build import build_model, build_runtime, init_rank, loader_workers, run_dir
 
-    config = config_mod.load(config_name, overrides)
     runtime = build_runtime(config)
     comm = init_rank(runtime.device)
     error, state, dataset = None, None, None

@@ -1,5 +1,5 @@
-"""Training metrics as JSON lines, and ``megdet plot RUN_DIR`` to draw them (``megdet plot`` also draws
-benchmark results: ``megdet.bench.plot``).
+"""Training metrics as JSON lines (and TensorBoard events), and the plot that ``megdet plot RUN_DIR``
+draws from them (``megdet.commands.plot``, which also draws benchmark results: ``megdet.bench.plot``).
 
     logger = MetricsLogger(run_dir / METRICS_FILE, enabled=comm.rank == 0, resume_from=start_iter)
     logger.log(iteration, loss=0.83, loss_cls=0.4, lr=0.32, images_per_s=512.0)
@@ -170,21 +170,3 @@ def save_png(figure, out_path) -> Path:
     figure.savefig(buffer, format="png", dpi=PLOT_DPI)
     pyplot.close(figure)
     return write_atomic(out_path, buffer.getvalue())
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help=f"output folder of a training run (holds {METRICS_FILE}), "
-                        "or a benchmark's results JSON or --out folder (allreduce.json, train.json, project.json)")
-    parser.add_argument("--out", help=f"PNG to write (default: RUN_DIR/{PLOT_FILE}, or the results JSON with .png)")
-
-
-def run(args) -> int:
-    path = Path(args.run_dir)
-    if path.suffix == ".json" or (path.is_dir() and not (path / METRICS_FILE).exists()):
-        from megdet.bench import plot as bench_plot  # a benchmark's results, not a training run
-
-        return bench_plot.run(path, args.out)
-    records = read_metrics(path / METRICS_FILE)
-    png = plot_metrics(records, args.out or path / PLOT_FILE)
-    print(f"plot of {len(records)} metrics lines: {png}")
-    return 0

@@ -152,8 +152,11 @@ class Trainer:
         banner = run_banner(cfg, comm, runtime, workers=self.workers)
         if comm.rank == 0:
             print(banner, flush=True)
+        self.passes = cfg.solver.backward_passes_per_step
         self.optimizer = DistributedOptimizer(build_optimizer(cfg, self.model), self.model,
                                               batch_size=cfg.solver.batch_size, comm=comm,
+                                              backward_passes_per_step=self.passes,
+                                              compression=cfg.train.grad_compression,
                                               loss_scaler=LossScaler() if runtime.loss_scaling else None)
         self.schedule = build_schedule(cfg)
         self.start_iter = 0
@@ -214,30 +217,37 @@ class Trainer:
             "config": self.cfg.to_dict(), "rng": rng, "world_size": self.comm.size})
 
     def loader(self) -> torch.utils.data.DataLoader:
-        """This rank's batches of iterations start_iter..max_iter-1, as ((images, targets, ids, sizes),
-        boxes dropped as degenerate); pinned for a GPU."""
+        """This rank's micro-batches of iterations start_iter..max_iter-1 (``backward_passes_per_step`` per
+        iteration, each of ``data.images_per_rank`` images), as ((images, targets, ids, sizes), boxes
+        dropped as degenerate); pinned for a GPU."""
         batches = _TrainingBatches(self.train_set, self.transform, seed=self.cfg.train.seed, rank=self.comm.rank)
+        micro = _batch_keys(self.sampler, self.start_iter * self.passes, self.cfg.solver.max_iter * self.passes)
         return torch.utils.data.DataLoader(
-            batches, sampler=_batch_keys(self.sampler, self.start_iter, self.cfg.solver.max_iter), batch_size=None,
+            batches, sampler=micro, batch_size=None,
             collate_fn=_as_is, num_workers=self.workers, prefetch_factor=2 if self.workers else None,
             pin_memory=self.device.type == "cuda",
             # its own generator: a DataLoader draws a seed from the global one, which a resume restores
             generator=torch.Generator().manual_seed(self.cfg.train.seed))
 
-    def step(self, iteration: int, images: List[torch.Tensor], targets: List[Dict[str, torch.Tensor]],
+    def step(self, iteration: int, batches: List[Batch],
              mark: Optional[Callable[[str], None]] = None) -> Dict[str, torch.Tensor]:
-        """One training step at ``iteration`` on a batch already on the device: the schedule's learning
-        rate, forward and losses under autocast, backward (the gradient allreduces start from its hooks),
-        the wait for them, and the guarded optimizer step. Returns the losses ("loss" is their sum), on
-        the device. ``mark(phase)``, when given, is called as each phase ends: "forward_backward",
-        "communication", "optimizer" (``megdet bench train`` times them)."""
+        """One training step at ``iteration`` on ``backward_passes_per_step`` micro-batches already on
+        the device: the schedule's learning rate, forward and losses under autocast and backward for
+        each (the gradient allreduces start from the last one's hooks), the wait for them, and the
+        guarded optimizer step. Returns the losses averaged over the micro-batches ("loss" is their
+        sum), on the device. ``mark(phase)``, when given, is called as each phase ends:
+        "forward_backward", "communication", "optimizer" (``megdet bench train`` times them)."""
         lr = self.schedule.lr_at(iteration)
         for group in self.optimizer.optimizer.param_groups:
             group["lr"] = lr
-        with self.runtime.autocast():
-            losses = self.model(images, targets)
-        total = sum(losses.values())
-        self.optimizer.backward(total)
+        summed: Dict[str, torch.Tensor] = {}
+        for images, targets in batches:
+            with self.runtime.autocast():
+                losses = self.model(images, targets)
+            total = sum(losses.values())
+            self.optimizer.backward(total)
+            for name, value in {"loss": total, **losses}.items():
+                summed[name] = summed[name] + value.detach() if name in summed else value.detach()
         if mark:
             mark("forward_backward")
         self.optimizer.synchronize()
@@ -247,7 +257,7 @@ class Trainer:
         self.optimizer.zero_grad()
         if mark:
             mark("optimizer")
-        return {"loss": total, **losses}
+        return {name: value / len(batches) for name, value in summed.items()} if len(batches) > 1 else summed
 
     def train(self) -> int:
         """Run to ``solver.max_iter`` (or the target AP); returns the process exit status."""
@@ -256,11 +266,18 @@ class Trainer:
         progress = tqdm(total=cfg.solver.max_iter, initial=self.start_iter, disable=comm.rank != 0,
                         desc=cfg.name, unit="it", dynamic_ncols=True, mininterval=2.0)
         tick = time.perf_counter()
-        for iteration, ((images, targets, _, _), degenerate) in enumerate(self.loader(), start=self.start_iter):
+        micro_batches, degenerate = [], 0
+        for index, ((images, targets, _, _), dropped) in enumerate(self.loader(), start=self.start_iter * self.passes):
+            micro_batches.append(to_device(images, targets, self.device))
+            degenerate += dropped
+            if len(micro_batches) < self.passes:
+                continue
+            iteration = index // self.passes
             data_done = time.perf_counter()
-            losses = self.step(iteration, *to_device(images, targets, self.device))
+            losses = self.step(iteration, micro_batches)
             now = time.perf_counter()
             window.add(losses, cfg.solver.batch_size, now - tick, data_done - tick, degenerate)
+            micro_batches, degenerate = [], 0
             tick = now
             done = iteration + 1
             progress.update(1)
@@ -336,15 +353,8 @@ class Trainer:
         return 0
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("config", help=f"a preset ({', '.join(config_mod.PRESETS)}) or a YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. solver.max_iter=100 data.train=DIR")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                        help="continue from CHECKPOINT, or (no value) from the run folder's latest one if any")
-
-
-def run(args) -> int:
-    cfg = config_mod.load(args.config, args.overrides)
+def run(cfg: config_mod.Config, resume: Optional[str] = None) -> int:
+    """``megdet train``: the run of ``cfg`` on this launch (``megdet.commands.train`` parses the command)."""
     runtime = build_runtime(cfg)  # this rank's GPU, before any CUDA or NCCL work
     comm = init_rank(runtime.device)
-    return Trainer(cfg, comm, runtime, resume=args.resume).train()
+    return Trainer(cfg, comm, runtime, resume=resume).train()

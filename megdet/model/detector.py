@@ -25,59 +25,16 @@ from megdet.model.matching import Matcher
 from megdet.model.resnet import STAGE_MODULES, STAGE_NAMES, ResNet, load_torchvision_checkpoint
 from megdet.model.roi_heads import BoxHead, BoxPredictor, MultiScaleRoIAlign, RoIHeads
 from megdet.model.rpn import RPN, RPNHead
+from megdet.model.settings import DEFAULTS, MODEL_NAMES, NORMS, PRESETS
 from megdet.weights import default_freeze_at, frozen_stage_names
 from megdet.weights import resolve as resolve_weights
 
 logger = logging.getLogger(__name__)
 
-# ImageNet statistics of RGB in 0..255 (the torchvision checkpoints were trained with these).
-IMAGENET_PIXEL_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_PIXEL_STD = (58.395, 57.12, 57.375)
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 ROI_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 # RoIs are pooled from P2-P5; P6 only carries RPN anchors.
 ROI_LEVEL_STRIDES = LEVEL_STRIDES[:4]
-
-# Every setting of the model; the presets are detectron2's Faster R-CNN R50-FPN defaults unless noted.
-DEFAULTS = dict(
-    depth=50,
-    fpn_channels=256,
-    anchor_sizes=(32, 64, 128, 256, 512),
-    anchor_aspect_ratios=(0.5, 1.0, 2.0),
-    rpn_iou_thresholds=(0.3, 0.7),
-    rpn_batch_size_per_image=256,
-    rpn_positive_fraction=0.5,
-    rpn_pre_nms_topk=(2000, 1000),    # (train, test), per level and image
-    rpn_post_nms_topk=(1000, 1000),   # (train, test), per image
-    rpn_nms_threshold=0.7,
-    rpn_smooth_l1_beta=0.0,           # 0 = L1
-    roi_iou_threshold=0.5,
-    roi_batch_size_per_image=512,
-    roi_positive_fraction=0.25,
-    box_head_dim=1024,
-    pooler_resolution=7,
-    pooler_sampling_ratio=0,          # adaptive
-    pooler_aligned=True,
-    roi_smooth_l1_beta=0.0,           # 0 = L1
-    score_threshold=0.05,
-    nms_threshold=0.5,
-    detections_per_image=100,
-    crowd_ioa_threshold=0.7,
-    pixel_mean=IMAGENET_PIXEL_MEAN,
-    pixel_std=IMAGENET_PIXEL_STD,
-    size_divisibility=32,
-)
-PRESETS = {
-    # CPU-sized for demos and tests at small input sizes (shorter side ~256-512 px, few objects):
-    # half-width FPN and box head, half the proposals and RoIs.
-    "resnet18_fpn": dict(DEFAULTS, depth=18, fpn_channels=128, box_head_dim=512,
-                         rpn_pre_nms_topk=(1000, 1000), rpn_post_nms_topk=(500, 500),
-                         roi_batch_size_per_image=256),
-    "resnet50_fpn": dict(DEFAULTS, depth=50),
-    "resnet101_fpn": dict(DEFAULTS, depth=101),
-}
-MODEL_NAMES = tuple(PRESETS)
-NORMS = ("cgbn", "frozen", "bn")
 
 
 class FasterRCNN(nn.Module):

@@ -1,0 +1,71 @@
+"""The shape of the code: every module imports alone (no import cycles), ``hpc`` never imports
+``megdet``, and the command line answers without importing torch where it needs none."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.multirank import REPO
+
+PACKAGES = ("hpc", "megdet")
+
+
+def all_modules():
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            yield ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_every_module_imports_alone_and_hpc_never_imports_megdet():
+    """One fresh interpreter per module: an import cycle fails only when its first module is imported
+    first, so importing them all in one process would hide it."""
+    script = """
+        import json, os, subprocess, sys
+        from concurrent.futures import ThreadPoolExecutor
+
+        def probe(name):
+            code = ("import importlib, sys; importlib.import_module(%r); "
+                    "print(sorted(m for m in sys.modules if m == 'megdet' or m.startswith('megdet.')))" % name)
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if done.returncode:
+                return name, done.stderr.strip().splitlines()[-1]
+            if name.startswith("hpc") and done.stdout.strip() != "[]":
+                return name, "imports " + done.stdout.strip()
+            return None
+
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            print(json.dumps([f for f in pool.map(probe, json.loads(sys.argv[1])) if f]))
+    """
+    import json
+
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script), json.dumps(list(all_modules()))],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [], done.stdout
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["job", "--scheduler", "slurm", "--gpus", "160", "--gpus-per-node",
+                                                "16", "--config", "largedet_coco_12min"],
+                                  ["synth", "--help"], ["train", "no_such_preset"], ["bench", "--help"],
+                                  ["train", "shapes_r18_cpu", "solver.max_iter=-1"]])
+def test_the_command_line_answers_without_importing_torch(argv):
+    done = python(f"""
+        import sys
+        from megdet.cli import main
+        try:
+            status = main({argv!r})
+        except SystemExit as exit:
+            status = exit.code
+        print("torch" in sys.modules, status, file=sys.stderr)
+    """)
+    imported, status = done.stderr.strip().splitlines()[-1].split()
+    assert imported == "False", done.stderr
+    assert status in ("0", "2"), done.stderr
