@@ -110,7 +110,7 @@ def run(optimizer_factory, steps, start=None, block_numel=CPU_BLOCK_NUMEL):
     kernels cut into cache blocks of ``block_numel`` elements."""
     tensors = [nn.Parameter(p) for p in (start or make_params())]
     optimizer = optimizer_factory(tensors)
-    optimizer.block_numel = lambda params: block_numel
+    optimizer.block_numel = lambda device: block_numel
     for t in range(1, steps + 1):
         for p, g in zip(tensors, gradients([p.detach() for p in tensors], t)):
             p.grad = g

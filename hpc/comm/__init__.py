@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from hpc import launch as launch_mod
+from hpc.errors import UserError
 from hpc.comm.base import DEFAULT_TIMEOUT_S, ENGINES, OPS, CommError, Communicator, Group, Handle
 from hpc.comm.horovod import HorovodCommunicator
 from hpc.comm.local import LocalCommunicator
@@ -41,7 +42,7 @@ from hpc.comm.torchdist import TorchCommunicator
 
 __all__ = ["CommError", "Communicator", "Group", "Handle", "HorovodCommunicator", "LocalCommunicator",
            "TorchCommunicator", "ENGINES", "OPS", "DEFAULT_TIMEOUT_S", "init", "get", "get_cgbn", "describe",
-           "finish", "shutdown"]
+           "finish", "shutdown", "raise_on_every_rank"]
 
 _current: Optional[Communicator] = None
 _cgbn: Optional[Communicator] = None
@@ -90,6 +91,15 @@ def init(engine: Optional[str] = None, timeout_s: Optional[float] = None,
     if cgbn_engine != engine and engine == "horovod":
         _cgbn = TorchCommunicator(launch, timeout_s, device, via=comm)
     return comm
+
+
+def raise_on_every_rank(error: UserError) -> None:
+    """Raise ``error``, a failure found before the communicator started (a bad config, a missing GPU),
+    on every rank of a multi-process launch: the ranks first agree over a CPU communicator, so none
+    exits (and has its launcher kill the others) before each has said it. Alone, raise at once."""
+    if (launch_mod.detect().size or 1) > 1 and _current is None:
+        init(device=torch.device("cpu")).agree(str(error))
+    raise error
 
 
 def get() -> Communicator:

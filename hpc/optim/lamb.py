@@ -26,9 +26,9 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-# Elements per cache block on CPU. A step makes ~10 passes over x, g, m, v and two temporaries; one block
-# of each (float32: 4 MiB, 24 MiB in all) stays in a 32 MiB L3 from one pass to the next, so main memory
-# sees about one read of x, g, m, v and one write of x, m, v, and each pass is long enough (~70 us) that
+# Elements per cache block on CPU. A step makes ~12 passes over x, g, m, v and the workspace u; one block
+# of each (float32: 4 MiB, 20 MiB in all) stays in a 32 MiB L3 from one pass to the next, so main memory
+# sees about one read of x, g, m, v and one write of x, m, v, and each pass is long enough (~50 us) that
 # a torch op's dispatch (a few us) costs a few per cent. Chosen with `megdet bench optim`
 # (docs/benchmarks.md): smaller blocks pay more dispatch, whole lists pay main memory on every pass.
 CPU_BLOCK_NUMEL = 1 << 20
@@ -56,6 +56,14 @@ class CacheBlock(NamedTuple):
         """Per-tensor values (1-d) as one 0-dim tensor per segment."""
         return list(per_tensor.expand(len(self.segments[0])).unbind() if self.sliced else per_tensor.unbind())
 
+    def scratch(self, workspace: Tensor) -> List[Tensor]:
+        """The front of a flat ``workspace`` cut into contiguous pieces shaped like the segments of the first
+        list (``workspace_numel`` elements are enough for every block)."""
+        segments = self.segments[0]
+        sizes = [segment.numel() for segment in segments]
+        pieces = workspace[:sum(sizes)].split(sizes)
+        return [piece.view(segment.shape) for piece, segment in zip(pieces, segments)]
+
 
 def cache_blocks(tensor_lists: Sequence[List[Tensor]], block_numel: Optional[int]) -> Iterator[CacheBlock]:
     """Cut parallel tensor lists (element i of each has the shape of ``tensor_lists[0][i]``) into blocks
@@ -82,6 +90,15 @@ def cache_blocks(tensor_lists: Sequence[List[Tensor]], block_numel: Optional[int
             numel += tensor.numel()
     if start < count:
         yield CacheBlock([list(tensors[start:]) for tensors in tensor_lists], False)
+
+
+def workspace_numel(params: List[Tensor], block_numel: Optional[int]) -> int:
+    """Elements of the flat workspace that ``cache_blocks(..., block_numel)`` of ``params`` needs: the
+    largest block (a sliced tensor whole, since its u waits for its last slice)."""
+    total = sum(param.numel() for param in params)
+    if block_numel is None:
+        return total
+    return max([min(block_numel, total)] + [param.numel() for param in params if param.numel() > block_numel])
 
 
 def squared_norms(tensors: List[Tensor], whole_list: bool) -> List[Tensor]:
@@ -151,29 +168,30 @@ def gather_moments(optimizer: torch.optim.Optimizer, group: Dict) -> Tuple[List[
     return params, grads, exp_avgs, exp_avg_sqs
 
 
-def layerwise_step(tensor_lists: Sequence[List[Tensor]], direction: Callable[..., List[Tensor]], *,
-                   step_size: float, layer_adaptation: bool = True, block_numel: Optional[int] = None) -> None:
+def layerwise_step(tensor_lists: Sequence[List[Tensor]], direction: Callable[..., None], *, step_size: float,
+                   workspace: Tensor, layer_adaptation: bool = True, block_numel: Optional[int] = None) -> None:
     """x -= step_size * phi * u for every tensor x of ``tensor_lists[0]``, phi = ||x|| / ||u|| (1 where
     either is 0), a cache block at a time (``cache_blocks``).
 
-    tensor_lists: [x, g, *state], parallel lists; direction(x, g, *state) takes one chunk of a block
-    (lists of segments), updates the state in place and returns u for those segments (new tensors).
+    tensor_lists: [x, g, *state], parallel lists of one device and dtype; direction(x, g, *state, u) takes
+    one chunk of a block (lists of segments), updates the state in place and writes u_t into u, pieces of
+    ``workspace`` (flat, ``workspace_numel`` elements at least): no temporaries are allocated.
     layer_adaptation=False: phi = 1 (an Adam step of size ``step_size``), as LAMB's reference code does
     for biases and normalisation parameters, whose norms start at or near 0 and would hardly move.
     """
     whole_list = block_numel is None
     for block in cache_blocks(tensor_lists, block_numel):
-        updates, param_squares, update_squares = [], [], []
+        updates = block.scratch(workspace)
+        param_squares, update_squares = [], []
         for chunk in block.chunks():
             lists = [segments[chunk] for segments in block.segments]
-            update = direction(*lists)
+            direction(*lists, updates[chunk])
             if not layer_adaptation:
-                torch._foreach_add_(lists[0], update, alpha=-step_size)
+                torch._foreach_add_(lists[0], updates[chunk], alpha=-step_size)
                 continue
             # the norms while the chunk is in cache; u waits for phi, which needs the whole tensor
-            updates += update
             param_squares += squared_norms(lists[0], whole_list)
-            update_squares += squared_norms(update, whole_list)
+            update_squares += squared_norms(updates[chunk], whole_list)
         if layer_adaptation:
             phi = layerwise_ratios(block.tensor_squared_norms(param_squares),
                                    block.tensor_squared_norms(update_squares))
@@ -182,20 +200,43 @@ def layerwise_step(tensor_lists: Sequence[List[Tensor]], direction: Callable[...
 
 class GroupwiseOptimizer(torch.optim.Optimizer):
     """``step(closure)`` re-evaluates the loss if asked, then ``step_group(group)`` for each param group
-    with gradients disabled: the one loop every optimizer here shares."""
+    with gradients disabled: the one loop every optimizer here shares. ``run_kernel`` calls a kernel per
+    device and dtype with its cache block size and a workspace kept from step to step (never saved)."""
+
+    def __init__(self, params: Iterable, defaults: Dict):
+        self.workspaces: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
+        super().__init__(params, defaults)
 
     def step_group(self, group: Dict) -> None:
         raise NotImplementedError
 
-    def block_numel(self, params: List[Tensor]) -> Optional[int]:
-        """Elements per cache block for the kernels over ``params``: ``CPU_BLOCK_NUMEL`` on CPU, None (each
-        op over the whole list: one launch per op) on accelerators. Logged once per type and device type."""
-        if not params:
-            return None
-        device_type = params[0].device.type
-        block_numel = CPU_BLOCK_NUMEL if device_type == "cpu" else None
-        announce_kernel(type(self).__name__, device_type, block_numel)
+    def block_numel(self, device: torch.device) -> Optional[int]:
+        """Elements per cache block for the kernels on ``device``: ``CPU_BLOCK_NUMEL`` on CPU, None (each op
+        over the whole list: one launch per op) on accelerators. Logged once per type and device type."""
+        block_numel = CPU_BLOCK_NUMEL if device.type == "cpu" else None
+        announce_kernel(type(self).__name__, device.type, block_numel)
         return block_numel
+
+    def workspace(self, device: torch.device, dtype: torch.dtype, numel: int) -> Tensor:
+        """A flat buffer of at least ``numel`` elements, grown when needed and reused at every step."""
+        buffer = self.workspaces.get((device, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.workspaces[(device, dtype)] = torch.empty(numel, device=device, dtype=dtype)
+        return buffer
+
+    def run_kernel(self, kernel: Callable[..., None], tensor_lists: Sequence[List[Tensor]], *,
+                   uses_workspace: bool = True, **hyperparameters) -> None:
+        """``kernel(*lists, block_numel=..., workspace=..., **hyperparameters)`` on the tensors of each device
+        and dtype of ``tensor_lists`` ([x, g, *state], parallel) in turn."""
+        indices: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+        for index, param in enumerate(tensor_lists[0]):
+            indices.setdefault((param.device, param.dtype), []).append(index)
+        for (device, dtype), chosen in indices.items():
+            lists = [[tensors[i] for i in chosen] for tensors in tensor_lists]
+            block_numel = self.block_numel(device)
+            if uses_workspace:
+                hyperparameters["workspace"] = self.workspace(device, dtype, workspace_numel(lists[0], block_numel))
+            kernel(*lists, block_numel=block_numel, **hyperparameters)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
@@ -210,26 +251,29 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
 
 def lamb_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                 *, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                layer_adaptation: bool = True, block_numel: Optional[int] = None) -> None:
-    """One LAMB step over all tensors (multi-tensor ``torch._foreach_*`` ops), a cache block of
-    ``block_numel`` elements at a time (``cache_blocks``; None: the whole list per op)."""
+                workspace: Tensor, layer_adaptation: bool = True, block_numel: Optional[int] = None) -> None:
+    """One LAMB step over tensors of one device and dtype (multi-tensor ``torch._foreach_*`` ops), a cache
+    block of ``block_numel`` elements at a time (``cache_blocks``; None: the whole list per op); u_t is
+    computed in ``workspace`` (flat, ``workspace_numel`` elements at least)."""
     bias_correction1 = 1 - beta1 ** step
     root_bias_correction2 = math.sqrt(1 - beta2 ** step)
 
-    def direction(x: List[Tensor], g: List[Tensor], m: List[Tensor], v: List[Tensor]) -> List[Tensor]:
+    def direction(x: List[Tensor], g: List[Tensor], m: List[Tensor], v: List[Tensor], u: List[Tensor]) -> None:
         # m_t, v_t
         torch._foreach_lerp_(m, g, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
         # u_t = m_hat / (sqrt(v_hat) + eps) + wd * x, with m_hat = m_t / (1 - b1^t), v_hat = v_t / (1 - b2^t),
         # as sqrt(1 - b2^t) / (1 - b1^t) * m_t / (sqrt(v_t) + eps * sqrt(1 - b2^t)): two passes fewer
-        roots = torch._foreach_sqrt(v)
-        torch._foreach_add_(roots, eps * root_bias_correction2)
-        updates = torch._foreach_mul(x, weight_decay)
-        torch._foreach_addcdiv_(updates, m, roots, value=root_bias_correction2 / bias_correction1)
-        return updates
+        torch._foreach_copy_(u, v)
+        torch._foreach_sqrt_(u)
+        torch._foreach_add_(u, eps * root_bias_correction2)
+        torch._foreach_reciprocal_(u)
+        torch._foreach_mul_(u, m)
+        torch._foreach_mul_(u, root_bias_correction2 / bias_correction1)
+        torch._foreach_add_(u, x, alpha=weight_decay)
 
-    layerwise_step([params, grads, exp_avgs, exp_avg_sqs], direction, step_size=lr,
+    layerwise_step([params, grads, exp_avgs, exp_avg_sqs], direction, step_size=lr, workspace=workspace,
                    layer_adaptation=layer_adaptation, block_numel=block_numel)
 
 
@@ -254,12 +298,11 @@ class LAMB(GroupwiseOptimizer):
     def step_group(self, group: Dict) -> None:
         group["step"] += 1
         beta1, beta2 = group["betas"]
-        params, grads, exp_avgs, exp_avg_sqs = gather_moments(self, group)
-        lamb_kernel(params, grads, exp_avgs, exp_avg_sqs, step=group["step"], lr=group["lr"], beta1=beta1,
-                    beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                    layer_adaptation=group["layer_adaptation"], block_numel=self.block_numel(params))
+        self.run_kernel(lamb_kernel, gather_moments(self, group), step=group["step"], lr=group["lr"],
+                        beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                        layer_adaptation=group["layer_adaptation"])
 
 
 __all__ = ["LAMB", "GroupwiseOptimizer", "CacheBlock", "CPU_BLOCK_NUMEL", "cache_blocks", "describe_kernel",
-           "lamb_kernel", "layerwise_ratios", "layerwise_step", "squared_norms", "gather_moments",
+           "lamb_kernel", "layerwise_ratios", "layerwise_step", "squared_norms", "workspace_numel", "gather_moments",
            "check_hyperparameter", "check_adam_hyperparameters"]

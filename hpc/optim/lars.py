@@ -24,8 +24,8 @@ DEFAULT_TRUST_COEFFICIENT = 1e-3
 def lars_kernel(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], *, lr: float,
                 momentum: float, trust_coefficient: float, weight_decay: float,
                 block_numel: Optional[int] = None) -> None:
-    """One LARS step over all tensors (multi-tensor ``torch._foreach_*`` ops), a cache block of
-    ``block_numel`` elements at a time (``hpc.optim.lamb.cache_blocks``; None: the whole list per op)."""
+    """One LARS step over tensors of one device and dtype (multi-tensor ``torch._foreach_*`` ops), a cache
+    block of ``block_numel`` elements at a time (``hpc.optim.lamb.cache_blocks``; None: the whole list per op)."""
     whole_list = block_numel is None
     for block in cache_blocks([params, grads, momentum_buffers], block_numel):
         block_params, block_grads, block_buffers = block.segments
@@ -79,6 +79,6 @@ class LARS(GroupwiseOptimizer):
             params.append(p)
             grads.append(p.grad)
             buffers.append(state["momentum_buffer"])
-        lars_kernel(params, grads, buffers, lr=group["lr"], momentum=group["momentum"],
-                    trust_coefficient=group["trust_coefficient"], weight_decay=group["weight_decay"],
-                    block_numel=self.block_numel(params))
+        self.run_kernel(lars_kernel, [params, grads, buffers], uses_workspace=False, lr=group["lr"],
+                        momentum=group["momentum"], trust_coefficient=group["trust_coefficient"],
+                        weight_decay=group["weight_decay"])

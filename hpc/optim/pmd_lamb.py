@@ -42,27 +42,30 @@ def moments_decay(step: int, cycle: Optional[Union[int, float]]) -> float:
 
 def pmd_lamb_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                     *, xi: float, lr: float, alpha: float, beta1: float, beta2: float, eps: float,
-                    weight_decay: float, layer_adaptation: bool = True, block_numel: Optional[int] = None) -> None:
-    """One PMD-LAMB step over all tensors (multi-tensor ``torch._foreach_*`` ops), a cache block of
-    ``block_numel`` elements at a time (``hpc.optim.lamb.cache_blocks``; None: the whole list per op)."""
+                    weight_decay: float, workspace: Tensor, layer_adaptation: bool = True,
+                    block_numel: Optional[int] = None) -> None:
+    """One PMD-LAMB step over tensors of one device and dtype (multi-tensor ``torch._foreach_*`` ops), a
+    cache block of ``block_numel`` elements at a time (``hpc.optim.lamb.cache_blocks``; None: the whole
+    list per op); u_t is computed in ``workspace`` (flat, ``hpc.optim.lamb.workspace_numel`` elements)."""
 
-    def direction(x: List[Tensor], g: List[Tensor], m: List[Tensor], v: List[Tensor]) -> List[Tensor]:
+    def direction(x: List[Tensor], g: List[Tensor], m: List[Tensor], v: List[Tensor], u: List[Tensor]) -> None:
         # m_t = xi * b1 * m_{t-1} + (1 - b1) * g
         torch._foreach_mul_(m, xi * beta1)
         torch._foreach_add_(m, g, alpha=1 - beta1)
         # v_t = xi * b2 * v_{t-1} + (1 - b2) * g^2
         torch._foreach_mul_(v, xi * beta2)
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-        # u_t = r_t + wd * x, with r_t = m_t / sqrt(v_t + eps) as m_t * rsqrt(v_t + eps): rsqrt and a product
-        # cost half of what sqrt and a quotient do on CPU
-        inverse_roots = torch._foreach_add(v, eps)
-        torch._foreach_rsqrt_(inverse_roots)
-        updates = torch._foreach_mul(x, weight_decay)
-        torch._foreach_addcmul_(updates, m, inverse_roots)
-        return updates
+        # r_t = m_t / sqrt(v_t + eps), as m_t * rsqrt(v_t + eps): on CPU rsqrt and a product cost half of
+        # what sqrt and a quotient do
+        torch._foreach_copy_(u, v)
+        torch._foreach_add_(u, eps)
+        torch._foreach_rsqrt_(u)
+        torch._foreach_mul_(u, m)
+        # u_t = r_t + wd * x
+        torch._foreach_add_(u, x, alpha=weight_decay)
 
     # x_{t+1} = x_t - lr * alpha * phi * u_t
-    layerwise_step([params, grads, exp_avgs, exp_avg_sqs], direction, step_size=lr * alpha,
+    layerwise_step([params, grads, exp_avgs, exp_avg_sqs], direction, step_size=lr * alpha, workspace=workspace,
                    layer_adaptation=layer_adaptation, block_numel=block_numel)
 
 
@@ -98,8 +101,6 @@ class PMDLAMB(GroupwiseOptimizer):
     def step_group(self, group: Dict) -> None:
         group["step"] += 1
         beta1, beta2 = group["betas"]
-        params, grads, exp_avgs, exp_avg_sqs = gather_moments(self, group)
-        pmd_lamb_kernel(params, grads, exp_avgs, exp_avg_sqs, xi=moments_decay(group["step"], group["T"]),
+        self.run_kernel(pmd_lamb_kernel, gather_moments(self, group), xi=moments_decay(group["step"], group["T"]),
                         lr=group["lr"], alpha=group["alpha"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                        weight_decay=group["weight_decay"], layer_adaptation=group["layer_adaptation"],
-                        block_numel=self.block_numel(params))
+                        weight_decay=group["weight_decay"], layer_adaptation=group["layer_adaptation"])

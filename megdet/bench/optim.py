@@ -86,7 +86,7 @@ class WholeListPMDLAMB(PMDLAMB):
     """``hpc.optim.PMDLAMB`` with every op over the whole tensor list, as it runs on an accelerator: on
     CPU, what the cache blocks save."""
 
-    def block_numel(self, params: List[Tensor]) -> None:
+    def block_numel(self, device: torch.device) -> None:
         return None
 
 

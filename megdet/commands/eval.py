@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from hpc.errors import UserError
-from megdet import config as config_mod
+from megdet.commands import load_config
 
 
 def add_arguments(parser) -> None:
@@ -28,7 +28,7 @@ def run(args) -> int:
         if args.iou_type != "bbox":
             raise UserError(f"--iou-type {args.iou_type} applies to a results file (--gt --results); a checkpoint "
                             "is evaluated by box AP: drop --iou-type")
-        cfg = config_mod.load(args.config, args.overrides)  # a bad config costs no torch import
+        cfg = load_config(args.config, args.overrides)
         from megdet.engine import evaluate
 
         return evaluate.evaluate_checkpoint(cfg, args.checkpoint, args.out)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from megdet import config as config_mod
+from megdet.commands import load_config
 
 
 def add_arguments(parser) -> None:
@@ -12,7 +13,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    cfg = config_mod.load(args.config, args.overrides)  # a bad config costs no torch import
+    cfg = load_config(args.config, args.overrides)
     from megdet.engine import train
 
     return train.run(cfg, resume=args.resume)

@@ -18,6 +18,7 @@ import torch
 
 from hpc import amp, device as device_mod, launch
 from hpc import comm as comm_mod
+from hpc.errors import UserError
 from hpc.optim import LAMB, LARS, PMDLAMB, param_groups
 from hpc.schedule import Schedule
 from megdet import config as config_mod
@@ -48,9 +49,13 @@ class Runtime:
 
 def build_runtime(cfg: config_mod.Config) -> Runtime:
     """This rank's device (``train.device``, made current) and autocast dtype (``train.amp``).
-    Call it before starting the communicator: the torch engine runs NCCL on that device."""
-    device = device_mod.select(cfg.train.device)
-    return Runtime(device, amp.resolve(cfg.train.amp, device))
+    Call it before starting the communicator: the torch engine runs NCCL on that device. A device
+    that cannot be had is an error on every rank (``hpc.comm.raise_on_every_rank``)."""
+    try:
+        device = device_mod.select(cfg.train.device)
+        return Runtime(device, amp.resolve(cfg.train.amp, device))
+    except UserError as error:
+        comm_mod.raise_on_every_rank(error)
 
 
 def init_rank(device: torch.device = torch.device("cpu")) -> comm_mod.Communicator:
