@@ -3,14 +3,17 @@
 #               synthetic shapes -> HDF5 shards -> 2 ranks under horovodrun (cross-GPU BN, PMD-LAMB;
 #               collectives on torch.distributed, 2x faster than Horovod's on 2 shared cores: see
 #               docs/benchmarks.md) -> COCO evaluation -> the AP table and the path of the plot
+#   make demo-mask  the same with Mask R-CNN's mask branch (shapes_mask_r18_cpu): box and mask AP
 #   make test   the same set-up, then the whole test suite, multi-rank tests included
 VENV := $(CURDIR)/.venv
 export PATH := $(VENV)/bin:$(PATH)
 NP ?= 2
 DEMO_DATA := data/shapes128
 DEMO_RUN := runs/demo
+MASK_DEMO_DATA := data/shapes128-masks
+MASK_DEMO_RUN := runs/demo-mask
 
-.PHONY: setup demo test
+.PHONY: setup demo demo-mask test
 setup:
 	bash scripts/setup.sh
 
@@ -19,6 +22,13 @@ demo: setup
 	megdet pack --coco-json $(DEMO_DATA)/annotations/instances_train.json --images $(DEMO_DATA)/train --out $(DEMO_DATA)/shards/train
 	megdet pack --coco-json $(DEMO_DATA)/annotations/instances_val.json --images $(DEMO_DATA)/val --out $(DEMO_DATA)/shards/val
 	MEGDET_COMM=torch horovodrun --gloo -np $(NP) -H localhost:$(NP) megdet train shapes_r18_cpu train.output_dir=$(DEMO_RUN) --resume
+
+# The same images as the demo's, in a folder of their own: data from before megdet synth wrote masks has none.
+demo-mask: setup
+	test -f $(MASK_DEMO_DATA)/annotations/instances_val.json || megdet synth --out $(MASK_DEMO_DATA) --train 1600 --val 100 --size 128
+	megdet pack --coco-json $(MASK_DEMO_DATA)/annotations/instances_train.json --images $(MASK_DEMO_DATA)/train --out $(MASK_DEMO_DATA)/shards/train
+	megdet pack --coco-json $(MASK_DEMO_DATA)/annotations/instances_val.json --images $(MASK_DEMO_DATA)/val --out $(MASK_DEMO_DATA)/shards/val
+	MEGDET_COMM=torch horovodrun --gloo -np $(NP) -H localhost:$(NP) megdet train shapes_mask_r18_cpu train.output_dir=$(MASK_DEMO_RUN) --resume
 
 test: setup
 	python -m pytest -ra $(PYTEST_ARGS)

@@ -28,6 +28,7 @@ from hpc.errors import UserError
 from hpc.options import AMP_MODES, COMPRESSIONS, DEVICE_KINDS
 from hpc.schedule import DEFAULT_WARMUP_FACTOR, POLICIES, decay_factors, linear_scaling_rule
 from megdet.model.settings import MODEL_NAMES, NORMS
+from megdet.model.settings import PRESETS as MODEL_PRESETS
 from megdet import weights
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -78,6 +79,15 @@ class ModelConfig:
     roi_batch_size_per_image: Optional[int] = None    # RoIs sampled per image for the box head
     roi_positive_fraction: Optional[float] = None     # at most this share of them foreground
     box_head_dim: Optional[int] = None                # width of the box head's two FC layers
+    mask_on: Optional[bool] = None                    # Mask R-CNN's mask branch (model mask_rcnn_r50_fpn: on)
+    mask_head_channels: Optional[int] = None          # width of the mask head's 3x3 convs
+    mask_head_convs: Optional[int] = None             # how many, before the 2x deconv
+    mask_head_norm: Optional[str] = None              # one of NORMS after each of them; null: none
+
+    @property
+    def with_masks(self) -> bool:
+        """Whether the model has Mask R-CNN's branch: ``mask_on``, else the named model's."""
+        return self.mask_on if self.mask_on is not None else MODEL_PRESETS[self.name]["mask_on"]
 
 
 @dataclass
@@ -127,7 +137,9 @@ class TrainConfig:
     output_dir: str = ""                  # "" : runs/<config name>
     checkpoint_period: int = 1000         # iterations between checkpoints (and one at the end)
     eval_period: int = 0                  # iterations between evaluations; 0: only at the end
-    target_ap: Optional[float] = None     # stop once box AP (percent) reaches it at an evaluation
+    # stop once an evaluation reaches it: [box AP] or, with masks, [box AP, mask AP] (percent), e.g.
+    # LargeDet Table 4's Mask R-CNN row: [37.6, 33.9]; a single number is a one-element list
+    target_ap: Optional[List[float]] = None
     log_period: int = 20                  # iterations between metrics lines
     device: str = "auto"                  # one of DEVICE_KINDS; auto: cuda:<local rank> when a GPU is visible
     amp: str = "none"                     # one of hpc.options.AMP_MODES; auto: bf16 or fp16 on a GPU, none on the CPU
@@ -211,6 +223,12 @@ def load(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
     else:
         path = _preset_path(name_or_path)
         document, where, stem = _document(path), str(path), path.stem
+    return from_document(document, where, stem, overrides)
+
+
+def from_document(document: Dict[str, Any], where: str, stem: str = "config", overrides: Sequence[str] = ()) -> Config:
+    """The config of a mapping of sections (a preset's YAML, or the one a checkpoint holds); ``where``
+    names it in errors, ``stem`` is the name when it has none. Checked and resolved as ``load``."""
     config = _build(Config, document, where, "")
     for override in overrides:
         _apply_override(config, override)
@@ -305,6 +323,8 @@ def _check_value(key: str, value: Any, kind, where: str) -> Any:
         except UserError:
             raise _bad_type(key, value, kind, where) from None
     if origin in (list, List):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # a single number where a list of numbers is expected: a list of one
         if not isinstance(value, (list, tuple)):
             raise _bad_type(key, value, kind, where)
         return [_check_value(f"{key}[{i}]", item, args[0], where) for i, item in enumerate(value)]
@@ -477,6 +497,13 @@ def _validate(config: Config) -> None:
     if data.num_workers is not None and data.num_workers < 0:
         raise UserError(f"data.num_workers={data.num_workers} must be >= 0 (0: load in the training process; "
                         "null: one per CPU the launcher gives the rank, less one)")
+    if train.target_ap is not None and not 1 <= len(train.target_ap) <= 2:
+        raise UserError(f"train.target_ap={train.target_ap} must be [box AP] or [box AP, mask AP] in percent")
+    if train.target_ap is not None and len(train.target_ap) == 2 and not model.with_masks:
+        raise UserError(f"train.target_ap={train.target_ap} gives a mask AP but the model has no masks: give "
+                        "[box AP], or set model.mask_on=true")
+    if model.mask_head_norm is not None:
+        _choice("model.mask_head_norm", model.mask_head_norm, NORMS)
     if train.eval_period < 0:
         raise UserError(f"train.eval_period={train.eval_period} must be >= 0 (0: evaluate at the end only)")
 

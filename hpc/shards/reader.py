@@ -202,7 +202,8 @@ class ShardDataset(torch.utils.data.Dataset):
                 "boxes": self._boxes[rows].copy(), "category_ids": self._category_ids[rows].copy(),
                 "iscrowd": self._iscrowd[rows].copy(), "areas": self._areas[rows].copy()}
 
-    def _segmentations(self, index: int) -> List[Any]:
+    def segmentations(self, index: int) -> List[Any]:
+        """Image ``index``'s K COCO segmentations (polygons or RLE), without decoding its pixels."""
         start = int(self._local_annotation_row[index])
         count = int(self._annotation_start[index + 1] - self._annotation_start[index])
         texts = self._shard(int(self.shard_of[index]))["annotations/segmentation"].asstr()[start:start + count]
@@ -221,7 +222,8 @@ class ShardDataset(torch.utils.data.Dataset):
         record = self._annotations(index)
         record["image"] = self.decode(index, stored)
         if self.with_segmentation:
-            record["segmentation"] = self._segmentations(index)
+            rows = slice(self._annotation_start[index], self._annotation_start[index + 1])
+            record.update(segmentation=self.segmentations(index), annotation_ids=self._annotation_ids[rows].copy())
         return record
 
     def raw_record(self, index: int) -> Dict[str, Any]:
@@ -235,7 +237,7 @@ class ShardDataset(torch.utils.data.Dataset):
                       stored_size=tuple(int(v) for v in self.stored_sizes[index]),
                       orientation=int(self._orientation[index]),
                       annotation_ids=self._annotation_ids[rows].copy(),
-                      segmentation=self._segmentations(index), source=self.source(index))
+                      segmentation=self.segmentations(index), source=self.source(index))
         return record
 
     def source(self, index: int) -> Dict[str, Any]:

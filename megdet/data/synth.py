@@ -6,8 +6,10 @@ Writes ``OUT/train/*.jpg``, ``OUT/val/*.jpg`` and ``OUT/annotations/instances_{t
 Each image has a noise and/or gradient background and 0-6 rectangles, ellipses and triangles (one
 class each, random rotation, size, aspect and colour) that may overlap; every object keeps at least
 ``MIN_VISIBLE_FRACTION`` of its pixels visible. Boxes are tight to the visible pixels of the drawn
-shape: ``[x0, y0, x1 - x0 + 1, y1 - y0 + 1]`` over its pixels, ``area`` is its pixel count. The data
-set is built in a temporary folder next to OUT and renamed into place when complete.
+shape: ``[x0, y0, x1 - x0 + 1, y1 - y0 + 1]`` over its pixels, ``area`` is its pixel count, and its
+``segmentation`` is the polygons that outline those visible pixels (the 0.5 contour of its pixel
+mask, in COCO's pixel coordinates: pixel (x, y) covers [x, x + 1) x [y, y + 1)). The data set is built
+in a temporary folder next to OUT and renamed into place when complete.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+import contourpy
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -100,6 +103,16 @@ def _shape_mask(polygon: np.ndarray, offset: Tuple[float, float], height: int, w
     return np.array(canvas, dtype=bool)
 
 
+def outline_polygons(mask: np.ndarray) -> List[List[float]]:
+    """COCO polygons ``[[x1, y1, x2, y2, ...], ...]`` of bool ``mask`` [H, W]: its 0.5 contours (marching
+    squares), closed at the image border, shifted by half a pixel from pixel centres to COCO's pixel
+    coordinates; parts of fewer than 3 points are left out."""
+    padded = np.pad(mask.astype(np.float64), 1)
+    lines = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate).lines(0.5)
+    # padded index (i, j) = pixel (i - 1, j - 1), whose centre is at COCO (j - 0.5, i - 0.5)
+    return [[round(float(v), 2) for v in (line[:-1] - 0.5).ravel()] for line in lines if len(line) > 3]
+
+
 def _colour_against(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
     """A random RGB colour at least MIN_COLOUR_DISTANCE from the mean background colour ``under``."""
     for _ in range(PLACEMENT_TRIES):
@@ -145,10 +158,11 @@ def render_image(rng: np.random.Generator, size: int, max_objects: int = MAX_OBJ
         instances[mask] = len(full_areas)
     annotations = []
     for index, category_id in enumerate(categories):
-        ys, xs = np.nonzero(instances == index + 1)
+        visible = instances == index + 1
+        ys, xs = np.nonzero(visible)
         x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
         annotations.append({"category_id": category_id, "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1],
-                            "area": int(xs.size), "iscrowd": 0})
+                            "area": int(xs.size), "iscrowd": 0, "segmentation": outline_polygons(visible)})
     return SynthImage(np.clip(np.rint(image), 0, 255).astype(np.uint8), instances, annotations)
 
 

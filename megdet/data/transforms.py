@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from hpc.errors import UserError
+from megdet.data.segmentation import masks_for_image
 
 # A box narrower or lower than this (resized pixels) after clipping to the image is dropped.
 MIN_BOX_SIDE = 1e-3
@@ -32,7 +33,8 @@ class Sample:
 
     image: uint8 [3, H, W], RGB, resized: a quarter of float32's bytes through the loader's pinned
     memory and the copy to the GPU, where the detector normalises it. target: {"boxes": float32 [K, 4] xyxy resized pixels,
-    "labels": int64 [K] in 1..C, "iscrowd": bool [K]}. original_size: (height, width) of the original
+    "labels": int64 [K] in 1..C, "iscrowd": bool [K]}, and with masks "masks": uint8 [K, H, W] (each
+    instance's segmentation at the resized size, flipped with the image). original_size: (height, width) of the original
     image. num_degenerate: boxes dropped because they were empty or outside the image.
     """
 
@@ -66,7 +68,7 @@ class DetectionTransform:
     """
 
     def __init__(self, *, min_sizes: Sequence[int], max_size: int, flip_prob: float,
-                 category_ids: Sequence[int]):
+                 category_ids: Sequence[int], masks: bool = False):
         if not min_sizes or min(min_sizes) <= 0 or max_size <= 0:
             raise ValueError(f"Invalid sizes: min_sizes={list(min_sizes)}, max_size={max_size}")
         if not 0.0 <= flip_prob <= 1.0:
@@ -76,6 +78,7 @@ class DetectionTransform:
         self.flip_prob = float(flip_prob)
         self.category_ids = [int(c) for c in category_ids]
         self.label_of = {category_id: label for label, category_id in enumerate(self.category_ids, start=1)}
+        self.masks = masks
 
     @property
     def is_random(self) -> bool:
@@ -116,6 +119,12 @@ class DetectionTransform:
         target = {"boxes": torch.from_numpy(boxes[keep].astype(np.float32)).reshape(-1, 4),
                   "labels": torch.from_numpy(labels[keep]),
                   "iscrowd": torch.from_numpy(iscrowd[keep])}
+        if self.masks:
+            # Decoded here, in the loader's worker: polygons rasterised at the resized size, RLEs resized.
+            masks = masks_for_image(record["segmentation"], image_id=int(record["image_id"]),
+                                    annotation_ids=[int(i) for i in record["annotation_ids"]], height=height,
+                                    width=width, out_height=new_height, out_width=new_width, flip=flip)
+            target["masks"] = torch.from_numpy(np.ascontiguousarray(masks[keep]))
         return Sample(image, target, int(record["image_id"]), (height, width), int((~keep).sum()))
 
 
@@ -135,6 +144,6 @@ def build_transform(config, *, categories: Sequence[Dict], train: bool) -> Detec
                         f"{config.model.num_classes}: set model.num_classes={len(category_ids)}")
     if train:
         return DetectionTransform(min_sizes=data.min_sizes, max_size=data.max_size, flip_prob=data.flip_prob,
-                                  category_ids=category_ids)
+                                  category_ids=category_ids, masks=config.model.with_masks)
     return DetectionTransform(min_sizes=(data.test_min_size,), max_size=data.max_size, flip_prob=0.0,
                               category_ids=category_ids)

@@ -31,6 +31,7 @@ from pycocotools.cocoeval import COCOeval
 from hpc.errors import UserError
 from megdet.data.coco import export_coco
 from megdet.data.transforms import build_transform, collate
+from megdet.model.mask_head import encode_masks
 from hpc.files import write_json_atomic
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -39,6 +40,9 @@ SEGM_RESULT_KEYS = ("image_id", "category_id", "segmentation", "score")
 IOU_TYPES = ("bbox", "segm")
 GT_KEYS = ("image_id", "category_id", "bbox", "area", "iscrowd")
 RESULTS_FILE = "bbox_results.json"
+SEGM_RESULTS_FILE = "segm_results.json"
+# segm metrics sit beside the box ones under this prefix: mask_AP, mask_AP50, ...
+MASK_PREFIX = "mask_"
 METRICS_FILE = "metrics.json"
 
 
@@ -210,13 +214,16 @@ def detections_to_array(output: Dict[str, torch.Tensor], category_ids: Sequence[
     return np.concatenate([xywh, scores, ids[:, None]], axis=1)
 
 
-def arrays_to_results(per_image: Dict[int, np.ndarray]) -> List[Dict]:
-    """Per-image [D, 6] arrays -> COCO results list, images in ascending id order."""
+def arrays_to_results(per_image: Dict[int, np.ndarray], masks: Optional[Dict[int, List[Dict]]] = None) -> List[Dict]:
+    """Per-image [D, 6] arrays -> COCO results list, images in ascending id order; with ``masks`` (each
+    image's D RLEs) every detection also carries its "segmentation"."""
     results = []
     for image_id in sorted(per_image):
-        for x, y, w, h, score, category_id in per_image[image_id].tolist():
-            results.append({"image_id": int(image_id), "category_id": int(category_id),
-                            "bbox": [x, y, w, h], "score": score})
+        for row, (x, y, w, h, score, category_id) in enumerate(per_image[image_id].tolist()):
+            result = {"image_id": int(image_id), "category_id": int(category_id), "bbox": [x, y, w, h], "score": score}
+            if masks is not None:
+                result["segmentation"] = masks[image_id][row]
+            results.append(result)
     return results
 
 
@@ -300,25 +307,35 @@ def _empty_results(coco_gt: COCO) -> COCO:
 
 
 def write_evaluation(out_dir, results: List[Dict], metrics: Dict[str, float], extra: Optional[Dict] = None) -> None:
-    """``out_dir/bbox_results.json`` (COCO results) and ``out_dir/metrics.json``, each written atomically."""
-    write_json_atomic(Path(out_dir) / RESULTS_FILE, results)
+    """``out_dir/bbox_results.json`` (COCO box results), ``segm_results.json`` when the results carry
+    masks, and ``out_dir/metrics.json``, each written atomically."""
+    write_json_atomic(Path(out_dir) / RESULTS_FILE,
+                      [{key: value for key, value in r.items() if key != "segmentation"} for r in results])
+    if results and "segmentation" in results[0]:
+        write_json_atomic(Path(out_dir) / SEGM_RESULTS_FILE, results)
     write_json_atomic(Path(out_dir) / METRICS_FILE, {**metrics, **(extra or {})})
 
 
 def evaluate_distributed(comm, coco_gt: COCO, local: Dict[int, np.ndarray], out_dir=None,
-                         image_ids: Optional[Sequence[int]] = None) -> Tuple[Dict[str, float], str]:
-    """Gather the ranks' per-image detections to rank 0, evaluate there, write the results and metrics
-    files to ``out_dir`` (when given), and return (metrics, printed summary) on every rank. Collective.
-    A bad result on rank 0 raises the same ``UserError`` on every rank."""
+                         image_ids: Optional[Sequence[int]] = None,
+                         masks: Optional[Dict[int, List[Dict]]] = None) -> Tuple[Dict[str, float], str]:
+    """Gather the ranks' per-image detections (and, for a model with masks, their RLEs) to rank 0,
+    evaluate there (box AP, and mask AP as ``mask_AP``...), write the results and metrics files to
+    ``out_dir`` (when given), and return (metrics, printed summary) on every rank. Collective. A bad
+    result on rank 0 raises the same ``UserError`` on every rank."""
     merged = gather_detections(comm, local)
+    merged_masks = None if masks is None else gather_detections(comm, masks)
     outcome: Tuple[Optional[str], Optional[Dict[str, float]], str] = (None, None, "")
     if comm.rank == 0:
         try:
-            results = arrays_to_results(merged)
+            results = arrays_to_results(merged, merged_masks)
             metrics, table = evaluate(coco_gt, results, image_ids)
+            if merged_masks is not None:
+                segm, segm_table = evaluate(coco_gt, results, image_ids, iou_type="segm")
+                metrics.update({MASK_PREFIX + name: value for name, value in segm.items()})
+                table = f"bbox:\n{table}segm:\n{segm_table}"
             if out_dir is not None:
-                write_evaluation(out_dir, results, metrics,
-                                 {"num_images": len(merged), "num_detections": len(results)})
+                write_evaluation(out_dir, results, metrics, {"num_images": len(merged), "num_detections": len(results)})
             outcome = (None, metrics, table)
         except UserError as error:
             outcome = (str(error), None, "")
@@ -360,17 +377,20 @@ class _EvaluationBatches(torch.utils.data.Dataset):
 
 
 def infer_on_shards(model, dataset, transform, comm, images_per_rank: int, *, device: torch.device,
-                    num_workers: int = 0, autocast=contextlib.nullcontext) -> Dict[int, np.ndarray]:
+                    num_workers: int = 0, autocast=contextlib.nullcontext
+                    ) -> Tuple[Dict[int, np.ndarray], Optional[Dict[int, List[Dict]]]]:
     """This rank's detections (``detections_to_array`` rows per image id) on its share of ``dataset``:
     images rank, rank + size, ... in batches of ``images_per_rank``, decoded by ``num_workers`` loader
-    processes, inferred on ``device`` (``model`` is there) under ``autocast()``. Puts ``model`` in
-    eval mode."""
+    processes, inferred on ``device`` (``model`` is there) under ``autocast()``; and, when the model
+    predicts masks, each image's RLEs (pasted and thresholded on the device, encoded on the host),
+    else None. Puts ``model`` in eval mode."""
     model.eval()
     category_ids = [int(c["id"]) for c in dataset.categories]
     batches = _EvaluationBatches(dataset, transform, list(range(comm.rank, len(dataset), comm.size)), images_per_rank)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
     local: Dict[int, np.ndarray] = {}
+    masks: Dict[int, List[Dict]] = {}
     with torch.no_grad():
         for images, _, sizes, image_ids in loader:
             images = [image.to(device, non_blocking=True) for image in images]
@@ -378,7 +398,9 @@ def infer_on_shards(model, dataset, transform, comm, images_per_rank: int, *, de
                 outputs = model(images, original_sizes=sizes)
             for image_id, output in zip(image_ids, outputs):
                 local[image_id] = detections_to_array(output, category_ids)
-    return local
+                if "masks" in output:
+                    masks[image_id] = encode_masks(output["masks"])
+    return local, (masks if model.roi_heads.mask_on else None)
 
 
 def evaluate_on_shards(model, dataset, config, comm, runtime, *, workers: int = 0,
@@ -387,10 +409,10 @@ def evaluate_on_shards(model, dataset, config, comm, runtime, *, workers: int = 
     packed in it, every rank inferring its share under ``runtime``'s autocast with ``workers`` loader
     processes (collective); (metrics in percent, printed table) on every rank."""
     transform = build_transform(config, categories=dataset.categories, train=False)
-    local = infer_on_shards(model, dataset, transform, comm, config.eval.images_per_rank, device=runtime.device,
-                            num_workers=workers, autocast=runtime.autocast)
+    local, masks = infer_on_shards(model, dataset, transform, comm, config.eval.images_per_rank,
+                                   device=runtime.device, num_workers=workers, autocast=runtime.autocast)
     coco_gt = ground_truth_from_dict(export_coco(dataset), dataset.shard_dir) if comm.rank == 0 else None
-    return evaluate_distributed(comm, coco_gt, local, out_dir=out_dir)
+    return evaluate_distributed(comm, coco_gt, local, out_dir=out_dir, masks=masks)
 
 
 def evaluate_checkpoint(config, checkpoint_path: str, out_dir=None) -> int:
@@ -408,7 +430,7 @@ def evaluate_checkpoint(config, checkpoint_path: str, out_dir=None) -> int:
     try:
         if not config.data.val:
             raise UserError(f"{config.name} has no data.val: pass data.val=SHARDS_DIR")
-        dataset = ShardDataset(config.data.val)
+        dataset = ShardDataset(config.data.val, with_segmentation=config.model.with_masks)
         state = checkpoint.load(checkpoint_path, required_keys=("model", "model_name"))
         if (state["model_name"], state.get("num_classes")) != (config.model.name, config.model.num_classes):
             raise checkpoint.CheckpointError(
@@ -428,7 +450,8 @@ def evaluate_checkpoint(config, checkpoint_path: str, out_dir=None) -> int:
     metrics, table = evaluate_on_shards(model, dataset, config, comm, runtime, workers=workers,
                                         out_dir=out if comm.rank == 0 else None)
     if comm.rank == 0:
-        print(f"bbox: {len(dataset)} images of {config.data.val} on {comm.size} ranks, {checkpoint_path}")
+        kinds = "bbox and segm" if model.roi_heads.mask_on else "bbox"
+        print(f"{kinds}: {len(dataset)} images of {config.data.val} on {comm.size} ranks, {checkpoint_path}")
         print(table, end="")
         print(f"metrics: {out / METRICS_FILE}")
     return 0

@@ -43,8 +43,11 @@ from hpc.errors import UserError
 from hpc.files import write_atomic
 from hpc.shards import DistributedShardSampler, ShardDataset
 from megdet import config as config_mod
+from megdet.data.segmentation import has_segmentations
 from megdet.data.transforms import build_transform, collate
 from megdet.engine import evaluate as evaluate_mod
+from megdet.engine import show
+from megdet.engine.evaluate import MASK_PREFIX
 from megdet.engine.banner import run_banner
 from megdet.engine.build import (Runtime, build_model, build_optimizer, build_runtime, build_schedule, init_rank,
                                  loader_workers, run_dir)
@@ -53,6 +56,10 @@ from megdet.engine.metrics import (METRICS_FILE, PLOT_FILE, MetricsLogger, plot_
                                    summary_writer_class)
 
 Batch = Tuple[List[torch.Tensor], List[Dict[str, torch.Tensor]]]
+# The picture printed at the end of a run (megdet show draws others): the first 8 validation images,
+# detections scoring at least 0.5.
+SHOW_IMAGES = 8
+SHOW_SCORE_THRESHOLD = 0.5
 
 
 class _TrainingBatches(torch.utils.data.Dataset):
@@ -87,6 +94,28 @@ def _batch_keys(sampler: DistributedShardSampler, start: int, stop: int) -> Iter
 
 def _as_is(batch):
     return batch
+
+
+def check_segmentations(dataset: ShardDataset, where: str, sample: int = 100) -> None:
+    """UserError unless the first ``sample`` images of ``dataset`` have a segmentation somewhere: a mask
+    head cannot train on a data set packed without them."""
+    annotations = [{"segmentation": s} for i in range(min(sample, len(dataset))) for s in dataset.segmentations(i)]
+    if not has_segmentations(annotations):
+        raise UserError(f"model.mask_on=true but the training shards {where} have no segmentations in their first "
+                        f"{min(sample, len(dataset))} images: pack a data set with instance masks (COCO "
+                        "polygons or RLE), or set model.mask_on=false")
+
+
+def target_reached(metrics: Dict[str, float], target: Optional[List[float]]) -> Optional[str]:
+    """What ``metrics`` reached of ``train.target_ap`` ([box AP] or [box AP, mask AP]), when all of it
+    is reached; else None."""
+    if target is None:
+        return None
+    names = ("AP", MASK_PREFIX + "AP")[:len(target)]
+    if all(metrics[name] >= wanted for name, wanted in zip(names, target)):
+        return " and ".join(f"{'mask' if name != 'AP' else 'box'} AP {metrics[name]:.1f} >= target {wanted}"
+                            for name, wanted in zip(names, target))
+    return None
 
 
 def to_device(images: List[torch.Tensor], targets: List[Dict[str, torch.Tensor]], device: torch.device) -> Batch:
@@ -132,8 +161,11 @@ class Trainer:
         error = None
         try:
             cfg.check_world(comm.size, comm.local_size)
-            self.train_set = ShardDataset(cfg.data.train)
-            self.val_set = ShardDataset(cfg.data.val) if cfg.data.val else None
+            masks = cfg.model.with_masks
+            self.train_set = ShardDataset(cfg.data.train, with_segmentation=masks)
+            self.val_set = ShardDataset(cfg.data.val, with_segmentation=masks) if cfg.data.val else None
+            if masks:
+                check_segmentations(self.train_set, cfg.data.train)
             self.transform = build_transform(cfg, categories=self.train_set.categories, train=True)
             self.resume_path = self._resume_path(resume)
             if cfg.model.backbone_weights is not None:
@@ -292,10 +324,10 @@ class Trainer:
                 self.save(done)
             if cfg.train.eval_period and done % cfg.train.eval_period == 0 and done < cfg.solver.max_iter:
                 metrics = self.evaluate(done)
-                if cfg.train.target_ap is not None and metrics["AP"] >= cfg.train.target_ap:
+                reached = target_reached(metrics, cfg.train.target_ap)
+                if reached:
                     if comm.rank == 0:
-                        print(f"megdet train: box AP {metrics['AP']:.1f} >= target {cfg.train.target_ap} at "
-                              f"iteration {done}: stopping", flush=True)
+                        print(f"megdet train: {reached} at iteration {done}: stopping", flush=True)
                     progress.close()
                     return self._finish(done, evaluated=True)
             if stop_requested:
@@ -335,7 +367,7 @@ class Trainer:
                                                          workers=self.workers,
                                                          out_dir=self.out if self.comm.rank == 0 else None)
         self.model.train()
-        self.metrics.log(iteration, **{k: metrics[k] for k in ("AP", "AP50", "AP75")})
+        self.metrics.log(iteration, **{k: v for k, v in metrics.items() if k.removeprefix(MASK_PREFIX) in ("AP", "AP50", "AP75")})
         if self.comm.rank == 0:
             print(f"megdet train: evaluation at iteration {iteration}\n{table}", end="", flush=True)
         return metrics
@@ -346,8 +378,11 @@ class Trainer:
             self.evaluate(iteration)
         if self.comm.rank == 0:
             plot = plot_metrics(read_metrics(self.out / METRICS_FILE), self.out / PLOT_FILE)
+            pictures = "" if self.val_set is None else "; pictures " + str(show.show(
+                self.model, self.val_set, self.cfg, self.device, self.out / show.SHOW_FILE, images=SHOW_IMAGES,
+                score_threshold=SHOW_SCORE_THRESHOLD, autocast=self.runtime.autocast))
             print(f"megdet train: finished {iteration} iterations on {self.comm.size} ranks; checkpoint {path}; "
-                  f"plot {plot}", flush=True)
+                  f"plot {plot}{pictures}", flush=True)
         self.metrics.close()
         self.stop.restore()
         return 0

@@ -21,6 +21,7 @@ from hpc.errors import UserError
 from megdet.model.anchors import AnchorGenerator
 from megdet.model.box_coder import BoxCoder
 from megdet.model.fpn import FPN, LEVEL_STRIDES
+from megdet.model.mask_head import MaskHead, paste_masks
 from megdet.model.matching import Matcher
 from megdet.model.resnet import STAGE_MODULES, STAGE_NAMES, ResNet, load_torchvision_checkpoint
 from megdet.model.roi_heads import BoxHead, BoxPredictor, MultiScaleRoIAlign, RoIHeads
@@ -70,7 +71,7 @@ class FasterRCNN(nn.Module):
             if targets is None:
                 raise UserError("the detector is in train mode but got no targets; pass targets, or call "
                                 "model.eval() for detections")
-            self.check_targets(targets, len(images))
+            self.check_targets(targets, len(images), image_sizes)
         batch = self.pad_and_normalise(images)
         features = list(self.fpn(self.backbone(batch)).values())
         proposals, rpn_losses = self.rpn(features, image_sizes, targets)
@@ -122,7 +123,8 @@ class FasterRCNN(nn.Module):
                 index = floats[finite.index(False)]
                 raise UserError(f"image {index} contains NaN or infinite pixels; check the decoding and transforms")
 
-    def check_targets(self, targets: Sequence[Dict[str, torch.Tensor]], num_images: int) -> None:
+    def check_targets(self, targets: Sequence[Dict[str, torch.Tensor]], num_images: int,
+                      image_sizes: Sequence[Tuple[int, int]] = ()) -> None:
         """UserError unless there is one target per image with finite boxes (K, 4), x2 > x1 and y2 > y1,
         labels (K,) in 1..K and iscrowd (K,). The value checks of the whole batch are read in one
         host synchronisation; only a failing batch pays for more, to name the box."""
@@ -140,6 +142,13 @@ class FasterRCNN(nn.Module):
             if crowd.dtype != torch.bool or labels.dtype != torch.int64 or not boxes.is_floating_point():
                 raise UserError(f"target {index}: dtypes boxes {boxes.dtype}, labels {labels.dtype}, iscrowd "
                                 f"{crowd.dtype}; need float boxes, int64 labels, bool iscrowd")
+            if self.roi_heads.mask_on:
+                masks = target.get("masks")
+                expected = (boxes.shape[0], *image_sizes[index])
+                if masks is None or tuple(masks.shape) != expected:
+                    shape = "none" if masks is None else tuple(masks.shape)
+                    raise UserError(f"target {index}: masks {shape}; a Mask R-CNN target needs masks "
+                                    f"Tensor[K, H, W] = {expected}, one per box at the image's size")
             devices = {boxes.device, labels.device, crowd.device}
             if devices != {self.pixel_mean.device}:
                 raise UserError(f"target {index} is on {', '.join(sorted(map(str, devices)))} but the model is on "
@@ -164,14 +173,37 @@ class FasterRCNN(nn.Module):
     @staticmethod
     def rescale(detections: List[Dict[str, torch.Tensor]], image_sizes: Sequence[Tuple[int, int]],
                 original_sizes: Sequence[Tuple[int, int]]) -> List[Dict[str, torch.Tensor]]:
-        """Boxes from input-image pixels to original-image pixels (x by W0/W, y by H0/H)."""
+        """Boxes from input-image pixels to original-image pixels (x by W0/W, y by H0/H); with masks, each
+        detection's 28x28 mask pasted into the original image at its box: "masks" bool (D, H0, W0)."""
         if len(original_sizes) != len(image_sizes):
             raise UserError(f"got {len(original_sizes)} original_sizes for {len(image_sizes)} images; give one "
                             "(height, width) per image")
         for detection, (height, width), (original_h, original_w) in zip(detections, image_sizes, original_sizes):
             scale = detection["boxes"].new_tensor([original_w / width, original_h / height] * 2)
             detection["boxes"] = detection["boxes"] * scale
+            if "mask_probs" in detection:
+                detection["masks"] = paste_masks(detection.pop("mask_probs"), detection["boxes"],
+                                                 (original_h, original_w))
         return detections
+
+
+def mask_branch(settings: Dict, in_channels: int, num_classes: int, norm: str,
+                bn_group_size: Optional[int]) -> Dict[str, nn.Module]:
+    """Mask R-CNN's pooler and head for ``RoIHeads``: RoIAlign at ``mask_pooler_resolution`` on P2-P5 with
+    the box head's level rule, and ``MaskHead``; its norm (``mask_head_norm``) is BN converted to the
+    backbone's kind when that is cross-GPU BN, frozen or plain as asked."""
+    from hpc.cgbn import convert_model
+
+    head_norm = settings["mask_head_norm"]
+    if head_norm is not None and head_norm not in NORMS:
+        raise UserError(f"mask_head_norm={head_norm!r}; use None or one of {', '.join(NORMS)}")
+    head = MaskHead(in_channels=in_channels, num_classes=num_classes, channels=settings["mask_head_channels"],
+                    num_convs=settings["mask_head_convs"], norm=None if head_norm is None else nn.BatchNorm2d)
+    if head_norm in ("cgbn", "frozen"):
+        head = convert_model(head, mode=head_norm, group_size=bn_group_size if head_norm == "cgbn" else None)
+    pooler = MultiScaleRoIAlign(output_size=settings["mask_pooler_resolution"], strides=ROI_LEVEL_STRIDES,
+                                sampling_ratio=settings["pooler_sampling_ratio"], aligned=settings["pooler_aligned"])
+    return {"mask_pooler": pooler, "mask_head": head}
 
 
 def build_detector(name: str = "resnet50_fpn", *, num_classes: int, norm: str = "cgbn",
@@ -268,6 +300,7 @@ def build_detector(name: str = "resnet50_fpn", *, num_classes: int, norm: str = 
         score_threshold=settings["score_threshold"],
         nms_threshold=settings["nms_threshold"],
         detections_per_image=settings["detections_per_image"],
+        **(mask_branch(settings, channels, num_classes, norm, bn_group_size) if settings["mask_on"] else {}),
     )
     logger.info("built %s: ResNet-%d, norm %s, freeze_at %d, FPN %d ch, sublinear stages %s", name,
                 settings["depth"], norm, freeze_at, channels, tuple(sublinear_stages) or "none")

@@ -1,5 +1,6 @@
 """Fast R-CNN box head on FPN: multi-level RoIAlign, two fully connected layers, class scores and
-class-specific box deltas; target assignment, losses and inference post-processing.
+class-specific box deltas; target assignment, losses and inference post-processing; and, for Mask
+R-CNN, the mask branch on the positive RoIs (training) or the detections (inference).
 
 Shapes: N images; R RoIs over the batch (Ri of image i); C FPN channels; S x S pooled bins;
 K classes (labels 1..K, 0 = background); D detections of an image.
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megdet.model.box_coder import BoxCoder
+from megdet.model.mask_head import MaskHead, mask_loss, mask_probabilities, mask_targets
 from megdet.model.matching import IGNORE, Matcher, sample_labels
 from megdet.model.ops import backend, batched_nms, box_area, clip_boxes, nonempty, roi_align, roi_sample_grid
 
@@ -127,12 +129,14 @@ class RoIHeads(nn.Module):
         batch_size_per_image, positive_fraction: RoIs sampled per image (512 at 0.25).
         smooth_l1_beta: box loss; 0 is L1 (detectron2's default).
         score_threshold, nms_threshold, detections_per_image: inference (0.05, 0.5 per class, 100).
+        mask_pooler, mask_head: Mask R-CNN's branch (14x14 RoIAlign, ``MaskHead``), or None for boxes only.
     """
 
     def __init__(self, *, pooler: MultiScaleRoIAlign, box_head: BoxHead, predictor: BoxPredictor,
                  matcher: Matcher, box_coder: BoxCoder, num_classes: int, batch_size_per_image: int,
                  positive_fraction: float, smooth_l1_beta: float, score_threshold: float,
-                 nms_threshold: float, detections_per_image: int):
+                 nms_threshold: float, detections_per_image: int, mask_pooler: Optional[MultiScaleRoIAlign] = None,
+                 mask_head: Optional[MaskHead] = None):
         super().__init__()
         self.pooler = pooler
         self.box_head = box_head
@@ -146,26 +150,39 @@ class RoIHeads(nn.Module):
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold
         self.detections_per_image = detections_per_image
+        self.mask_pooler = mask_pooler
+        self.mask_head = mask_head
+
+    @property
+    def mask_on(self) -> bool:
+        return self.mask_head is not None
 
     def forward(self, features: Sequence[torch.Tensor], proposals: Sequence[torch.Tensor],
                 image_sizes: Sequence[Tuple[int, int]],
                 targets: Optional[Sequence[Dict[str, torch.Tensor]]] = None):
-        """Training: ``{"loss_cls", "loss_box"}``. Inference: N dicts of "boxes" (D, 4) in input pixels
-        (clipped), "scores" (D,), "labels" (D,) int64 in 1..K."""
+        """Training: ``{"loss_cls", "loss_box"}`` (+ "loss_mask"). Inference: N dicts of "boxes" (D, 4) in
+        input pixels (clipped), "scores" (D,), "labels" (D,) int64 in 1..K (+ "mask_probs" (D, M, M))."""
         if self.training:
-            rois, classes, regression_targets = self.sample_rois(proposals, targets)
+            rois, classes, regression_targets, matched = self.sample_rois(proposals, targets)
         else:
             rois = list(proposals)
         logits, deltas = self.predictor(self.box_head(self.pooler(features, rois)))
         if self.training:
-            return self.losses(logits, deltas, classes, regression_targets)
-        return self.detections(logits, deltas, rois, image_sizes)
+            losses = self.losses(logits, deltas, classes, regression_targets)
+            if self.mask_on:
+                losses["loss_mask"] = self.mask_losses(features, rois, classes, matched, targets)
+            return losses
+        detections = self.detections(logits, deltas, rois, image_sizes)
+        if self.mask_on:
+            self.predict_masks(features, detections)
+        return detections
 
     @torch.no_grad()
     def sample_rois(self, proposals: Sequence[torch.Tensor], targets: Sequence[Dict[str, torch.Tensor]]):
         """Add each image's non-crowd ground truth to its proposals, match, sample. Returns N tensors (Ri, 4)
-        of RoIs, their classes (R,) (0 = background) and box targets (R, 4) (zeros for background)."""
-        rois, classes, regression_targets = [], [], []
+        of RoIs (each image's positives first), their classes (R,) (0 = background), box targets (R, 4)
+        (zeros for background), and N tensors (Ri,) of the ground-truth index each RoI matched."""
+        rois, classes, regression_targets, matches = [], [], [], []
         for image_proposals, target in zip(proposals, targets):
             gt_boxes, is_crowd = target["boxes"], target["iscrowd"]
             candidates = torch.cat((image_proposals, gt_boxes[~is_crowd]))
@@ -184,7 +201,8 @@ class RoIHeads(nn.Module):
             rois.append(candidates[sampled])
             classes.append(labels[sampled])
             regression_targets.append(image_targets)
-        return rois, torch.cat(classes), torch.cat(regression_targets)
+            matches.append(matched[sampled])
+        return rois, torch.cat(classes), torch.cat(regression_targets), matches
 
     def losses(self, logits: torch.Tensor, deltas: torch.Tensor, classes: torch.Tensor,
                regression_targets: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -198,6 +216,31 @@ class RoIHeads(nn.Module):
         loss_box = F.smooth_l1_loss(foreground_deltas, regression_targets[foreground], beta=self.smooth_l1_beta,
                                     reduction="sum") / num_sampled
         return {"loss_cls": loss_cls, "loss_box": loss_box}
+
+    def mask_losses(self, features: Sequence[torch.Tensor], rois: Sequence[torch.Tensor], classes: torch.Tensor,
+                    matched: Sequence[torch.Tensor], targets: Sequence[Dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Mask R-CNN's loss on the positive RoIs only: the mask head on their 14x14 pooled features, against
+        each one's ground-truth mask cropped to the RoI and resampled to 28x28 (``mask_targets``);
+        per-pixel BCE on the ground-truth class's map, averaged over positive RoIs. Positives come first
+        in each image's sample; the counts are read once for the batch."""
+        per_image = [roi.shape[0] for roi in rois]
+        image_classes = torch.split(classes, per_image)
+        positives = torch.stack([(c > 0).sum() for c in image_classes]).tolist()
+        positive_rois = [roi[:n] for roi, n in zip(rois, positives)]
+        logits = self.mask_head(self.mask_pooler(features, positive_rois))
+        with torch.no_grad():
+            mask_target = torch.cat([mask_targets(target["masks"], match[:n], roi)
+                                     for target, match, roi, n in zip(targets, matched, positive_rois, positives)])
+        labels = torch.cat([c[:n] for c, n in zip(image_classes, positives)])
+        return mask_loss(logits, labels, mask_target)
+
+    @torch.no_grad()
+    def predict_masks(self, features: Sequence[torch.Tensor], detections: List[Dict[str, torch.Tensor]]) -> None:
+        """Each detection's 28x28 mask probabilities of its class, into detections[i]["mask_probs"]."""
+        boxes = [d["boxes"] for d in detections]
+        probs = mask_probabilities(self.mask_head(self.mask_pooler(features, boxes)), torch.cat([d["labels"] for d in detections]))
+        for detection, image_probs in zip(detections, torch.split(probs, [b.shape[0] for b in boxes])):
+            detection["mask_probs"] = image_probs
 
     @torch.no_grad()
     def detections(self, logits: torch.Tensor, deltas: torch.Tensor, rois: Sequence[torch.Tensor],

@@ -30,6 +30,11 @@ DEFAULTS = dict(
     nms_threshold=0.5,
     detections_per_image=100,
     crowd_ioa_threshold=0.7,
+    mask_on=False,                    # Mask R-CNN's mask branch (He et al. 2017), detectron2's defaults:
+    mask_pooler_resolution=14,        # 14x14 RoIAlign on P2-P5 (the box head's level rule)
+    mask_head_channels=256,           # four 3x3 convs of 256, a 2x deconv, a 1x1 per class: 28x28
+    mask_head_convs=4,
+    mask_head_norm=None,              # None (detectron2's), or one of NORMS after each 3x3 conv
     pixel_mean=IMAGENET_PIXEL_MEAN,
     pixel_std=IMAGENET_PIXEL_STD,
     size_divisibility=32,
@@ -42,6 +47,7 @@ PRESETS = {
                          roi_batch_size_per_image=256),
     "resnet50_fpn": dict(DEFAULTS, depth=50),
     "resnet101_fpn": dict(DEFAULTS, depth=101),
+    "mask_rcnn_r50_fpn": dict(DEFAULTS, depth=50, mask_on=True),
 }
 MODEL_NAMES = tuple(PRESETS)
 NORMS = ("cgbn", "frozen", "bn")
