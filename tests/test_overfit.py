@@ -1,101 +1,55 @@
-"""The whole detector learns: resnet18_fpn, trained from scratch on CPU on 2 real VOC photographs, must
-detect their boxes again at box AP50 >= 0.9 (pycocotools). Catches most wiring bugs (targets, box
-coding, level mapping, sampling, rescaling to original coordinates) that shape tests cannot."""
-import contextlib
-import io
+"""The whole detector learns, masks included: Mask R-CNN (resnet18_fpn with the mask branch), trained
+from scratch on 2 real COCO photographs through the real pipeline (megdet pack, the shard loader, masks
+decoded from the COCO polygons in the workers, 2 ranks under horovodrun with cross-GPU BN over both),
+must find them again: box AP50 and segm AP50 >= 0.9 (pycocotools, through megdet's evaluation). Catches
+most wiring bugs (targets, box coding, level mapping, sampling, mask targets and paste, rescaling to
+original coordinates) that shape tests cannot."""
 import json
-import time
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-from megdet.model import build_detector
+from tests.multirank import REPO, _base_env, launch_command, skip_unless_launcher
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
-VOC = REALDATA / "padilla_voc100"
-# Two people in one photo; a person on a horse beside it in the other (VOC classes 1, 14, 15).
-FILE_NAMES = ("2007_001583.jpg", "2007_001457.jpg")
-SHORTER_SIDE = 224     # small, so that a step takes well under a second on 2 cores
-STEPS = 100
-WARMUP_STEPS = 20
-LEARNING_RATE = 0.02
-# Fewer proposals and sampled RoIs than the preset, for speed; 2 images hold 4 boxes.
-SPEED_OVERRIDES = dict(rpn_pre_nms_topk=(500, 500), rpn_post_nms_topk=(200, 200), roi_batch_size_per_image=64)
+COCO6 = REALDATA / "icevision_coco6"
+# A person with a skateboard in one photo, a motorcycle in the other: three instances with polygons.
+IMAGE_IDS = (404249, 343934)
+MEGDET = [sys.executable, "-m", "megdet.cli"]
+TRAIN = ["model.num_classes=80", "model.mask_on=true", "model.bn_size=2", "data.images_per_rank=1",
+         "solver.batch_size=2", "data.min_sizes=[224]", "data.max_size=336", "data.test_min_size=224",
+         "data.flip_prob=0.0", "data.num_workers=1", "solver.max_iter=120", "solver.steps=[100, 110]",
+         "solver.warmup_iters=20", "train.log_period=20", "train.checkpoint_period=120", "eval.images_per_rank=1"]
 
 
-def load_images():
-    """Images resized to SHORTER_SIDE (Tensor[3, H, W] 0..255), their targets, original sizes, and the
-    COCO ground truth of the two images."""
-    dataset = json.loads((VOC / "instances_default.json").read_text())
-    records = [image for image in dataset["images"] if image["file_name"] in FILE_NAMES]
-    images, targets, original_sizes = [], [], []
-    for record in records:
-        photo = Image.open(VOC / "images" / record["file_name"]).convert("RGB")
-        assert photo.size == (record["width"], record["height"])
-        scale = SHORTER_SIDE / min(photo.size)
-        resized = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.BILINEAR)
-        images.append(torch.from_numpy(np.array(resized)).permute(2, 0, 1).float())
-        annotations = [a for a in dataset["annotations"] if a["image_id"] == record["id"]]
-        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in annotations)])
-        targets.append({"boxes": boxes * scale,
-                        "labels": torch.tensor([a["category_id"] for a in annotations]),
-                        "iscrowd": torch.tensor([bool(a["iscrowd"]) for a in annotations])})
-        original_sizes.append((record["height"], record["width"]))
-    ids = {record["id"] for record in records}
-    ground_truth = {"images": records, "categories": dataset["categories"],
-                    "annotations": [a for a in dataset["annotations"] if a["image_id"] in ids]}
-    return images, targets, original_sizes, ground_truth
-
-
-def box_ap50(ground_truth, records, detections):
-    """COCO box AP at IoU 0.5 of ``detections`` (our output, original coordinates) by pycocotools."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    results = [{"image_id": record["id"], "category_id": int(label), "score": float(score),
-                "bbox": [x1, y1, x2 - x1, y2 - y1]}
-               for record, detection in zip(records, detections)
-               for (x1, y1, x2, y2), score, label in zip(detection["boxes"].tolist(), detection["scores"],
-                                                         detection["labels"])]
-    assert results, "the trained detector found nothing"
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = ground_truth
-        coco.createIndex()
-        evaluation = COCOeval(coco, coco.loadRes(results), "bbox")
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-    return evaluation.stats[1]
+def run(argv, nprocs=1, timeout=600):
+    command = MEGDET + argv if nprocs == 1 else launch_command("horovodrun", nprocs, MEGDET + argv)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=_base_env({"MEGDET_COMM": "torch"} if nprocs > 1 else None))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not VOC.is_dir(), reason=f"real data not found at {VOC} (the shared realdata folder)")
-def test_resnet18_fpn_overfits_two_real_images():
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    torch.manual_seed(0)
-    images, targets, original_sizes, ground_truth = load_images()
-    assert len(images) == 2
-    model = build_detector("resnet18_fpn", num_classes=len(ground_truth["categories"]), norm="bn",
-                           **SPEED_OVERRIDES)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE,
-                                momentum=0.9, weight_decay=1e-4)
-    start = time.perf_counter()
-    model.train()
-    for step in range(STEPS):
-        for group in optimizer.param_groups:
-            group["lr"] = LEARNING_RATE * min(1.0, (step + 1) / WARMUP_STEPS)
-        losses = model(images, targets)
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        detections = model(images, original_sizes=original_sizes)
-    ap50 = box_ap50(ground_truth, ground_truth["images"], detections)
-    print(f"AP50 {ap50:.3f} after {STEPS} steps in {time.perf_counter() - start:.0f} s; final losses "
-          + ", ".join(f"{k} {v.item():.3f}" for k, v in losses.items()))
-    assert ap50 >= 0.9
+@pytest.mark.multirank
+@pytest.mark.skipif(not COCO6.is_dir(), reason=f"real data not found at {COCO6} (the shared realdata folder)")
+def test_mask_rcnn_overfits_two_real_coco_images_on_two_ranks_with_cgbn(tmp_path):
+    skip_unless_launcher("horovodrun")
+    dataset = json.loads((COCO6 / "annotations.json").read_text())
+    dataset["images"] = [image for image in dataset["images"] if image["id"] in IMAGE_IDS]
+    dataset["annotations"] = [a for a in dataset["annotations"] if a["image_id"] in IMAGE_IDS]
+    subset = tmp_path / "two.json"
+    subset.write_text(json.dumps(dataset))
+    packed = run(["pack", "--coco-json", str(subset), "--images", str(COCO6 / "images"), "--out", str(tmp_path / "shards")])
+    assert packed.returncode == 0, packed.stderr
+    shards, out = tmp_path / "shards", tmp_path / "run"
+    trained = run(["train", "shapes_r18_cpu", *TRAIN, f"data.train={shards}", f"data.val={shards}",
+                   f"train.output_dir={out}"], nprocs=2)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert "batch norm: cross-GPU BN over groups of 2 ranks (2 images)" in trained.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(f"box AP50 {metrics['AP50']:.1f}, mask AP50 {metrics['mask_AP50']:.1f} after 120 steps")
+    assert metrics["AP50"] >= 90 and metrics["mask_AP50"] >= 90, metrics
+    segm = json.loads((out / "segm_results.json").read_text())
+    assert segm and all(result["segmentation"]["size"] in ([640, 427], [480, 640]) for result in segm)
+    assert (out / "show.png").stat().st_size > 10_000 and "pictures " in trained.stdout

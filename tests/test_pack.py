@@ -416,3 +416,23 @@ def test_packers_under_a_launcher_without_mpi_are_refused_on_every_rank(tmp_path
     assert done.returncode != 0 and sorted(errors) == [0, 1], done.stdout + done.stderr
     assert all("horovodrun started 2 packers" in e and "mpirun -np 2 megdet pack" in e for e in errors.values())
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("segmentation, says", [
+    ([[10.0, 10.0, 50.0, 10.0]], "polygon 0 has 4 values, not x, y pairs of at least 3 points"),
+    ({"counts": [5, 5], "size": [10, 1]}, "its RLE is 10x1 (h x w) but the image is"),
+])
+def test_a_bad_segmentation_names_its_image_and_annotation_and_writes_no_shard(tmp_path, segmentation, says):
+    """Masks are checked when packing, before any shard is written: a polygon of fewer than 3 points, an RLE
+    of another size."""
+    ann, images, coco = subset(tmp_path, "coco6", count=3)
+    bad = next(a for a in coco["annotations"] if a["iscrowd"] == 0)
+    bad["segmentation"] = segmentation
+    ann.write_text(json.dumps(coco))
+    image = next(i for i in coco["images"] if i["id"] == bad["image_id"])
+    with pytest.raises(UserError) as caught:
+        pack("--coco-json", ann, "--images", images, "--out", tmp_path / "out")
+    message = str(caught.value)
+    assert "\n" not in message and says in message, message
+    assert f"annotation {bad['id']} of image {image['id']} ({image['file_name']})" in message, message
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.h5"))

@@ -120,3 +120,21 @@ def test_cli_writes_the_data_set_and_reports_errors_in_one_line(tmp_path):
     again = subprocess.run([sys.executable, "-m", "megdet.cli", "synth", "--out", str(tmp_path / "s")],
                            cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already exists" in again.stderr
+
+
+def test_segmentation_polygons_outline_the_visible_pixels_of_each_shape():
+    """The polygons rasterise (pycocotools) back to exactly the visible pixels, occluded shapes included."""
+    from pycocotools import mask as mask_utils
+
+    checked = 0
+    for index in range(12):
+        rendered = synth.render_image(synth.image_rng(3, "train", index), 96)
+        height, width = rendered.instances.shape
+        for k, annotation in enumerate(rendered.annotations):
+            visible = rendered.instances == k + 1
+            polygons = annotation["segmentation"]
+            assert polygons and all(len(p) >= 6 and len(p) % 2 == 0 for p in polygons)
+            mask = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))).astype(bool)
+            assert np.array_equal(mask, visible), (index, k)
+            checked += 1
+    assert checked > 20

@@ -177,3 +177,32 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(shards, straight_run):
     assert _error_lines(done, "eval") == [
         f"megdet eval: error: checkpoint {ckpt} holds a resnet18_fpn with 3 classes, but shapes_r18_cpu builds a "
         "resnet50_fpn with 3: evaluate it with the config that trained it"]
+
+
+def test_mask_training_on_shards_without_segmentations_is_one_line(tmp_path):
+    """VOC's annotations carry no masks: model.mask_on refuses them before training, naming the fix."""
+    from tests.test_pack import subset
+
+    ann, images, _ = subset(tmp_path, "voc100", count=4)
+    done = megdet(["pack", "--coco-json", str(ann), "--images", str(images), "--out", str(tmp_path / "voc")])
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "run"
+    done = megdet(["train", "shapes_r18_cpu", *TINY, "model.num_classes=20", "model.mask_on=true", "model.bn_size=null",
+                   f"data.train={tmp_path / 'voc'}", "data.val=", f"train.output_dir={out}"])
+    assert done.returncode == 2 and len(_error_lines(done, "train")) == 1, done.stderr[-2000:]
+    assert "model.mask_on=true but the training shards" in done.stderr and "have no segmentations" in done.stderr
+    assert not out.exists()
+
+
+def test_show_draws_the_ground_truth_and_detections_of_a_run(shards, straight_run):
+    from PIL import Image
+
+    out = shards / "pictures.png"
+    done = megdet(["show", str(straight_run[0]), "--images", "3", "--out", str(out)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"megdet show: 3 images of {shards / 'val'} with model_0000040.pt's detections: {out}" in done.stdout
+    width, height = Image.open(out).size
+    assert width == 800 and height == 1200, "one row of two panels per image"
+    assert "pictures " in straight_run[1].stdout and (straight_run[0] / "show.png").exists()
+    refused = megdet(["show", str(shards / "no-such-run")])
+    assert refused.returncode == 2 and "does not exist" in refused.stderr, refused.stderr

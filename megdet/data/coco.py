@@ -27,6 +27,7 @@ import numpy as np
 from hpc.errors import UserError
 from hpc.files import os_error_reason
 from hpc.shards.writer import ImageEntry
+from megdet.data.segmentation import check_segmentation
 
 COCO_LISTS = ("images", "annotations", "categories")
 ID_RANGE = (int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max))  # ids are stored as int64
@@ -216,6 +217,10 @@ def _entry(image: Dict[str, Any], positioned: List[Tuple[int, Dict[str, Any]]], 
     fixes["clipped"] += clipped
     fixes["dropped"] += int((~keep).sum())
     kept = [a for a, k in zip(annotations, keep) if k]
+    for annotation in kept:
+        if annotation.get("segmentation"):  # [] or absent: a data set without masks
+            check_segmentation(annotation["segmentation"], f"Invalid annotation file: annotation {annotation['id']} "
+                               f"of image {image['id']} ({image['file_name']})", height, width)
     areas = []
     for annotation, box in zip(kept, clean):
         if _is_number(annotation.get("area")) and 0 <= annotation["area"] <= MAX_AREA:

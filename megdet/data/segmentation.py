@@ -64,16 +64,13 @@ def masks_for_image(segmentations: Sequence[Any], *, image_id: int, annotation_i
     rle_rows: List[int] = []
     rle_masks: List[np.ndarray] = []
     for row, (segmentation, annotation_id) in enumerate(zip(segmentations, annotation_ids)):
-        where = f"annotation {annotation_id} of image {image_id}"
+        check_segmentation(segmentation, f"annotation {annotation_id} of image {image_id}", height, width)
         if isinstance(segmentation, dict):
             rle_rows.append(row)
-            rle_masks.append(_decode_rle(segmentation, where, height, width))
-        elif isinstance(segmentation, list) and segmentation and all(isinstance(p, list) for p in segmentation):
-            scale = (out_width / width, out_height / height)
-            masks[row] = _rasterise_polygons(segmentation, where, scale, out_height, out_width)
+            rle_masks.append(_decode_rle(segmentation, height, width))
         else:
-            raise UserError(f"{where}: segmentation {_describe(segmentation)} is neither polygons nor an RLE: give "
-                            "[[x1, y1, x2, y2, ...], ...] or {\"counts\": ..., \"size\": [h, w]}, or drop the annotation")
+            scale = (out_width / width, out_height / height)
+            masks[row] = _rasterise_polygons(segmentation, scale, out_height, out_width)
     if rle_masks:
         masks[rle_rows] = _resized(np.stack(rle_masks), out_height, out_width)
     if flip:
@@ -91,36 +88,45 @@ def _describe(segmentation: Any) -> str:
     return f"of type {type(segmentation).__name__}"
 
 
-def _rasterise_polygons(polygons: List[List[float]], where: str, scale, out_height: int,
-                        out_width: int) -> np.ndarray:
-    """The union of ``polygons`` (original pixels) scaled by ``scale`` (sx, sy) and rasterised at
-    ``out_height`` x ``out_width``: uint8 [out_height, out_width]."""
-    scaled = []
-    for part, polygon in enumerate(polygons):
+def check_segmentation(segmentation: Any, where: str, height: int, width: int) -> None:
+    """UserError, naming ``where`` (the annotation and its image) and the fix, unless ``segmentation`` is
+    polygons of at least MIN_POLYGON_POINTS (x, y) points or an RLE of the ``height`` x ``width`` image.
+    ``megdet pack`` checks every one before writing a shard; the loader decodes only checked ones."""
+    if isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) for s in size)) \
+                or not isinstance(counts, (list, str, bytes)):
+            raise UserError(f"{where}: segmentation is a dict with keys {sorted(segmentation)} and size {size!r}, not "
+                            "an RLE: give {\"counts\": [ints] or str, \"size\": [h, w]}")
+        if size != [height, width]:
+            raise UserError(f"{where}: its RLE is {size[0]}x{size[1]} (h x w) but the image is {height}x{width}: fix "
+                            "the image's height/width in the annotation file or re-encode the mask at that size")
+        if isinstance(counts, list) and sum(counts) != height * width:
+            raise UserError(f"{where}: its RLE counts cover {sum(counts)} pixels, not {height}x{width} = "
+                            f"{height * width}: re-encode the mask")
+        return
+    if not (isinstance(segmentation, list) and segmentation and all(isinstance(p, list) for p in segmentation)):
+        raise UserError(f"{where}: segmentation {_describe(segmentation)} is neither polygons nor an RLE: give "
+                        "[[x1, y1, x2, y2, ...], ...] or {\"counts\": ..., \"size\": [h, w]}, or drop the annotation")
+    for part, polygon in enumerate(segmentation):
         if len(polygon) < 2 * MIN_POLYGON_POINTS or len(polygon) % 2 \
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon):
             raise UserError(f"{where}: polygon {part} has {len(polygon)} values, not x, y pairs of at least "
                             f"{MIN_POLYGON_POINTS} points: fix or drop that polygon")
-        # (2P,) -> (P, 2) * (sx, sy) -> (2P,)
-        scaled.append((np.asarray(polygon, dtype=np.float64).reshape(-1, 2) * scale).reshape(-1).tolist())
+
+
+def _rasterise_polygons(polygons: List[List[float]], scale, out_height: int, out_width: int) -> np.ndarray:
+    """The union of checked ``polygons`` (original pixels) scaled by ``scale`` (sx, sy) and rasterised at
+    ``out_height`` x ``out_width``: uint8 [out_height, out_width]."""
+    # (2P,) -> (P, 2) * (sx, sy) -> (2P,)
+    scaled = [(np.asarray(polygon, dtype=np.float64).reshape(-1, 2) * scale).reshape(-1).tolist() for polygon in polygons]
     rles = mask_utils.frPyObjects(scaled, out_height, out_width)
     return mask_utils.decode(mask_utils.merge(rles))
 
 
-def _decode_rle(rle: Dict[str, Any], where: str, height: int, width: int) -> np.ndarray:
-    """An uncompressed or compressed RLE of a ``height`` x ``width`` image -> uint8 [height, width]."""
-    size, counts = rle.get("size"), rle.get("counts")
-    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) for s in size)) \
-            or not isinstance(counts, (list, str, bytes)):
-        raise UserError(f"{where}: segmentation is a dict with keys {sorted(rle)} and size {size!r}, not an RLE: "
-                        "give {\"counts\": [ints] or str, \"size\": [h, w]}")
-    if size != [height, width]:
-        raise UserError(f"{where}: its RLE is {size[0]}x{size[1]} (h x w) but the image is {height}x{width}: fix "
-                        "the image's height/width in the annotation file or re-encode the mask at that size")
-    if isinstance(counts, list):
-        if sum(counts) != height * width:
-            raise UserError(f"{where}: its RLE counts cover {sum(counts)} pixels, not {height}x{width} = "
-                            f"{height * width}: re-encode the mask")
+def _decode_rle(rle: Dict[str, Any], height: int, width: int) -> np.ndarray:
+    """A checked uncompressed or compressed RLE of a ``height`` x ``width`` image -> uint8 [height, width]."""
+    if isinstance(rle["counts"], list):
         rle = mask_utils.frPyObjects(rle, height, width)
     return mask_utils.decode(rle)
 
