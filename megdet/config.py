@@ -403,7 +403,7 @@ def _check_backbone(model: ModelConfig) -> None:
     pretrained = model.backbone_weights is not None
     if pretrained:
         entry = weights.lookup(model.backbone_weights)
-        arch = model.name.removesuffix("_fpn")
+        arch = f"resnet{MODEL_PRESETS[model.name]['depth']}"
         if entry is not None and entry.arch != arch:
             raise UserError(f"model.backbone_weights={model.backbone_weights!r} are {entry.arch} weights but "
                             f"model.name={model.name} has a {arch} backbone: use {weights.PREFIX}{arch}")

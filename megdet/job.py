@@ -49,6 +49,7 @@ PAPER_JOBS = (
     "largedet_r50_fpn_bs512_pmdlamb", "largedet_r50_fpn_bs512_pmdlamb_1.4x", "largedet_r50_fpn_bs640_lamb",
     "largedet_r50_fpn_bs640_pmdlamb", "largedet_r50_fpn_bs640_pmdlamb_1.4x", "largedet_r50_fpn_bs1056_lamb",
     "largedet_r50_fpn_bs1056_pmdlamb", "largedet_r50_fpn_bs1056_pmdlamb_1.4x", "largedet_coco_12min",
+    "largedet_mask_rcnn_coco_17min",
 )
 
 

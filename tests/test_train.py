@@ -188,6 +188,7 @@ def test_mask_training_on_shards_without_segmentations_is_one_line(tmp_path):
     assert done.returncode == 0, done.stderr
     out = tmp_path / "run"
     done = megdet(["train", "shapes_r18_cpu", *TINY, "model.num_classes=20", "model.mask_on=true", "model.bn_size=null",
+                   "solver.batch_size=2",
                    f"data.train={tmp_path / 'voc'}", "data.val=", f"train.output_dir={out}"])
     assert done.returncode == 2 and len(_error_lines(done, "train")) == 1, done.stderr[-2000:]
     assert "model.mask_on=true but the training shards" in done.stderr and "have no segmentations" in done.stderr
