@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -124,3 +125,15 @@ def os_error_reason(error: Exception, folder: PathLike) -> str:
         return os.strerror(number)
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+# bytes read at a time when hashing a file (shards, checkpoints, weights: hundreds of MB)
+HASH_BLOCK_BYTES = 16 << 20
+
+
+def file_sha256(path: PathLike) -> str:
+    """The SHA-256 hex digest of the file at ``path``, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(HASH_BLOCK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()

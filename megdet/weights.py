@@ -15,13 +15,13 @@ compute nodes), the error names the file, the folder and the URL to fetch it fro
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from hpc.errors import UserError
+from hpc.files import file_sha256
 
 # The backbone's stages in the order freeze_at counts them.
 STAGES = ("stem", "res2", "res3", "res4", "res5")
@@ -29,7 +29,6 @@ STAGES = ("stem", "res2", "res3", "res4", "res5")
 PRETRAINED_FREEZE_AT = 2
 PREFIX = "torchvision:"
 URL_ROOT = "https://download.pytorch.org/models"
-HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -91,14 +90,6 @@ def cache_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def resolve(spec: str) -> Path:
     """The checkpoint file of ``spec``: a path as it is; a name's file in the cache, downloaded when
     missing; UserError (one line) for a bad hash, or a missing file that cannot be downloaded."""
@@ -108,7 +99,7 @@ def resolve(spec: str) -> Path:
     folder = cache_dir()
     path = folder / entry.file_name
     if path.is_file():
-        digest = sha256(path)
+        digest = file_sha256(path)
         if not digest.startswith(entry.hash_prefix):
             raise UserError(f"{path} has sha256 {digest[:8]}..., not {entry.hash_prefix}... as its name says (a "
                             f"broken or other file): delete it, and it is downloaded again when online, or copy "
@@ -143,7 +134,7 @@ def cached() -> List[Dict[str, str]]:
         if not path.is_file():
             status = "missing"
         else:
-            digest = sha256(path)
+            digest = file_sha256(path)
             status = "ok" if digest.startswith(entry.hash_prefix) else f"BAD HASH {digest[:8]}"
         rows.append({"name": name, "torchvision": entry.enum, "file": str(path), "status": status, "url": entry.url})
     return rows

@@ -24,7 +24,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 
 from hpc.shards import ShardDataset
-from hpc.shards.manifest import completion_path, file_sha256, read_manifest
+from hpc.files import file_sha256
+from hpc.shards.manifest import completion_path, read_manifest
 from megdet import cli
 from tests.multirank import REPO, _base_env
 from tests.test_pack import REALDATA, subset

@@ -11,18 +11,16 @@ metadata (categories, source annotation hash, skipped images, box fixes) and the
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hpc.errors import UserError
-from hpc.files import write_json_atomic
+from hpc.files import file_sha256, write_json_atomic
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-HASH_BLOCK_BYTES = 16 << 20  # read size when hashing a shard
 
 
 class ShardError(UserError):
@@ -50,14 +48,6 @@ class ShardSummary:
 
 def shard_name(index: int, num_shards: int) -> str:
     return f"shard-{index:05d}-of-{num_shards:05d}.h5"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(HASH_BLOCK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def completion_path(shard_path: Path) -> Path:

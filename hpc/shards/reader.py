@@ -33,7 +33,8 @@ import torch.utils.data
 from PIL import Image
 
 from hpc.files import os_error_reason
-from hpc.shards.manifest import FORMAT_VERSION, ShardError, file_sha256, read_manifest
+from hpc.files import file_sha256
+from hpc.shards.manifest import FORMAT_VERSION, ShardError, read_manifest
 
 FORMATS = ("jpeg", "raw")
 ORIENTATION_TAG = 0x0112  # EXIF "Orientation"

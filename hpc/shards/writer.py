@@ -51,7 +51,7 @@ import numpy as np
 from PIL import Image
 
 from hpc.errors import UserError
-from hpc.files import LockBusy, exclusive_lock, os_error_reason
+from hpc.files import LockBusy, exclusive_lock, file_sha256, os_error_reason
 from hpc.shards import manifest as manifest_mod
 from hpc.shards.reader import FORMATS, ORIENTATION_TAG, SIDE_SWAPPING_ORIENTATIONS, apply_orientation
 
@@ -274,7 +274,7 @@ def _write_partial(entries: Sequence[ImageEntry], sizes: Sequence[int], *, parti
     _fsync(partial)
     return manifest_mod.ShardSummary(
         file=shard_name, num_images=len(kept), num_annotations=sum(len(e.category_ids) for e in kept),
-        bytes=partial.stat().st_size, sha256=manifest_mod.file_sha256(partial), plan_key=key, skipped=skipped)
+        bytes=partial.stat().st_size, sha256=file_sha256(partial), plan_key=key, skipped=skipped)
 
 
 def _write_index(shard: h5py.File, images: Dict[str, list], kept: Sequence[ImageEntry]) -> None:
