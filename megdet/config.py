@@ -138,7 +138,7 @@ class TrainConfig:
     checkpoint_period: int = 1000         # iterations between checkpoints (and one at the end)
     eval_period: int = 0                  # iterations between evaluations; 0: only at the end
     # stop once an evaluation reaches it: [box AP] or, with masks, [box AP, mask AP] (percent), e.g.
-    # LargeDet Table 4's Mask R-CNN row: [37.6, 33.9]; a single number is a one-element list
+    # LargeDet Table 4's Mask R-CNN row: [37.6, 33.9]
     target_ap: Optional[List[float]] = None
     log_period: int = 20                  # iterations between metrics lines
     device: str = "auto"                  # one of DEVICE_KINDS; auto: cuda:<local rank> when a GPU is visible
@@ -323,8 +323,6 @@ def _check_value(key: str, value: Any, kind, where: str) -> Any:
         except UserError:
             raise _bad_type(key, value, kind, where) from None
     if origin in (list, List):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]  # a single number where a list of numbers is expected: a list of one
         if not isinstance(value, (list, tuple)):
             raise _bad_type(key, value, kind, where)
         return [_check_value(f"{key}[{i}]", item, args[0], where) for i, item in enumerate(value)]

@@ -11,7 +11,7 @@ from torch import nn
 
 from hpc.optim import LAMB, LARS, PMDLAMB, param_groups
 from hpc.optim.lamb import CPU_BLOCK_NUMEL, announce_kernel, cache_blocks
-from hpc.optim.pmd_lamb import moments_decay
+from hpc.optim.pmd_lamb import COMPILED_MIN_NUMEL, compiled_tensor_step, moments_decay
 from megdet.bench.optim import NaivePMDLAMB, resnet50_shapes
 
 STEPS = 450  # crosses the cycle boundaries at t = 200 and t = 400 of T = 200
@@ -106,8 +106,8 @@ BLOCKINGS = {"cpu_default": CPU_BLOCK_NUMEL, "blocks_of_60": 60, "whole_list": N
 
 
 def run(optimizer_factory, steps, start=None, block_numel=CPU_BLOCK_NUMEL):
-    """``steps`` steps of the optimizer on make_params(), with the same gradients as the references, its
-    kernels cut into cache blocks of ``block_numel`` elements."""
+    """``steps`` steps of the optimizer on ``start`` (moved in place; default make_params()), with the same
+    gradients as the references, its kernels cut into cache blocks of ``block_numel`` elements."""
     tensors = [nn.Parameter(p) for p in (start or make_params())]
     optimizer = optimizer_factory(tensors)
     optimizer.block_numel = lambda device: block_numel
@@ -142,6 +142,50 @@ def test_matches_per_parameter_reference(name, blocking):
     for got, want, start in zip(tensors, expected, make_params()):
         assert not torch.allclose(want, start, atol=1e-3), "the reference must have moved every tensor"
         torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow  # torch.compile builds its kernel (float64 here) at the first step: up to a minute
+def test_compiled_kernel_matches_per_parameter_reference():
+    """compiled=True: the two tensors of 65,536 elements (one starting at zero: phi = 1) take the
+    compiled kernel, the small ones the multi-tensor kernel; 250 steps cross the cycle boundary at 200.
+    A group without layer adaptation (phi = 1 throughout) moves as with the multi-tensor kernel."""
+    generator = torch.Generator().manual_seed(3)
+    start = [torch.randn(256, 256, generator=generator, dtype=torch.float64), torch.zeros(COMPILED_MIN_NUMEL,
+             dtype=torch.float64), torch.randn(16, 3, 3, 3, generator=generator, dtype=torch.float64),
+             torch.zeros(10, dtype=torch.float64)]
+    compiled_tensor_step.cache_clear()
+    tensors, _ = run(lambda ps: PMDLAMB(groups_of(ps, 5e-4), lr=0.5, compiled=True), 250,
+                     start=[t.clone() for t in start])
+    assert compiled_tensor_step.cache_info().misses == 1, "the compiled kernel never ran"
+    expected = reference_pmd_lamb(start, 250, lr=0.5, alpha=0.012, T=200, betas=(0.9, 0.999), weight_decay=5e-4,
+                                  eps=1e-6)
+    for got, want, initial in zip(tensors, expected, start):
+        assert not torch.allclose(want, initial, atol=1e-3)
+        torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
+
+    def plain_group(compiled):
+        return lambda ps: PMDLAMB([{"params": ps, "layer_adaptation": False}], lr=0.5, compiled=compiled)
+    compiled_plain, _ = run(plain_group(True), 20, start=[start[0].clone()])
+    eager_plain, _ = run(plain_group(False), 20, start=[start[0].clone()])
+    torch.testing.assert_close(compiled_plain[0].detach(), eager_plain[0].detach(), rtol=1e-9, atol=1e-12)
+
+
+def test_compiled_kernel_is_said_kept_and_refused_off_cpu():
+    """The kernel is named before any step; the choice survives a re-wrap on the same param groups (as
+    Horovod's DistributedOptimizer builds a subclass from them); compiled=True on tensors that are not on
+    CPU fails with the fix, before anything compiles."""
+    cpu = torch.device("cpu")
+    assert PMDLAMB([nn.Parameter(torch.ones(2))]).kernel(cpu) == (
+        f"multi-tensor kernel, cache blocks of {CPU_BLOCK_NUMEL:,} elements")
+    compiled = PMDLAMB([nn.Parameter(torch.ones(2))], compiled=True)
+    assert compiled.kernel(cpu) == (
+        f"torch.compile'd kernel for contiguous tensors of >= {COMPILED_MIN_NUMEL:,} elements, multi-tensor "
+        f"kernel, cache blocks of {CPU_BLOCK_NUMEL:,} elements for the others")
+    assert type("Rewrapped", (PMDLAMB,), {})(compiled.param_groups).compiled
+    param = nn.Parameter(torch.ones(2, device="meta"))
+    param.grad = torch.ones(2, device="meta")
+    with pytest.raises(ValueError, match="Invalid compiled: True for meta tensors .*use compiled=False"):
+        PMDLAMB([param], compiled=True).step()
 
 
 def test_moments_decay_changes_the_trajectory():
@@ -258,6 +302,9 @@ def test_group_without_layer_adaptation_takes_phi_one(optimizer):
     (lambda ps: PMDLAMB(ps, T=200.0), "Invalid T: 200.0"),
     (lambda ps: PMDLAMB(ps, T=-math.inf), "Invalid T: -inf"),
     (lambda ps: PMDLAMB(ps, T=math.nan), "Invalid T: nan"),
+    (lambda ps: PMDLAMB(ps, compiled="yes"), "Invalid compiled: yes"),
+    (lambda ps: PMDLAMB([{"params": ps}, {"params": [nn.Parameter(torch.ones(1))], "compiled": True}]),
+     "Invalid compiled: True"),
     (lambda ps: PMDLAMB(ps, alpha=0.0), "Invalid alpha: 0.0"),
     (lambda ps: PMDLAMB(ps, betas=(0.9, 1.0)), "Invalid betas: (0.9, 1.0)"),
     (lambda ps: PMDLAMB(ps, eps=0.0), "Invalid eps: 0.0"),
@@ -323,7 +370,7 @@ def test_optim_benchmark_runs_tiny(tmp_path):
     assert main(["bench", "optim", "--width-divisor", "16", "--repeats", "1", "--warmup", "1",
                  "--out", str(tmp_path)]) == 0
     rows = {row["optimizer"]: row for row in json.loads((tmp_path / "optim.json").read_text())["rows"]}
-    assert set(rows) == {"sgd", "pmd_lamb", "pmd_lamb_whole_list", "pmd_lamb_naive", "lamb", "lars"}
+    assert set(rows) == {"sgd", "pmd_lamb", "pmd_lamb_compiled", "pmd_lamb_naive", "lamb", "lars"}
     assert rows["sgd"]["ratio_to_sgd"] == 1.0 and all(row["median_ms"] > 0 for row in rows.values())
     assert (tmp_path / "optim.md").read_text().startswith("| optimizer |")
 

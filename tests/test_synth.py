@@ -51,7 +51,7 @@ def test_json_is_coco_and_matches_the_written_images(tmp_path):
             mask = rendered.instances == k
             assert np.abs(decoded[mask].mean(axis=0) - rendered.image[mask].mean(axis=0)).max() < 6
         written = coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))
-        assert [{key: a[key] for key in ("category_id", "bbox", "area", "iscrowd")} for a in written] == \
+        assert [{key: a[key] for key in ("category_id", "bbox", "area", "iscrowd", "segmentation")} for a in written] == \
             rendered.annotations
     assert len(shapes) > 1, "image sizes vary"
 

@@ -120,9 +120,9 @@ def describe_kernel(block_numel: Optional[int]) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def announce_kernel(optimizer: str, device_type: str, block_numel: Optional[int]) -> None:
+def announce_kernel(optimizer: str, device_type: str, kernel: str) -> None:
     """Log the kernel an optimizer type runs on a device type, once per process."""
-    logger.info("hpc.optim: %s on %s: %s", optimizer, device_type, describe_kernel(block_numel))
+    logger.info("hpc.optim: %s on %s: %s", optimizer, device_type, kernel)
 
 
 def layerwise_ratios(numerator_squares: Tensor, denominator_squares: Tensor) -> Tensor:
@@ -201,7 +201,8 @@ def layerwise_step(tensor_lists: Sequence[List[Tensor]], direction: Callable[...
 class GroupwiseOptimizer(torch.optim.Optimizer):
     """``step(closure)`` re-evaluates the loss if asked, then ``step_group(group)`` for each param group
     with gradients disabled: the one loop every optimizer here shares. ``run_kernel`` calls a kernel per
-    device and dtype with its cache block size and a workspace kept from step to step (never saved)."""
+    device and dtype with its cache block size and a workspace kept from step to step (never saved), and
+    logs ``kernel(device)`` the first time an optimizer type runs on a device type."""
 
     def __init__(self, params: Iterable, defaults: Dict):
         self.workspaces: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
@@ -212,10 +213,16 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
 
     def block_numel(self, device: torch.device) -> Optional[int]:
         """Elements per cache block for the kernels on ``device``: ``CPU_BLOCK_NUMEL`` on CPU, None (each op
-        over the whole list: one launch per op) on accelerators. Logged once per type and device type."""
-        block_numel = CPU_BLOCK_NUMEL if device.type == "cpu" else None
-        announce_kernel(type(self).__name__, device.type, block_numel)
-        return block_numel
+        over the whole list: one launch per op) on accelerators."""
+        return CPU_BLOCK_NUMEL if device.type == "cpu" else None
+
+    def kernel(self, device: torch.device) -> str:
+        """What a step runs on ``device``, in words (the log line, and for banners and benchmark tables)."""
+        return describe_kernel(self.block_numel(device))
+
+    def announce(self, device: torch.device) -> None:
+        """Log ``kernel(device)`` the first time this optimizer type steps on this device type."""
+        announce_kernel(type(self).__name__, device.type, self.kernel(device))
 
     def workspace(self, device: torch.device, dtype: torch.dtype, numel: int) -> Tensor:
         """A flat buffer of at least ``numel`` elements, grown when needed and reused at every step."""
@@ -232,6 +239,7 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
         for index, param in enumerate(tensor_lists[0]):
             indices.setdefault((param.device, param.dtype), []).append(index)
         for (device, dtype), chosen in indices.items():
+            self.announce(device)
             lists = [[tensors[i] for i in chosen] for tensors in tensor_lists]
             block_numel = self.block_numel(device)
             if uses_workspace:

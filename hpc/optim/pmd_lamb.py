@@ -15,9 +15,10 @@ the paper's "T = inf" column of Table 3. ``hpc.optim.LAMB`` is the bias-correcte
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -31,6 +32,9 @@ DEFAULT_CYCLE = 200
 # MegDet's linear scaling rule at batch 16 (0.02 per 16 images); the optimizer is normally built with
 # the learning rate of ``hpc.schedule.linear_scaling_rule`` for the real batch.
 DEFAULT_LR = 0.02
+# With ``compiled=True``, CPU tensors of at least this many elements take the compiled kernel: below it,
+# the ~40 us a call of compiled code costs on CPU is more than the fused passes save.
+COMPILED_MIN_NUMEL = 1 << 16
 
 
 def moments_decay(step: int, cycle: Optional[Union[int, float]]) -> float:
@@ -69,6 +73,52 @@ def pmd_lamb_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Te
                    layer_adaptation=layer_adaptation, block_numel=block_numel)
 
 
+def pmd_lamb_tensor_step(x: Tensor, g: Tensor, m: Tensor, v: Tensor, xi_beta1: Tensor, one_minus_beta1: Tensor,
+                         xi_beta2: Tensor, one_minus_beta2: Tensor, eps: Tensor, weight_decay: Tensor,
+                         step_size: Tensor, layer_adaptation: bool) -> None:
+    """Lines 6-9 of Algorithm 1 for one flat tensor, in place, written for ``torch.compile``: the kernel
+    Inductor generates reads x, g, m, v once to write m, v and reduce ||x||^2, ||u||^2, then updates x in
+    a second loop (the multi-tensor kernel makes ~12 passes). The hyper-parameters are 0-dim tensors of
+    x's dtype, so new values (xi and eta change every step) reuse the compiled code."""
+    # m_t, v_t
+    m_t = xi_beta1 * m + one_minus_beta1 * g
+    v_t = xi_beta2 * v + one_minus_beta2 * g * g
+    # u_t = m_t / sqrt(v_t + eps) + wd * x
+    u = m_t * torch.rsqrt(v_t + eps) + weight_decay * x
+    m.copy_(m_t)
+    v.copy_(v_t)
+    if not layer_adaptation:
+        x.sub_(step_size * u)
+        return
+    # phi = ||x|| / ||u||, 1 where either norm is 0
+    x_squared, u_squared = (x * x).sum(), (u * u).sum()
+    phi = torch.where((x_squared > 0) & (u_squared > 0), torch.sqrt(x_squared / u_squared), 1.0)
+    x.sub_(step_size * phi * u)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_tensor_step() -> Callable[..., None]:
+    """``pmd_lamb_tensor_step`` through ``torch.compile`` (Inductor, which builds C++ with the system
+    compiler on CPU), made once per process. Sizes are symbolic, so all tensors of a dtype share one
+    compilation; it happens at the first call (seconds when Inductor's on-disk cache has it, about a
+    minute on 2 busy cores when not)."""
+    return torch.compile(pmd_lamb_tensor_step, dynamic=True, fullgraph=True)
+
+
+def pmd_lamb_compiled_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+                             exp_avg_sqs: List[Tensor], *, xi: float, lr: float, alpha: float, beta1: float,
+                             beta2: float, eps: float, weight_decay: float, layer_adaptation: bool = True) -> None:
+    """One PMD-LAMB step, tensor by tensor, through the compiled ``pmd_lamb_tensor_step`` (contiguous CPU
+    tensors: each is taken as a flat view)."""
+    tensor_step = compiled_tensor_step()
+    scalars: Dict[torch.dtype, Tuple[Tensor, ...]] = {}
+    for x, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        if x.dtype not in scalars:
+            values = [xi * beta1, 1 - beta1, xi * beta2, 1 - beta2, eps, weight_decay, lr * alpha]
+            scalars[x.dtype] = torch.tensor(values, dtype=x.dtype).unbind()
+        tensor_step(x.detach().view(-1), g.view(-1), m.view(-1), v.view(-1), *scalars[x.dtype], layer_adaptation)
+
+
 class PMDLAMB(GroupwiseOptimizer):
     """PMD-LAMB (LargeDet Algorithm 1); ``T=None`` or ``T=math.inf`` is LAMB without bias correction.
 
@@ -80,13 +130,20 @@ class PMDLAMB(GroupwiseOptimizer):
 
     The step counter t lives in each param group (``group["step"]``, saved by ``state_dict``), so a
     resumed run continues at the same position in the cycle.
+
+    compiled: which kernel runs, chosen here and logged at the first step (``kernel(device)`` says it in
+    words). False: the multi-tensor kernel (``pmd_lamb_kernel``), on any device. True, for CPU tensors
+    only: each contiguous tensor of >= ``COMPILED_MIN_NUMEL`` elements through ``torch.compile``
+    (``pmd_lamb_tensor_step``, compiled at the first step; needs a C++ compiler), the others through the
+    multi-tensor kernel. Both compute the same step (tests/test_optim.py). The choice is kept in the
+    param groups (so it survives Horovod's re-wrapping of the optimizer), and all groups must agree.
     """
 
     def __init__(self, params: Iterable, lr: float = DEFAULT_LR, alpha: float = DEFAULT_ALPHA,
                  T: Optional[Union[int, float]] = DEFAULT_CYCLE, betas: Tuple[float, float] = (0.9, 0.999),
-                 weight_decay: float = 5e-4, eps: float = 1e-6):
+                 weight_decay: float = 5e-4, eps: float = 1e-6, compiled: bool = False):
         super().__init__(params, dict(lr=lr, alpha=alpha, T=T, betas=tuple(betas), weight_decay=weight_decay,
-                                      eps=eps, step=0, layer_adaptation=True))
+                                      eps=eps, step=0, layer_adaptation=True, compiled=compiled))
 
     def add_param_group(self, param_group: Dict) -> None:
         super().add_param_group(param_group)
@@ -97,10 +154,46 @@ class PMDLAMB(GroupwiseOptimizer):
         whole_cycle = isinstance(cycle, numbers.Integral) and not isinstance(cycle, bool) and cycle >= 1
         check_hyperparameter("T", cycle, cycle is None or cycle == math.inf or whole_cycle,
                              "the cycle length must be an integer >= 1, or None or inf for no moments decay")
+        compiled = group["compiled"]
+        check_hyperparameter("compiled", compiled, isinstance(compiled, bool), "must be True or False")
+        check_hyperparameter("compiled", compiled, compiled == self.param_groups[0]["compiled"],
+                             "one kernel for the whole optimizer: give every param group the same value")
+
+    @property
+    def compiled(self) -> bool:
+        """True when the compiled kernel runs (``compiled=True`` at construction)."""
+        return self.param_groups[0]["compiled"]
+
+    def kernel(self, device: torch.device) -> str:
+        multi_tensor = super().kernel(device)
+        if not self.compiled:
+            return multi_tensor
+        return (f"torch.compile'd kernel for contiguous tensors of >= {COMPILED_MIN_NUMEL:,} elements, "
+                f"{multi_tensor} for the others")
 
     def step_group(self, group: Dict) -> None:
         group["step"] += 1
         beta1, beta2 = group["betas"]
-        self.run_kernel(pmd_lamb_kernel, gather_moments(self, group), xi=moments_decay(group["step"], group["T"]),
-                        lr=group["lr"], alpha=group["alpha"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                        weight_decay=group["weight_decay"], layer_adaptation=group["layer_adaptation"])
+        hyperparameters = dict(xi=moments_decay(group["step"], group["T"]), lr=group["lr"], alpha=group["alpha"],
+                               beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                               layer_adaptation=group["layer_adaptation"])
+        tensor_lists = gather_moments(self, group)
+        if group["compiled"]:
+            tensor_lists = self.step_compiled(tensor_lists, hyperparameters)
+        self.run_kernel(pmd_lamb_kernel, tensor_lists, **hyperparameters)
+
+    def step_compiled(self, tensor_lists: Tuple[List[Tensor], ...], hyperparameters: Dict) -> List[List[Tensor]]:
+        """Step the tensors the compiled kernel takes; return (params, grads, m, v) of the others."""
+        compiled, others = [], []
+        for tensors in zip(*tensor_lists):
+            device = tensors[0].device
+            if device.type != "cpu":
+                raise ValueError(f"Invalid compiled: True for {device.type} tensors (the compiled kernel is written "
+                                 f"for CPU); use compiled=False: on {device.type} the multi-tensor kernel makes one "
+                                 f"launch per op")
+            self.announce(device)
+            fused = tensors[0].numel() >= COMPILED_MIN_NUMEL and all(t.is_contiguous() for t in tensors)
+            (compiled if fused else others).append(tensors)
+        if compiled:
+            pmd_lamb_compiled_kernel(*[list(tensors) for tensors in zip(*compiled)], **hyperparameters)
+        return [list(tensors) for tensors in zip(*others)] if others else [[] for _ in tensor_lists]

@@ -3,13 +3,14 @@
     megdet bench optim                       # 25.6M parameters in ResNet-50's 161 tensor shapes
     megdet bench optim --repeats 50          # more rounds: a steadier median on a busy machine
 
-Rows: SGD with momentum (torch's foreach implementation, the baseline), PMD-LAMB (multi-tensor
-``torch._foreach_*`` kernel, a cache block at a time as on CPU), the same kernel with every op over the
-whole tensor list (as on an accelerator), PMD-LAMB written naively one parameter at a time, LAMB and
-LARS. Every optimizer owns a copy of the same parameters and sees the same gradients; each round
-times one step of every optimizer in turn, so machine load affects all rows alike. Ratios are
-median step times over SGD's, in wall-clock time and in this process's CPU time (steadier on a
-machine shared with other jobs: time spent descheduled does not count).
+Rows: SGD with momentum (torch's foreach implementation, the baseline), PMD-LAMB with its two kernels
+(the multi-tensor ``torch._foreach_*`` kernel, a cache block at a time, the default; and
+``compiled=True``, one torch.compile'd kernel per large tensor, which compiles during the warm-up
+rounds), PMD-LAMB written naively one parameter at a time, LAMB and LARS. Every optimizer owns a copy
+of the same parameters and sees the same gradients; each round times one step of every optimizer in
+turn, so machine load affects all rows alike. Ratios are median step times over SGD's, in wall-clock
+time and in this process's CPU time (steadier on a machine shared with other jobs: time spent
+descheduled does not count).
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import torch
 from torch import Tensor
 
 from hpc.optim import LAMB, LARS, PMDLAMB
-from hpc.optim.lamb import CPU_BLOCK_NUMEL, describe_kernel
 from hpc.optim.pmd_lamb import moments_decay
 from megdet.bench import report
 
@@ -82,25 +82,18 @@ class NaivePMDLAMB:
             p.sub_(u * (self.lr * self.alpha * phi))
 
 
-class WholeListPMDLAMB(PMDLAMB):
-    """``hpc.optim.PMDLAMB`` with every op over the whole tensor list, as it runs on an accelerator: on
-    CPU, what the cache blocks save."""
-
-    def block_numel(self, device: torch.device) -> None:
-        return None
-
-
-# name: (build from parameters, what it is); the parameters are CPU tensors
+# name: (build from parameters, what it is: for hpc.optim, followed by the kernel it names)
 OPTIMIZERS: Dict[str, Tuple[Callable[[List[Tensor]], object], str]] = {
     "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.32, momentum=0.9, weight_decay=1e-4, foreach=True),
             "torch.optim.SGD, momentum 0.9, foreach"),
-    "pmd_lamb": (lambda ps: PMDLAMB(ps, lr=0.32), f"hpc.optim.PMDLAMB, {describe_kernel(CPU_BLOCK_NUMEL)}"),
-    "pmd_lamb_whole_list": (lambda ps: WholeListPMDLAMB(ps, lr=0.32),
-                            f"hpc.optim.PMDLAMB, {describe_kernel(None)}"),
+    "pmd_lamb": (lambda ps: PMDLAMB(ps, lr=0.32), "hpc.optim.PMDLAMB"),
+    "pmd_lamb_compiled": (lambda ps: PMDLAMB(ps, lr=0.32, compiled=True), "hpc.optim.PMDLAMB(compiled=True)"),
     "pmd_lamb_naive": (lambda ps: NaivePMDLAMB(ps, lr=0.32), "PMD-LAMB, one parameter at a time"),
-    "lamb": (lambda ps: LAMB(ps, lr=1e-3), f"hpc.optim.LAMB, {describe_kernel(CPU_BLOCK_NUMEL)}"),
-    "lars": (lambda ps: LARS(ps, lr=0.32), f"hpc.optim.LARS, {describe_kernel(CPU_BLOCK_NUMEL)}"),
+    "lamb": (lambda ps: LAMB(ps, lr=1e-3), "hpc.optim.LAMB"),
+    "lars": (lambda ps: LARS(ps, lr=0.32), "hpc.optim.LARS"),
 }
+# The rows the PMD-LAMB target is checked on.
+PMD_LAMB_ROWS = ("pmd_lamb", "pmd_lamb_compiled")
 
 
 def add_arguments(parser) -> None:
@@ -143,7 +136,12 @@ def run(args) -> int:
     def median_ms(samples: List[float]) -> float:
         return 1e3 * statistics.median(samples)
 
-    rows = [{"optimizer": name, "implementation": OPTIMIZERS[name][1], "median_ms": median_ms(wall[name]),
+    def implementation(name: str) -> str:
+        optimizer = optimizers[name]
+        kernel = optimizer.kernel(torch.device("cpu")) if hasattr(optimizer, "kernel") else None
+        return f"{OPTIMIZERS[name][1]}: {kernel}" if kernel else OPTIMIZERS[name][1]
+
+    rows = [{"optimizer": name, "implementation": implementation(name), "median_ms": median_ms(wall[name]),
              "min_ms": 1e3 * min(wall[name]), "ratio_to_sgd": median_ms(wall[name]) / median_ms(wall["sgd"]),
              "cpu_ms": median_ms(cpu[name]), "cpu_ratio_to_sgd": median_ms(cpu[name]) / median_ms(cpu["sgd"])}
             for name in optimizers]
@@ -154,8 +152,8 @@ def run(args) -> int:
     print(f"one optimizer step over {inputs['parameters']:,} parameters in {inputs['tensors']} tensors "
           f"({torch.get_num_threads()} threads), median of {args.repeats} rounds:")
     print(table)
-    pmd = next(row for row in rows if row["optimizer"] == "pmd_lamb")
-    verdict = "met" if pmd["ratio_to_sgd"] <= TARGET_RATIO else "NOT met"
-    print(f"target PMD-LAMB <= {TARGET_RATIO}x SGD: {verdict} ({pmd['ratio_to_sgd']:.2f}x wall, "
-          f"{pmd['cpu_ratio_to_sgd']:.2f}x CPU time); results in {args.out}")
+    verdicts = [f"{row['optimizer']} {'met' if row['ratio_to_sgd'] <= TARGET_RATIO else 'NOT met'} "
+                f"({row['ratio_to_sgd']:.2f}x wall, {row['cpu_ratio_to_sgd']:.2f}x CPU time)"
+                for row in rows if row["optimizer"] in PMD_LAMB_ROWS]
+    print(f"target PMD-LAMB <= {TARGET_RATIO}x SGD: {'; '.join(verdicts)}; results in {args.out}")
     return 0
