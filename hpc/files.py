@@ -19,11 +19,13 @@ PathLike = Union[str, os.PathLike]
 @contextlib.contextmanager
 def atomic_open(path: PathLike) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: a temporary file beside it, flushed to disk and renamed
-    over ``path`` when the block ends, removed if the block raises."""
+    over ``path`` when the block ends, removed if the block raises. The file gets the permissions of
+    one made by ``open`` (0666 less the umask), not mkstemp's 0600: run folders are shared."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(descriptor, 0o666 & ~_umask())
         with os.fdopen(descriptor, "wb") as handle:
             yield handle
             handle.flush()
@@ -32,6 +34,12 @@ def atomic_open(path: PathLike) -> Iterator[BinaryIO]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: PathLike, data: Union[bytes, str]) -> Path:

@@ -71,3 +71,14 @@ def test_stop_signals_are_recorded_not_fatal_and_the_handlers_come_back():
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path):
+    """mkstemp makes 0600 files; a run folder's checkpoints and metrics are read by a whole team."""
+    import os
+
+    from hpc.files import write_atomic
+
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    assert os.stat(write_atomic(tmp_path / "atomic", "x")).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
