@@ -4,7 +4,9 @@
     optimizer = PMDLAMB(param_groups(model, weight_decay=5e-4), lr=0.32)
 
 ``PMDLAMB`` (LargeDet Algorithm 1), ``LAMB`` (bias-corrected), ``LARS`` (momentum). Each ``step()``
-gathers the tensors and their state, and one functional kernel does the math for all of them.
+gathers the tensors and their state, and one functional kernel does the math for all of them, a cache
+block at a time on CPU. ``PMDLAMB(compiled=True)`` runs CPU tensors of 64 Ki elements and more through
+one ``torch.compile``'d kernel each instead (fewer passes over memory; compiled at the first step).
 """
 from hpc.optim.lamb import LAMB
 from hpc.optim.lars import LARS

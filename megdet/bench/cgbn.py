@@ -143,13 +143,16 @@ def _run_rank(args) -> int:
     max_error = _max_error(comm, copy.deepcopy(variants["CGBN"]), args, device)
     notes = {"local BN": "nn.BatchNorm2d, no communication",
              "CGBN": f"hpc.cgbn, groups of {args.group_size or comm.size}, {comm.engine} engine"}
-    if comm.engine == "torch" and device.type == "cuda":
+    if comm.engine == "torch" and device.type == "cuda" and comm.backend == "nccl":
         group = comm.partition(args.group_size)
         variants["SyncBatchNorm"] = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(local), group.handle)
         notes["SyncBatchNorm"] = "torch.nn.SyncBatchNorm"
+    elif comm.engine != "torch":
+        notes["SyncBatchNorm"] = "not run: needs the torch engine"
+    elif device.type != "cuda":
+        notes["SyncBatchNorm"] = "not run: torch's SyncBatchNorm refuses CPU input (GPU only)"
     else:
-        notes["SyncBatchNorm"] = ("not run: needs the torch engine" if comm.engine != "torch"
-                                  else "not run: torch's SyncBatchNorm refuses CPU input (GPU only)")
+        notes["SyncBatchNorm"] = f"not run: torch's SyncBatchNorm gathers with NCCL, this run's backend is {comm.backend}"
     images = torch.randn(args.images, args.channels, args.size, args.size, device=device)
 
     seconds: Dict[str, List[float]] = {name: [] for name in variants}

@@ -36,7 +36,9 @@ def run_ranks(name: str, engine: str, ranks: int, out: Path, argv: Sequence[str]
     if engine == "horovod":
         command = ["horovodrun", "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}", *module]
     else:
-        command = ["torchrun", f"--nproc-per-node={ranks}", *module[1:]]  # torchrun -m megdet.cli ...
+        # torchrun through this interpreter: a venv on a system torch has no torchrun script of its own
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                   *module[1:]]
     if shutil.which(command[0]) is None:
         raise UserError(f"{command[0]} is not on PATH: activate the environment that has Horovod and torch "
                         f"(bash scripts/setup.sh), or pass --engines without {engine}")
