@@ -14,9 +14,13 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HOROVOD_VERSION=0.28.1
-# What a node with torch + torchvision may lack, for Python $FETCH_PYTHON on x86_64 Linux.
+# What a node with torch, torchvision, numpy, Pillow and h5py may lack (set-up's Python dependencies and
+# theirs, named one by one: resolving them would also fetch numpy and Pillow, and the folder travels to
+# the node within 64 MiB), for Python $FETCH_PYTHON on x86_64 Linux.
 FETCH_PYTHON=${FETCH_PYTHON:-3.12}
-PACKAGES=(numpy h5py pycocotools Pillow tqdm PyYAML matplotlib pytest cloudpickle psutil packaging "setuptools>=64" wheel)
+PACKAGES=(pycocotools tqdm PyYAML matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six
+          tensorboard tensorboard-data-server absl-py grpcio markdown protobuf werkzeug markupsafe
+          pytest iniconfig pluggy pygments cloudpickle psutil packaging "setuptools>=64" wheel)
 
 die() { echo "[gpu_check] error: $*" >&2; exit 1; }
 
@@ -33,7 +37,7 @@ done
 
 if [[ $mode == fetch ]]; then
   mkdir -p "$fetch_dir"
-  python3 -m pip download -q --only-binary=:all: --python-version "$FETCH_PYTHON" --implementation cp \
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$FETCH_PYTHON" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$fetch_dir" "${PACKAGES[@]}"
   python3 -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$fetch_dir"
