@@ -66,6 +66,8 @@ class Communicator:
         self.rank, self.size = rank, size
         self.local_rank, self.local_size = local_rank, local_size
         self.device = device  # where this rank computes: tensors the engine makes for its callers go here
+        self.timeout_s = float(DEFAULT_TIMEOUT_S)  # a collective's timeout (hpc.comm.init sets it)
+        self.watchdog = None  # hpc.comm.watchdog.Watchdog of a world of several ranks, started by hpc.comm.init
         self.world = Group(tuple(range(size)), rank, 0, world_handle)
         self._groups: Dict[Tuple[int, ...], Group] = {self.world.ranks: self.world}
 
