@@ -79,9 +79,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         status = args.run(args)
     except UserError as error:
         errors.report(str(error))
+        comm = sys.modules.get("hpc.comm")  # only a command that started one has a communicator
+        if comm is not None and isinstance(error, comm.AgreedError):
+            comm.finish()  # every rank prints it before any exits: a launcher stops the rest at the first exit
         return EXIT_USER_ERROR
     except Exception as error:
-        comm = sys.modules.get("hpc.comm")  # only a command that started one has a communicator
+        comm = sys.modules.get("hpc.comm")
         reason = comm.failure_reason(error) if comm is not None else None
         if reason is None:
             raise

@@ -43,13 +43,13 @@ import torch
 
 from hpc import launch as launch_mod
 from hpc.errors import UserError
-from hpc.comm.base import DEFAULT_TIMEOUT_S, ENGINES, OPS, CommError, Communicator, Group, Handle
+from hpc.comm.base import DEFAULT_TIMEOUT_S, ENGINES, OPS, AgreedError, CommError, Communicator, Group, Handle
 from hpc.comm.horovod import HorovodCommunicator
 from hpc.comm.local import LocalCommunicator
 from hpc.comm.torchdist import TorchCommunicator
 from hpc.comm.watchdog import DEFAULT_STALL_TIMEOUT_S, Watchdog
 
-__all__ = ["CommError", "Communicator", "Group", "Handle", "HorovodCommunicator", "LocalCommunicator",
+__all__ = ["AgreedError", "CommError", "Communicator", "Group", "Handle", "HorovodCommunicator", "LocalCommunicator",
            "TorchCommunicator", "ENGINES", "OPS", "DEFAULT_TIMEOUT_S", "init", "get", "get_cgbn", "describe",
            "finish", "shutdown", "raise_on_every_rank", "failure_reason"]
 
