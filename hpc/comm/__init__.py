@@ -34,6 +34,7 @@ Collectives must be issued in the same order on every member of a group, as with
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -81,8 +82,8 @@ def init(engine: Optional[str] = None, timeout_s: Optional[float] = None,
                                       (engine, cgbn_engine) != ("horovod", "torch")):
         raise CommError(f"MEGDET_CGBN_COMM={cgbn_engine!r} does not go with the {engine} engine: use "
                         f"{engine!r}, or 'torch' beside 'horovod'")
-    timeout_s = float(timeout_s or os.environ.get("MEGDET_COMM_TIMEOUT", DEFAULT_TIMEOUT_S))
-    stall_timeout_s = float(os.environ.get("MEGDET_STALL_TIMEOUT", DEFAULT_STALL_TIMEOUT_S))
+    timeout_s = float(timeout_s or _seconds("MEGDET_COMM_TIMEOUT", DEFAULT_TIMEOUT_S))
+    stall_timeout_s = _seconds("MEGDET_STALL_TIMEOUT", DEFAULT_STALL_TIMEOUT_S)
     if engine == "local":
         comm: Communicator = LocalCommunicator(device)
         launch_mod.check_world_size(launch, engine, comm.size)
@@ -105,6 +106,20 @@ def init(engine: Optional[str] = None, timeout_s: Optional[float] = None,
     if cgbn_engine != engine and engine == "horovod":
         _cgbn = TorchCommunicator(launch, timeout_s, device, via=comm)
     return comm
+
+
+def _seconds(name: str, default: float) -> float:
+    """The positive, finite number of seconds in ``$name``, or ``default`` when it is not set."""
+    text = os.environ.get(name)
+    if text is None:
+        return float(default)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise CommError(f"{name}={text!r} is not a number of seconds > 0: set it to one (default {default}), or unset it")
+    return value
 
 
 def raise_on_every_rank(error: UserError) -> None:
