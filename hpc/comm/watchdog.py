@@ -61,6 +61,7 @@ class Watchdog:
         try:
             self._process = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), json.dumps(settings)],
                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+            self._pipes = (self._process.stdin.fileno(), self._process.stdout.fileno())
             os.register_at_fork(after_in_child=self._forget_in_child)
             atexit.register(self.close)  # from now on, an exit of this process in order is no death
             if self.rank == 0:
@@ -131,14 +132,14 @@ class Watchdog:
             pass
 
     def _forget_in_child(self) -> None:
-        """In a forked child (a DataLoader worker): close the pipes, so that this process's death closes
-        them at once, and never say goodbye for it."""
+        """In a forked child (a DataLoader worker): let go of the pipes, so that this process's death
+        closes them at once, and never say goodbye for it. Their descriptors become /dev/null's rather
+        than closed (the file objects, whose locks the reader thread may hold, are not touched)."""
         self._closing = True
-        for pipe in (self._process.stdin, self._process.stdout):
-            try:
-                os.close(pipe.fileno())
-            except (OSError, ValueError):
-                pass
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for descriptor in self._pipes:
+            os.dup2(devnull, descriptor)
+        os.close(devnull)
 
 
 # ---- the watchdog process ----------------------------------------------------------------------------
@@ -178,6 +179,8 @@ class _WatchdogProcess:
             self.tell_main(f"address {socket.getfqdn()} {self.listener.getsockname()[1]}")
 
     def who(self, rank: int) -> str:
+        if rank >= len(self.processes):  # before the table came
+            return f"rank {rank}"
         host, pid = self.processes[rank]
         return f"rank {rank} (pid {pid} on {host})"
 

@@ -16,11 +16,16 @@ checkpoints ``model_<iteration>.pt``, and at the end ``bbox_results.json``, ``me
 Each rank computes on its own GPU (``train.device``: cuda:<local rank>, or the CPU) under the autocast
 of ``train.amp``; rank 0 first prints a banner of what runs (engines, device, AMP, kernels, BN groups).
 
-``--resume`` continues from the latest checkpoint of the run folder (or the file given) exactly:
-model, optimizer moments (PMD-LAMB's cycle position), iteration (schedule and sampler position) and
-every rank's random state. SIGTERM or SIGUSR1 (Slurm's ``--signal=B:USR1@120``, which the job scripts in
-``jobs/`` forward to the launcher) make every rank stop at the same iteration, checkpoint, and exit with
-status 75 (``EXIT_PREEMPTED``) so a job script requeues. ``mpirun`` and ``srun`` pass that status on;
+``--resume`` continues from the newest checkpoint of the run folder that loads (a truncated or corrupt
+one is skipped with a warning naming it), or the file given, exactly: model, optimizer moments
+(PMD-LAMB's cycle position), iteration (schedule and sampler position) and every rank's random state.
+``train.keep_checkpoints: N`` keeps the newest N. A data error on one rank (a corrupt record: with
+``data.skip_corrupt: true`` it is left out and counted instead) and a checkpoint that rank 0 cannot
+write stop every rank with the one line; a rank that dies or stops ends the run (``hpc.comm.watchdog``).
+
+SIGTERM or SIGUSR1 (Slurm's ``--signal=B:USR1@120``, which the job scripts in ``jobs/`` forward to the
+launcher) make every rank stop at the same iteration, checkpoint, and exit with status 75
+(``EXIT_PREEMPTED``) so a job script requeues. ``mpirun`` and ``srun`` pass that status on;
 ``horovodrun`` exits 1 and prints each rank's status.
 """
 from __future__ import annotations
