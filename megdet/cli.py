@@ -81,7 +81,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         errors.report(str(error))
         comm = sys.modules.get("hpc.comm")  # only a command that started one has a communicator
         if comm is not None and isinstance(error, comm.AgreedError):
-            comm.finish()  # every rank prints it before any exits: a launcher stops the rest at the first exit
+            try:
+                comm.finish()  # every rank prints it before any exits: a launcher stops the rest at the first exit
+            except Exception:  # a rank gone meanwhile (the watchdog names it): this rank's line is out already
+                pass
         return EXIT_USER_ERROR
     except Exception as error:
         comm = sys.modules.get("hpc.comm")

@@ -283,8 +283,8 @@ def test_a_stopped_rank_ends_the_run_after_the_stall_timeout_naming_it(shards, t
 
 def test_a_checkpoint_onto_a_full_disk_stops_every_rank_and_keeps_the_previous_one(shards, tmp_path):
     """Rank 0's second checkpoint does not fit: every rank stops with the one line (the torch launcher,
-    where nothing kills the others for them), the first checkpoint intact. A --resume that then finds
-    no checkpoint it can load says so."""
+    where nothing kills the others for them), the first checkpoint intact. A --resume of another model
+    is refused by name; one that finds no checkpoint it can load says so."""
     with small_disk(tmp_path / "disk", size="1g") as disk:
         out = disk / "run"
         args = [f"data.train={shards}", f"train.output_dir={out}", "train.checkpoint_period=1"]
@@ -304,15 +304,21 @@ def test_a_checkpoint_onto_a_full_disk_stops_every_rank_and_keeps_the_previous_o
         assert sorted(p.name for p in out.iterdir() if "model" in p.name) == ["model_0000001.pt"], "a partial file"
         checkpoint.load(out / "model_0000001.pt")
 
+        def resume_alone(*overrides):
+            done = subprocess.run([*MEGDET, "train", "shapes_r18_cpu", *TINY, *args, "model.bn_size=null",
+                                   "solver.batch_size=1", *overrides, "--resume"], env=_base_env(None),
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 2 and len(error_lines(done.stderr)) == 1, done.stderr[-3000:]
+            return error_lines(done.stderr)[0]
+
+        assert resume_alone("model.name=resnet50_fpn") == (
+            f"megdet train: error: checkpoint {out / 'model_0000001.pt'} holds a resnet18_fpn with 3 classes, but "
+            "shapes_r18_cpu builds a resnet50_fpn with 3: resume with the config that wrote it, or start a new "
+            "output_dir"), "another model's checkpoint is an error, not skipped"
         os.truncate(out / "model_0000001.pt", 1000)
-        done = subprocess.run([*MEGDET, "train", "shapes_r18_cpu", *TINY, *args, "model.bn_size=null",
-                               "solver.batch_size=1", "--resume"], env=_base_env(None), capture_output=True, text=True,
-                              timeout=300)
-        lines = error_lines(done.stderr)
-        assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
-        assert lines[0].startswith(f"megdet train: error: no checkpoint in {out} can be loaded: all 1 are truncated, "
-                                   f"corrupt or incomplete (the newest: checkpoint {out / 'model_0000001.pt'} cannot "
-                                   "be read"), lines
+        assert resume_alone().startswith(
+            f"megdet train: error: no checkpoint in {out} can be loaded: all 1 are truncated, corrupt or incomplete "
+            f"(the newest: checkpoint {out / 'model_0000001.pt'} cannot be read")
 
 
 # ---- 4. a corrupt record in a shard ------------------------------------------------------------------

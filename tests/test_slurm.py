@@ -152,7 +152,8 @@ def test_a_rank_killed_inside_a_job_fails_the_job_at_once(slurm, tmp_path, shape
     deadline = time.monotonic() + JOB_WAIT_S
     while not (metrics.exists() and metrics.read_text().strip()):
         if time.monotonic() > deadline or slurm.job(job_id).state not in ("PENDING", "RUNNING", "CONFIGURING"):
-            pytest.fail(f"job {job_id} never started training: {slurm.job(job_id).state}\n{output_of(tmp_path, job_id)}")
+            pytest.fail(f"job {job_id} never started training: {slurm.job(job_id).state}\n"
+                        f"{output_of(tmp_path, job_id)}")
         time.sleep(0.2)
     [rank1] = [p for p in psutil.process_iter() if _is_rank(p, tmp_path, 1)]
     killed = time.monotonic()

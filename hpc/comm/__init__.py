@@ -19,9 +19,9 @@ fused allreduce. CGBN issues two small blocking allreduces per BN layer per step
 for Horovod's background cycle and negotiation; torch.distributed runs them at once in the calling
 thread (docs/benchmarks.md, the demo on 2 CPU ranks: 1.03 s per step with CGBN on Horovod, 0.72 s on torch).
 
-Faults: a rank whose process dies or stops ends the run within seconds, every other rank printing one
-line that names it (``hpc.comm.watchdog``: a heartbeat per second to rank 0, a dead process's closed
-connection seen at once, a stopped one after ``MEGDET_STALL_TIMEOUT`` seconds of silence, default 60).
+Faults: a rank whose process dies or stops ends the run within seconds, every rank printing one line
+that names it (``hpc.comm.watchdog``: beside each rank a watchdog process, with a heartbeat per second
+to rank 0's; a death is seen at once, a stop after ``MEGDET_STALL_TIMEOUT`` seconds, default 60).
 A collective that a live rank never joins fails after ``MEGDET_COMM_TIMEOUT`` seconds (default 600)
 instead of hanging: Horovod's stall shutdown, torch.distributed's process-group timeout; it must
 outlast the longest work one rank does while the others wait (rank 0's COCO evaluation of 5000
@@ -118,7 +118,8 @@ def _seconds(name: str, default: float) -> float:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise CommError(f"{name}={text!r} is not a number of seconds > 0: set it to one (default {default}), or unset it")
+        raise CommError(f"{name}={text!r} is not a number of seconds > 0: set it to one (default {default}), "
+                        "or unset it")
     return value
 
 
