@@ -10,8 +10,9 @@ Each command lives in its own module with ``add_arguments(parser)`` and ``run(ar
 The parser is built from the names and help strings below; only the chosen command's module is
 imported (and, for ``bench``, only the chosen benchmark's), so ``megdet --help``, ``megdet job`` and a
 config error answer without importing torch. Errors in the user's input or environment
-(``hpc.errors.UserError``) are printed as one line on every rank with exit status 2; anything else is
-a bug and keeps its traceback. A command that succeeded on every rank ends with a barrier
+(``hpc.errors.UserError``) are printed as one line on every rank with exit status 2, and so is a
+collective that failed for want of a rank that died, stopped or exited (``hpc.comm.failure_reason``);
+anything else is a bug and keeps its traceback. A command that succeeded on every rank ends with a barrier
 (``hpc.comm.finish``) when it started a communicator.
 """
 from __future__ import annotations
@@ -21,9 +22,8 @@ import importlib
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from hpc.errors import UserError
-
-EXIT_USER_ERROR = 2
+from hpc import errors
+from hpc.errors import EXIT_USER_ERROR, UserError
 
 # name: (module, one-line help)
 COMMANDS: Dict[str, Tuple[str, str]] = {
@@ -71,23 +71,29 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def rank_label() -> str:
-    """" (rank R/N)" when a launcher started several processes, else ""."""
-    from hpc import launch
-
-    started = launch.detect()
-    return f" (rank {started.rank}/{started.size})" if (started.size or 1) > 1 else ""
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    errors.program = f"megdet {args.command}"
     try:
         status = args.run(args)
     except UserError as error:
-        print(f"megdet {args.command}: error{rank_label()}: {error}", file=sys.stderr, flush=True)
+        errors.report(str(error))
+        comm = sys.modules.get("hpc.comm")  # only a command that started one has a communicator
+        if comm is not None and isinstance(error, comm.AgreedError):
+            try:
+                comm.finish()  # every rank prints it before any exits: a launcher stops the rest at the first exit
+            except Exception:  # a rank gone meanwhile (the watchdog names it): this rank's line is out already
+                pass
         return EXIT_USER_ERROR
-    comm = sys.modules.get("hpc.comm")  # only a command that started one has a communicator to finish
+    except Exception as error:
+        comm = sys.modules.get("hpc.comm")
+        reason = comm.failure_reason(error) if comm is not None else None
+        if reason is None:
+            raise
+        errors.report(reason)
+        return EXIT_USER_ERROR
+    comm = sys.modules.get("hpc.comm")
     if comm is not None and status == 0:
         comm.finish()
     return status

@@ -100,6 +100,9 @@ class DataConfig:
     test_min_size: int = 800
     flip_prob: float = 0.5                # horizontal flip probability in training
     num_workers: Optional[int] = None     # data-loading processes per rank; None: the launcher's CPUs per rank - 1
+    # a training image whose bytes fail their CRC-32: false stops the run naming it; true leaves it out of
+    # its batch (a warning, and corrupt_records in the metrics)
+    skip_corrupt: bool = False
 
 
 @dataclass
@@ -136,6 +139,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = ""                  # "" : runs/<config name>
     checkpoint_period: int = 1000         # iterations between checkpoints (and one at the end)
+    keep_checkpoints: int = 0             # keep the newest N checkpoints (and the newest intact one); 0 keeps all
     eval_period: int = 0                  # iterations between evaluations; 0: only at the end
     # stop once an evaluation reaches it: [box AP] or, with masks, [box AP, mask AP] (percent), e.g.
     # LargeDet Table 4's Mask R-CNN row: [37.6, 33.9]
@@ -502,6 +506,9 @@ def _validate(config: Config) -> None:
                         "[box AP], or set model.mask_on=true")
     if model.mask_head_norm is not None:
         _choice("model.mask_head_norm", model.mask_head_norm, NORMS)
+    if train.keep_checkpoints < 0:
+        raise UserError(f"train.keep_checkpoints={train.keep_checkpoints} must be >= 0 (N keeps the newest N "
+                        "checkpoints, 0 keeps every one)")
     if train.eval_period < 0:
         raise UserError(f"train.eval_period={train.eval_period} must be >= 0 (0: evaluate at the end only)")
 

@@ -211,8 +211,9 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         return JobInfo(job_id, fields.get("JobState", "?"), int(fields.get("Restarts", "0")),
                        fields.get("ExitCode", "?"), fields)
 
-    def wait(self, job_id: str, timeout: float = 180, until: Sequence[str] = FINISHED_STATES) -> JobInfo:
-        """Poll until the job's state is in ``until``; fails the test after ``timeout`` seconds."""
+    def wait(self, job_id: str, timeout: float = 180, until: Sequence[str] = FINISHED_STATES,
+             poll_s: float = 1.0) -> JobInfo:
+        """Poll every ``poll_s`` until the job's state is in ``until``; fails the test after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while True:
             info = self.job(job_id)
@@ -221,7 +222,7 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             if time.monotonic() > deadline:
                 pytest.fail(f"job {job_id} still {info.state} after {timeout:.0f} s (waiting for "
                             f"{'/'.join(until)}){self._log_tail('slurmctld')}{self._log_tail('slurmd')}")
-            time.sleep(1)
+            time.sleep(poll_s)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,9 @@
 """Every communicator call on every engine, on 2 and 3 real processes, groups included."""
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -118,6 +120,33 @@ def test_a_rank_that_skips_a_collective_times_out_instead_of_hanging(launcher):
                         env={"MEGDET_COMM_TIMEOUT": "5", "HOROVOD_STALL_CHECK_TIME_SECONDS": "2"})
     assert "never joins" in results[1].error
     assert results[0].error is not None, "rank 0 must fail, not hang, when its peer skips the allreduce"
+
+
+def body_a_failed_collective_in_one_line(comm, rank_one):
+    """Rank 1 leaves (``rank_one="leaves"``: raises, its process exits in order) or is alive but stuck
+    ("stuck": sleeps past the timeout); rank 0's allreduce fails, and ``failure_reason`` says why."""
+    if comm.rank == 1:
+        if rank_one == "stuck":
+            time.sleep(float(os.environ["MEGDET_COMM_TIMEOUT"]) + 7)  # rank 0 fails at 5 s, explains by 8 s
+        raise ValueError(f"rank 1 {rank_one}")
+    try:
+        comm.allreduce(torch.ones(1))
+    except Exception as error:
+        return comm_mod.failure_reason(error)
+
+
+@pytest.mark.parametrize("rank_one", ["leaves", "stuck"])
+def test_a_failed_collective_is_one_line_naming_the_rank_that_left(rank_one):
+    results = run_ranks("tests.test_comm:body_a_failed_collective_in_one_line", 2, "torch", timeout=60,
+                        rank_one=rank_one, env={"MEGDET_COMM_TIMEOUT": "5", "HOROVOD_STALL_CHECK_TIME_SECONDS": "2"})
+    reason = results[0].value
+    assert results[1].error == f"ValueError: rank 1 {rank_one}" and reason is not None and "\n" not in reason
+    if rank_one == "leaves":
+        assert re.fullmatch(r"a collective failed because rank 1 \(pid \d+ on \S+\) had exited \(.+\): that rank's "
+                            r"own output says why; .+", reason), reason
+    else:
+        assert reason.startswith("a collective failed (") and "while no rank had died, stopped or exited: a live " \
+            "rank did not join it within MEGDET_COMM_TIMEOUT=5 s" in reason, reason
 
 
 def body_local_engine(comm):

@@ -278,6 +278,9 @@ def test_yaml_files_and_their_errors(tmp_path):
     ("model.rpn_post_nms_topk=[100]", r"model.rpn_post_nms_topk=\[100\] needs 2 positive counts: \[train, test\]"),
     ("model.fpn_channels=0", r"model.fpn_channels=0 must be positive"),
     ("model.roi_positive_fraction=1.5", r"model.roi_positive_fraction=1.5 must be in \(0, 1\]"),
+    ("train.keep_checkpoints=-1", r"train.keep_checkpoints=-1 must be >= 0 \(N keeps the newest N checkpoints, 0 "
+                                  r"keeps every one\)"),
+    ("data.skip_corrupt=sometimes", r"'data.skip_corrupt' in the overrides must be bool, not 'sometimes'"),
 ])
 def test_bad_overrides_are_one_line_errors(override, match):
     one_line_error(match, config.load, "megdet_r50_fpn_bs256_bn32", [override])

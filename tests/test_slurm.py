@@ -2,10 +2,13 @@
 allocation under each launcher, Horovod over MPI, output files per job id, USR1 forwarded to the ranks,
 ``scontrol requeue`` and the resumed second run."""
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from tests.multirank import REPO
@@ -138,3 +141,38 @@ def test_usr1_checkpoints_the_training_and_the_requeued_job_finishes_it(slurm, t
     assert "[job] ranks stopped (exit 75)" in out
     assert "megdet train: resumed from" in out and "megdet train: finished 60 iterations on 2 ranks" in out, out + err
 
+
+
+def test_a_rank_killed_inside_a_job_fails_the_job_at_once(slurm, tmp_path, shapes_shards):  # noqa: F811
+    """SIGKILL of rank 1 of a training job (mpirun in the allocation): the job ends FAILED within seconds,
+    its output naming the rank that died."""
+    job_id = slurm.submit(render_cpu_job(tmp_path, train_command(shapes_shards, 60, val=False)), cwd=tmp_path,
+                          env=job_env())
+    metrics = tmp_path / "runs" / "shapes_r18_cpu" / "metrics.jsonl"
+    deadline = time.monotonic() + JOB_WAIT_S
+    while not (metrics.exists() and metrics.read_text().strip()):
+        if time.monotonic() > deadline or slurm.job(job_id).state not in ("PENDING", "RUNNING", "CONFIGURING"):
+            pytest.fail(f"job {job_id} never started training: {slurm.job(job_id).state}\n"
+                        f"{output_of(tmp_path, job_id)}")
+        time.sleep(0.2)
+    [rank1] = [p for p in psutil.process_iter() if _is_rank(p, tmp_path, 1)]
+    killed = time.monotonic()
+    os.kill(rank1.pid, signal.SIGKILL)
+    info = slurm.wait(job_id, timeout=60, poll_s=0.2)
+    took = time.monotonic() - killed
+    out, err = output_of(tmp_path, job_id)
+    print(f"[faults] sbatch + mpirun: SIGKILL of rank 1: job {info.state} ({info.exit_code}) {took:.1f} s later; "
+          f"lines: {[line for line in err.splitlines() if 'error' in line]}")
+    assert info.state == "FAILED" and info.exit_code != "0:0", f"{info.state} {info.exit_code}\n{out}\n{err}"
+    assert (f"rank 1 (pid {rank1.pid} on {slurm.node}) died" in err
+            or f"PID {rank1.pid} RUNNING AT {slurm.node}" in out + err), out + err
+    assert "[job] exit status" in out and took < 30
+
+
+def _is_rank(proc, folder, rank: int) -> bool:
+    """Whether ``proc`` is rank ``rank`` of the ``megdet train`` started in ``folder`` (not a loader worker)."""
+    try:
+        return ("train" in proc.cmdline() and proc.cwd() == str(folder) and proc.environ().get("PMI_RANK") == str(rank)
+                and "train" not in proc.parent().cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False

@@ -19,6 +19,11 @@ class CommError(UserError):
     """A communicator cannot start or a collective was misused; the message names the fix."""
 
 
+class AgreedError(CommError):
+    """An error that every member of the world raises at the same point (``agree``): all are alive and
+    in step, so they can let each other print it before any exits (``hpc.comm.finish``)."""
+
+
 @dataclass(frozen=True)
 class Group:
     """A set of global ranks that run collectives together.
@@ -66,6 +71,8 @@ class Communicator:
         self.rank, self.size = rank, size
         self.local_rank, self.local_size = local_rank, local_size
         self.device = device  # where this rank computes: tensors the engine makes for its callers go here
+        self.timeout_s = float(DEFAULT_TIMEOUT_S)  # a collective's timeout (hpc.comm.init sets it)
+        self.watchdog = None  # hpc.comm.watchdog.Watchdog of a world of several ranks, started by hpc.comm.init
         self.world = Group(tuple(range(size)), rank, 0, world_handle)
         self._groups: Dict[Tuple[int, ...], Group] = {self.world.ranks: self.world}
 
@@ -184,13 +191,15 @@ class Communicator:
 
     def agree(self, error: Optional[str] = None, group: Optional[Group] = None) -> None:
         """Agreement step: every member says whether it failed (``error`` is its one-line message, or
-        None). If any did, every member raises ``CommError`` with the lowest failing rank's message,
-        so no rank goes on to a collective that a failed rank will never join."""
+        None). If any did, every member raises ``CommError`` with the lowest failing rank's message
+        (``AgreedError`` over the world), so no rank goes on to a collective that a failed rank will never
+        join."""
         errors = self.allgather_object(error, group)
         failed = [(r, e) for r, e in zip(self._member(group).ranks, errors) if e is not None]
         if failed:
             rank, message = failed[0]
-            raise CommError(message if len(failed) == len(errors) else f"rank {rank}: {message}")
+            kind = AgreedError if self._member(group).size == self.size else CommError
+            raise kind(message if len(failed) == len(errors) else f"rank {rank}: {message}")
 
     def host_waits(self, tensor: torch.Tensor) -> bool:
         """Whether a finished collective on ``tensor`` has made the host wait for it, so that reading the

@@ -8,6 +8,7 @@ from typing import Dict, Optional
 import torch
 
 from hpc.comm.base import CommError, Communicator, Group, Handle
+from hpc.comm.watchdog import DEFAULT_STALL_TIMEOUT_S
 
 
 def _row_major(tensor: torch.Tensor) -> torch.Tensor:
@@ -32,9 +33,11 @@ class HorovodCommunicator(Communicator):
 
     engine = "horovod"
 
-    def __init__(self, timeout_s: float, device: torch.device = torch.device("cpu")):
-        # A collective that some rank never joins: Horovod shuts down after this stall.
-        os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(min(60, int(timeout_s))))
+    def __init__(self, timeout_s: float, device: torch.device = torch.device("cpu"),
+                 stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S):
+        # A collective that some rank never joins: Horovod warns naming the ranks that did not submit it,
+        # after the watchdog has ended the run if one of them is stopped, and shuts down after this stall.
+        os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(int(min(timeout_s, 2 * stall_timeout_s))))
         os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(timeout_s)))
         try:
             import horovod.torch as hvd

@@ -179,8 +179,8 @@ class ShardDataset(torch.utils.data.Dataset):
         if zlib.crc32(stored) != int(self._crc32[index]):
             raise CorruptRecordError(
                 f"Checksum mismatch: {self._record_name(index)} is corrupt; run the same 'megdet pack' command "
-                f"again (it repacks shards that fail their checksum), or read with skip_corrupt=True to leave "
-                f"such records out")
+                f"again (it repacks shards that fail their checksum), or leave such records out (megdet train "
+                f"data.skip_corrupt=true; ShardDataset(skip_corrupt=True))")
         return stored
 
     def _record_name(self, index: int) -> str:

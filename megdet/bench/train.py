@@ -167,6 +167,14 @@ def _measure(args, comm: comm_mod.Communicator) -> Optional[Dict]:
             "scaling_efficiency": 1.0 if comm.size == 1 else None, "engine": comm_mod.describe()}
 
 
+def _on_device(item, device: torch.device):
+    """A loader item's (images, targets) on ``device``; its data error raised (a corrupt record)."""
+    batch, _, _, error = item
+    if error is not None:
+        raise UserError(error)
+    return to_device(*batch[:2], device)
+
+
 def _time_steps(trainer: Trainer, warmup: int, steps: int) -> List[Dict[str, float]]:
     """Run ``warmup + steps`` steps of ``Trainer.step``; each timed step's seconds per phase."""
     batches = iter(trainer.loader())
@@ -180,7 +188,7 @@ def _time_steps(trainer: Trainer, warmup: int, steps: int) -> List[Dict[str, flo
                 torch.cuda.synchronize(device)
             marks[phase] = time.perf_counter()
 
-        micro_batches = [to_device(*next(batches)[0][:2], device) for _ in range(trainer.passes)]
+        micro_batches = [_on_device(next(batches), device) for _ in range(trainer.passes)]
         mark("data")
         trainer.step(iteration, micro_batches, mark=mark)
         if iteration >= warmup:

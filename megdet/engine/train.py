@@ -16,11 +16,16 @@ checkpoints ``model_<iteration>.pt``, and at the end ``bbox_results.json``, ``me
 Each rank computes on its own GPU (``train.device``: cuda:<local rank>, or the CPU) under the autocast
 of ``train.amp``; rank 0 first prints a banner of what runs (engines, device, AMP, kernels, BN groups).
 
-``--resume`` continues from the latest checkpoint of the run folder (or the file given) exactly:
-model, optimizer moments (PMD-LAMB's cycle position), iteration (schedule and sampler position) and
-every rank's random state. SIGTERM or SIGUSR1 (Slurm's ``--signal=B:USR1@120``, which the job scripts in
-``jobs/`` forward to the launcher) make every rank stop at the same iteration, checkpoint, and exit with
-status 75 (``EXIT_PREEMPTED``) so a job script requeues. ``mpirun`` and ``srun`` pass that status on;
+``--resume`` continues from the newest checkpoint of the run folder that loads (a truncated or corrupt
+one is skipped with a warning naming it), or the file given, exactly: model, optimizer moments
+(PMD-LAMB's cycle position), iteration (schedule and sampler position) and every rank's random state.
+``train.keep_checkpoints: N`` keeps the newest N. A data error on one rank (a corrupt record: with
+``data.skip_corrupt: true`` it is left out and counted instead) and a checkpoint that rank 0 cannot
+write stop every rank with the one line; a rank that dies or stops ends the run (``hpc.comm.watchdog``).
+
+SIGTERM or SIGUSR1 (Slurm's ``--signal=B:USR1@120``, which the job scripts in ``jobs/`` forward to the
+launcher) make every rank stop at the same iteration, checkpoint, and exit with status 75
+(``EXIT_PREEMPTED``) so a job script requeues. ``mpirun`` and ``srun`` pass that status on;
 ``horovodrun`` exits 1 and prints each rank's status.
 """
 from __future__ import annotations
@@ -66,7 +71,12 @@ class _TrainingBatches(torch.utils.data.Dataset):
     """Decodes and transforms one rank's batch, keyed by (iteration, dataset indices).
 
     The random draws of the transform (size, flip) come from (seed, iteration, rank, position), not from a
-    process-wide generator, so a batch is the same whichever worker makes it and after a resume.
+    process-wide generator, so a batch is the same whichever worker makes it and after a resume; a record
+    left out as corrupt (``data.skip_corrupt``) changes no other image's draws.
+
+    An item is (batch, boxes dropped as degenerate, records left out as corrupt, error): a data error
+    (a corrupt record, an unreadable shard) is its one-line message, with no batch, for the training loop
+    to tell every rank (raised in a DataLoader worker, it would come back as torch's multi-line traceback).
     """
 
     def __init__(self, dataset: ShardDataset, transform, *, seed: int, rank: int):
@@ -74,9 +84,20 @@ class _TrainingBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, key: Tuple[int, List[int]]):
         iteration, indices = key
-        samples = [self.transform(self.dataset[index], np.random.default_rng((self.seed, iteration, self.rank, position)))
-                   for position, index in enumerate(indices)]
-        return collate(samples), sum(sample.num_degenerate for sample in samples)
+        samples = []
+        try:
+            for position, index in enumerate(indices):
+                record = self.dataset[index]
+                if record is not None:
+                    samples.append(self.transform(record, np.random.default_rng((self.seed, iteration, self.rank,
+                                                                                 position))))
+            if not samples:
+                raise UserError(f"all {len(indices)} images of rank {self.rank}'s batch at iteration {iteration} are "
+                                "corrupt (left out by data.skip_corrupt=true): run the same 'megdet pack' command "
+                                "again to repack the shards that fail their checksum")
+        except UserError as error:
+            return None, 0, 0, str(error)
+        return collate(samples), sum(sample.num_degenerate for sample in samples), len(indices) - len(samples), None
 
 
 def _batch_keys(sampler: DistributedShardSampler, start: int, stop: int) -> Iterator[Tuple[int, List[int]]]:
@@ -128,21 +149,24 @@ def to_device(images: List[torch.Tensor], targets: List[Dict[str, torch.Tensor]]
 @dataclass
 class MetricsWindow:
     """What happened since the last metrics line: images, wall and data-wait seconds, boxes dropped as
-    degenerate, steps, and each loss summed over the steps (on the device: no host sync per step)."""
+    degenerate, records left out as corrupt (this rank's), steps, and each loss summed over the steps (on
+    the device: no host sync per step)."""
 
     images: int = 0
     seconds: float = 0.0
     data_seconds: float = 0.0
     degenerate: int = 0
+    corrupt: int = 0
     steps: int = 0
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add(self, losses: Dict[str, torch.Tensor], images: int, seconds: float, data_seconds: float,
-            degenerate: int) -> None:
+            degenerate: int, corrupt: int) -> None:
         self.images += images
         self.seconds += seconds
         self.data_seconds += data_seconds
         self.degenerate += degenerate
+        self.corrupt += corrupt
         self.steps += 1
         for name, value in losses.items():
             self.losses[name] = self.losses[name] + value.detach() if name in self.losses else value.detach()
@@ -162,12 +186,13 @@ class Trainer:
         try:
             cfg.check_world(comm.size, comm.local_size)
             masks = cfg.model.with_masks
-            self.train_set = ShardDataset(cfg.data.train, with_segmentation=masks)
+            self.train_set = ShardDataset(cfg.data.train, with_segmentation=masks, skip_corrupt=cfg.data.skip_corrupt)
             self.val_set = ShardDataset(cfg.data.val, with_segmentation=masks) if cfg.data.val else None
             if masks:
                 check_segmentations(self.train_set, cfg.data.train)
             self.transform = build_transform(cfg, categories=self.train_set.categories, train=True)
-            self.resume_path = self._resume_path(resume)
+            if resume is None:
+                self._check_fresh_start()
             if cfg.model.backbone_weights is not None:
                 resolve_weights(cfg.model.backbone_weights)  # a cache that differs between nodes stops every rank
             if cfg.train.tensorboard:
@@ -192,8 +217,8 @@ class Trainer:
                                               loss_scaler=LossScaler() if runtime.loss_scaling else None)
         self.schedule = build_schedule(cfg)
         self.start_iter = 0
-        if self.resume_path is not None:
-            self._load(self.resume_path)
+        if resume is not None:
+            self._resume(resume)
         self.sampler = DistributedShardSampler(self.train_set.aspect_groups, batch_size=cfg.data.images_per_rank,
                                                rank=comm.rank, world_size=comm.size, seed=cfg.train.seed)
         self.metrics = MetricsLogger(self.out / METRICS_FILE, enabled=comm.rank == 0, resume_from=self.start_iter,
@@ -204,29 +229,32 @@ class Trainer:
                 print(f"megdet train: TensorBoard events in {self.out}: tensorboard --logdir {self.out.parent}",
                       flush=True)
 
-    def _resume_path(self, resume: Optional[str]) -> Optional[Path]:
-        if resume is None:
-            existing = checkpoint.latest(self.out)
-            if existing is not None:
-                raise UserError(f"{self.out} already holds checkpoints (latest {existing.name}): pass --resume to "
-                                "continue that run, or set train.output_dir to a new folder")
-            return None
-        if resume == "auto":
-            return checkpoint.latest(self.out)
-        return Path(resume)
+    def _check_fresh_start(self) -> None:
+        existing = checkpoint.latest(self.out)
+        if existing is not None:
+            raise UserError(f"{self.out} already holds checkpoints (latest {existing.name}): pass --resume to "
+                            "continue that run, or set train.output_dir to a new folder")
 
-    def _load(self, path: Path) -> None:
-        error = None
-        try:
-            state = checkpoint.load(path, required_keys=("model", "optimizer", "iteration", "model_name"))
-            if (state["model_name"], state["num_classes"]) != (self.cfg.model.name, self.cfg.model.num_classes):
-                raise checkpoint.CheckpointError(
-                    f"checkpoint {path} holds a {state['model_name']} with {state['num_classes']} classes, but "
-                    f"{self.cfg.name} builds a {self.cfg.model.name} with {self.cfg.model.num_classes}: resume with "
-                    "the config that wrote it, or start a new output_dir")
-        except UserError as failure:
-            error = str(failure)
+    def _resume(self, resume: str) -> None:
+        """Continue from the checkpoint ``--resume`` names, or ("auto") from the run folder's newest one
+        that loads: rank 0 chooses, skipping truncated or corrupt ones with a warning naming each, and
+        tells the others; none there starts afresh. A checkpoint of another model stops every rank."""
+        error, path, state = None, None, None
+        if self.comm.rank == 0:
+            try:
+                path, state = self._load_checked(resume)
+            except UserError as failure:
+                error = str(failure)
         self.comm.agree(error)
+        path = self.comm.broadcast_object(path)
+        if path is None:
+            return
+        if self.comm.rank != 0:
+            try:
+                _, state = self._load_checked(str(path))
+            except UserError as failure:
+                error = str(failure)
+        self.comm.agree(error)  # a file that a rank on another node cannot read
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_iter = int(state["iteration"])
@@ -238,15 +266,42 @@ class Trainer:
         if self.comm.rank == 0:
             print(f"megdet train: resumed from {path} at iteration {self.start_iter}", flush=True)
 
+    def _load_checked(self, resume: str) -> Tuple[Optional[Path], Optional[dict]]:
+        """(path, state) of the checkpoint ``resume`` names ("auto": the newest that loads, or (None, None)),
+        CheckpointError unless it holds this config's model."""
+        required = ("model", "optimizer", "iteration", "model_name")
+        if resume == "auto":
+            path, state, _ = checkpoint.latest_loadable(self.out, required_keys=required, warn=_warn)
+            if path is None:
+                return None, None
+        else:
+            path, state = Path(resume), checkpoint.load(resume, required_keys=required)
+        if (state["model_name"], state["num_classes"]) != (self.cfg.model.name, self.cfg.model.num_classes):
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} holds a {state['model_name']} with {state['num_classes']} classes, but "
+                f"{self.cfg.name} builds a {self.cfg.model.name} with {self.cfg.model.num_classes}: resume with "
+                "the config that wrote it, or start a new output_dir")
+        return path, state
+
     def save(self, iteration: int) -> Optional[Path]:
-        """Checkpoint the state after ``iteration`` steps (collective: gathers every rank's random state)."""
+        """Checkpoint the state after ``iteration`` steps, then keep the newest ``train.keep_checkpoints``.
+        Collective: gathers every rank's random state, and every rank raises if rank 0 could not write it
+        (a full disk), the previous checkpoint intact."""
         rng = checkpoint.gather_rng_states(self.comm)
-        if self.comm.rank != 0:
-            return None
-        return checkpoint.save(checkpoint.checkpoint_path(self.out, iteration), {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "iteration": iteration,
-            "model_name": self.cfg.model.name, "num_classes": self.cfg.model.num_classes,
-            "config": self.cfg.to_dict(), "rng": rng, "world_size": self.comm.size})
+        path, error = None, None
+        if self.comm.rank == 0:
+            try:
+                path = checkpoint.save(checkpoint.checkpoint_path(self.out, iteration), {
+                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "iteration": iteration, "model_name": self.cfg.model.name,
+                    "num_classes": self.cfg.model.num_classes, "config": self.cfg.to_dict(), "rng": rng,
+                    "world_size": self.comm.size})
+                if self.cfg.train.keep_checkpoints:
+                    checkpoint.prune(self.out, self.cfg.train.keep_checkpoints)
+            except UserError as failure:
+                error = str(failure)
+        self.comm.agree(error)
+        return path
 
     def loader(self) -> torch.utils.data.DataLoader:
         """This rank's micro-batches of iterations start_iter..max_iter-1 (``backward_passes_per_step`` per
@@ -293,23 +348,35 @@ class Trainer:
 
     def train(self) -> int:
         """Run to ``solver.max_iter`` (or the target AP); returns the process exit status."""
+        progress = tqdm(total=self.cfg.solver.max_iter, initial=self.start_iter, disable=self.comm.rank != 0,
+                        desc=self.cfg.name, unit="it", dynamic_ncols=True, mininterval=2.0)
+        try:
+            return self._train(progress)
+        except BaseException:
+            progress.close()  # its line ends before the error's
+            raise
+
+    def _train(self, progress: tqdm) -> int:
         cfg, comm = self.cfg, self.comm
         window = MetricsWindow()
-        progress = tqdm(total=cfg.solver.max_iter, initial=self.start_iter, disable=comm.rank != 0,
-                        desc=cfg.name, unit="it", dynamic_ncols=True, mininterval=2.0)
         tick = time.perf_counter()
-        micro_batches, degenerate = [], 0
-        for index, ((images, targets, _, _), dropped) in enumerate(self.loader(), start=self.start_iter * self.passes):
-            micro_batches.append(to_device(images, targets, self.device))
+        micro_batches, degenerate, corrupt, data_error = [], 0, 0, None
+        for index, (batch, dropped, skipped, error) in enumerate(self.loader(), start=self.start_iter * self.passes):
+            if error is None:
+                images, targets, _, _ = batch
+                micro_batches.append(to_device(images, targets, self.device))
+            data_error = data_error or error
             degenerate += dropped
-            if len(micro_batches) < self.passes:
+            corrupt += skipped
+            if (index + 1) % self.passes:
                 continue
             iteration = index // self.passes
+            self._agree_on_data(data_error)
             data_done = time.perf_counter()
             losses = self.step(iteration, micro_batches)
             now = time.perf_counter()
-            window.add(losses, cfg.solver.batch_size, now - tick, data_done - tick, degenerate)
-            micro_batches, degenerate = [], 0
+            window.add(losses, cfg.solver.batch_size, now - tick, data_done - tick, degenerate, corrupt)
+            micro_batches, degenerate, corrupt, data_error = [], 0, 0, None
             tick = now
             done = iteration + 1
             progress.update(1)
@@ -340,24 +407,34 @@ class Trainer:
         progress.close()
         return self._finish(cfg.solver.max_iter)
 
+    def _agree_on_data(self, error: Optional[str]) -> None:
+        """Raise ``error`` (this rank's data error for the coming step, or None) on every rank if any rank
+        has one, before the forward pass's collectives, which a rank without its batch would never join:
+        a one-element allreduce per step, and the messages (``agree``) only after a failure."""
+        failed = torch.tensor([0.0 if error is None else 1.0])
+        if self.comm.allreduce(failed, op="sum", name="data_failed").item() > 0:
+            self.comm.agree(error)
+
     def _log(self, iteration: int, lr: float, window: MetricsWindow) -> Tuple[Dict[str, float], bool]:
         """Average the window's losses over its steps and the ranks and write a metrics line; returns what
-        was logged and whether any rank has received a stop signal. One allreduce carries both, so stop
-        signals cost no collective of their own: every rank learns of one at the same metrics line
-        (``train.log_period`` iterations, well inside Slurm's 120 s warning)."""
+        was logged and whether any rank has received a stop signal. One allreduce carries both, and the
+        records that the ranks left out as corrupt, so stop signals cost no collective of their own: every
+        rank learns of one at the same metrics line (``train.log_period`` iterations, well inside Slurm's
+        120 s warning)."""
         names = sorted(window.losses)
         sums = torch.stack([window.losses[n].float() for n in names])
-        stop_flag = torch.tensor([float(self.stop.received is not None)], device=sums.device)
-        averaged = self.comm.allreduce(torch.cat([sums / window.steps, stop_flag]), op="average",
+        flags = torch.tensor([float(self.stop.received is not None), float(window.corrupt)], device=sums.device)
+        averaged = self.comm.allreduce(torch.cat([sums / window.steps, flags]), op="average",
                                        name="train_log").tolist()
-        scalars = dict(zip(names, averaged[:-1]))
+        scalars = dict(zip(names, averaged[:-2]))
         seconds = max(window.seconds, 1e-9)
         scalars.update(lr=lr, images_per_s=window.images / seconds, data_fraction=window.data_seconds / seconds,
-                       skipped_steps=self.optimizer.skipped_steps, dropped_boxes=window.degenerate)
+                       skipped_steps=self.optimizer.skipped_steps, dropped_boxes=window.degenerate,
+                       corrupt_records=round(averaged[-1] * self.comm.size))
         if self.optimizer.loss_scaler is not None:
             scalars.update(loss_scale=self.optimizer.loss_scaler.scale, overflow_steps=self.optimizer.overflow_steps)
         self.metrics.log(iteration, **scalars)
-        return scalars, averaged[-1] > 0
+        return scalars, averaged[-2] > 0
 
     def evaluate(self, iteration: int) -> Dict[str, float]:
         """Box AP on the validation shards (every rank infers its share), logged; returns the metrics."""
@@ -386,6 +463,10 @@ class Trainer:
         self.metrics.close()
         self.stop.restore()
         return 0
+
+
+def _warn(line: str) -> None:
+    print(f"megdet train: warning: {line}", file=sys.stderr, flush=True)
 
 
 def run(cfg: config_mod.Config, resume: Optional[str] = None) -> int:
