@@ -151,7 +151,6 @@ class _Link:
         self.sock, self.rank = sock, rank
         self.last_heard = time.monotonic()
         self.pending = b""
-        self.said_goodbye = False
 
 
 class _WatchdogProcess:
@@ -210,7 +209,7 @@ class _WatchdogProcess:
                 next_beat = now + self.interval_s
             self.check_main(now)
             for link in list(self.links.values()):
-                if not link.said_goodbye and now - link.last_heard > self.stall_timeout_s:
+                if now - link.last_heard > self.stall_timeout_s:
                     self.conclude(f"no heartbeat from {self.who(link.rank)}'s node for {now - link.last_heard:.0f} s "
                                   f"(MEGDET_STALL_TIMEOUT={self.stall_timeout_s:g}): the node is frozen or cut off; "
                                   "ending the run: check that node, then restart the job (training resumes from "
@@ -229,7 +228,7 @@ class _WatchdogProcess:
             line, self.stdin_pending = self.stdin_pending.split("\n", 1)
             if line == "bye":
                 self.send_all(b"bye\n")
-                sys.exit(0)
+                self.leave()
             self.start(json.loads(line))
 
     def start(self, table: list) -> None:
@@ -292,12 +291,10 @@ class _WatchdogProcess:
             link.sock.close()
             if link.rank < 0:
                 self.unnamed.remove(link)  # a stray connection, not a rank's
-            elif not link.said_goodbye:
+            else:
                 self.conclude(f"{self.who(link.rank)}'s node stopped answering: its watchdog's connection closed "
                               "(the node went down, or the watchdog was killed); ending the run: check that node, "
                               "then restart the job (training resumes from its last checkpoint)")
-            else:
-                del self.links[link.rank]
             return
         link.last_heard = time.monotonic()
         link.pending += data
@@ -311,8 +308,10 @@ class _WatchdogProcess:
             self.unnamed.remove(link)
             link.rank = int(rest)
             self.links[link.rank] = link
-        elif word == "bye":
-            link.said_goodbye = True
+        elif word == "bye":  # the last line on this link: closing it lets the peer's watchdog leave at once
+            self.selector.unregister(link.sock)
+            link.sock.close()
+            del self.links[link.rank]
             self.tell_main(f"gone {link.rank} {self.who(link.rank)}")
             if self.rank == 0:
                 self.send_all(f"gone {link.rank}\n".encode())
@@ -323,7 +322,7 @@ class _WatchdogProcess:
 
     def send_all(self, data: bytes, skip: int = -1) -> None:
         for rank, link in self.links.items():
-            if rank != skip and not link.said_goodbye:
+            if rank != skip:
                 try:
                     link.sock.send(data)
                 except OSError:  # a full buffer (a stopped node) or a closed connection: reading tells which
@@ -342,6 +341,30 @@ class _WatchdogProcess:
             if os.getppid() == self.main_pid:
                 print(f"{self.line_prefix}{message}", file=sys.stderr, flush=True)
                 os.kill(self.main_pid, signal.SIGKILL)
+        self.leave()
+
+    def leave(self, timeout_s: float = 2.0) -> None:
+        """Exit once every peer has read this watchdog's last lines: each connection is half-closed, then
+        read until the peer closes it (or ``timeout_s``). Closing it at once, with beats unread, would
+        reset it, and the peer could lose a "fail" or "bye" it had not read yet."""
+        sockets = [link.sock for link in self.links.values()]
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        while sockets and time.monotonic() < deadline:
+            for sock in list(sockets):
+                try:
+                    if sock.recv(65536):
+                        continue
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    pass
+                sockets.remove(sock)
+            time.sleep(0.02)
         sys.exit(0)
 
 
