@@ -234,7 +234,7 @@ def test_raw_format_downscales_and_keeps_original_boxes(tmp_path):
 def test_boxes_outside_or_empty_are_clipped_or_dropped_and_counted(tmp_path):
     ann, images, coco = subset(tmp_path, "coco4", count=1)
     image = coco["images"][0]
-    width, height = image["width"], image["height"]
+    width = image["width"]
     template = coco["annotations"][0]
     odd = [[-10.0, 5.0, 50.0, 40.0],            # clipped at the left: x 0..40
            [width - 20.0, 10.0, 60.0, 30.0],    # clipped at the right
