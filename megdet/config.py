@@ -40,6 +40,9 @@ TABLE_ROWS = {name: (path, row) for path in sorted(TABLE_DIR.glob("*.yaml"))
 PRESETS = tuple(sorted([path.stem for path in CONFIG_DIR.glob("*.yaml")] + list(TABLE_ROWS)))
 
 OPTIMIZERS = ("sgd", "pmd_lamb", "lamb", "lars")
+# hpc.optim.PMDLAMB's kernels: one multi-tensor op per line of Algorithm 1 (any device), or torch.compile'd
+# per tensor (CPU only, needs a C++ compiler; 1.0-1.1x SGD's step here against 1.6-2.2x, docs/benchmarks.md).
+PMD_KERNELS = ("multi_tensor", "compiled")
 # solver.layer_adaptation: which param groups (hpc.optim.param_groups) take LAMB's ratio ||x|| / ||u||.
 LAYER_ADAPTATION = {"all": ("weights", "norm", "bias"), "weights": ("weights",)}
 
@@ -127,6 +130,7 @@ class SolverConfig:
     # LAMB of LargeDet (alpha, no bias correction). Loaded as int, or math.inf.
     pmd_cycle: float = 200
     layer_adaptation: str = "all"         # lamb, pmd_lamb: "all" tensors (Algorithm 1) or "weights" only
+    pmd_kernel: str = "multi_tensor"      # pmd_lamb: one of PMD_KERNELS
 
     @property
     def decay_factors(self) -> List[float]:
@@ -437,6 +441,10 @@ def _validate(config: Config) -> None:
     _choice("train.amp", train.amp, AMP_MODES)
     _choice("train.device", train.device, DEVICE_KINDS)
     _choice("train.grad_compression", train.grad_compression, COMPRESSIONS)
+    _choice("solver.pmd_kernel", solver.pmd_kernel, PMD_KERNELS)
+    if solver.pmd_kernel != "multi_tensor" and solver.optimizer != "pmd_lamb":
+        raise UserError(f"solver.pmd_kernel={solver.pmd_kernel!r} applies to pmd_lamb, not {solver.optimizer}: "
+                        "drop it or set solver.pmd_kernel=multi_tensor")
     if solver.layer_adaptation != "all" and solver.optimizer not in ("lamb", "pmd_lamb"):
         raise UserError(f"solver.layer_adaptation={solver.layer_adaptation!r} applies to lamb and pmd_lamb, not "
                         f"{solver.optimizer}: drop it or set solver.layer_adaptation=all")

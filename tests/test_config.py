@@ -273,6 +273,8 @@ def test_yaml_files_and_their_errors(tmp_path):
     ("solver.policy=long", r"decays the LR 3 times but solver.steps=\[3688, 4609\] has 2"),
     ("solver.layer_adaptation=bias", r"solver.layer_adaptation='bias' is not one of all, weights"),
     ("solver.layer_adaptation=weights", r"applies to lamb and pmd_lamb, not sgd: drop it"),
+    ("solver.pmd_kernel=fused", r"solver.pmd_kernel='fused' is not one of multi_tensor, compiled"),
+    ("solver.pmd_kernel=compiled", r"solver.pmd_kernel='compiled' applies to pmd_lamb, not sgd: drop it"),
     ("model.anchor_sizes=[16, 32]", r"model.anchor_sizes=\[16, 32\] needs 5 positive sizes"),
     ("model.roi_batch_size_per_image=0", r"model.roi_batch_size_per_image=0 must be positive"),
     ("model.rpn_post_nms_topk=[100]", r"model.rpn_post_nms_topk=\[100\] needs 2 positive counts: \[train, test\]"),
@@ -408,6 +410,9 @@ def test_solver_and_model_options_reach_the_optimizer_and_the_detector():
     assert adapted == {"weights": True, "norm": False, "bias": False}
     cfg.solver.layer_adaptation = "all"
     assert all(group["layer_adaptation"] for group in build_optimizer(cfg, model).param_groups)
+    assert not build_optimizer(cfg, model).compiled
+    cfg.solver.pmd_kernel = "compiled"
+    assert build_optimizer(cfg, model).compiled
     settings = model_settings(cfg)
     assert settings == {"anchor_sizes": (8, 16, 32, 64, 128), "roi_batch_size_per_image": 64,
                         "roi_positive_fraction": 0.5, "fpn_channels": 32, "box_head_dim": 128,

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from hpc.errors import UserError
 from hpc.optim import LAMB, LARS, PMDLAMB, param_groups
 from hpc.optim.lamb import CPU_BLOCK_NUMEL, announce_kernel, cache_blocks
-from hpc.optim.pmd_lamb import COMPILED_MIN_NUMEL, compiled_tensor_step, moments_decay
+from hpc.optim.pmd_lamb import COMPILED_MIN_NUMEL, check_compiled_kernel, compiled_tensor_step, moments_decay
 from megdet.bench.optim import NaivePMDLAMB, resnet50_shapes
 
 STEPS = 450  # crosses the cycle boundaries at t = 200 and t = 400 of T = 200
@@ -186,6 +187,18 @@ def test_compiled_kernel_is_said_kept_and_refused_off_cpu():
     param.grad = torch.ones(2, device="meta")
     with pytest.raises(ValueError, match="Invalid compiled: True for meta tensors .*use compiled=False"):
         PMDLAMB([param], compiled=True).step()
+
+
+def test_compiled_kernel_checks_name_the_device_and_the_compiler(monkeypatch, tmp_path):
+    """What megdet train checks before it builds a compiled PMD-LAMB: a CPU device, and a C++ compiler
+    for Inductor (here $CXX names one that does not exist)."""
+    check_compiled_kernel(torch.device("cpu"))
+    with pytest.raises(UserError, match=r"^key=1 runs on CPU only and this rank trains on meta: set key=0 "):
+        check_compiled_kernel(torch.device("meta"), key="key=1", fix="key=0")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    with pytest.raises(UserError, match=r"compiled=True needs a C\+\+ compiler for torch.compile, and /.*/no-such-g\+\+ is not on PATH: "
+                                        r"install one \(apt-get install g\+\+\), or set compiled=False$"):
+        check_compiled_kernel(torch.device("cpu"))
 
 
 def test_moments_decay_changes_the_trajectory():

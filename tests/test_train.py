@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from hpc import checkpoint
+from hpc.optim.lamb import CPU_BLOCK_NUMEL
 from tests.multirank import REPO, _base_env, launch_command, skip_unless_launcher
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
@@ -61,8 +62,9 @@ def test_a_run_trains_checkpoints_evaluates_and_plots(straight_run):
     assert "finished 40 iterations on 2 ranks" in done.stdout
     banner = done.stdout[done.stdout.index("megdet train: world of 2 ranks on 1 node(s) (2 per node), launcher horovodrun"):]
     for line in ("  engines: gradients horovod", "  devices: CPU", "  amp: bf16 autocast; channels-last activations",
-                 "  ops: pure-PyTorch nms/roi_align", "  batch norm: cross-GPU BN over groups of 2 ranks (4 images), "
-                 "inside a node", "  horovod built with: mpi, gloo", "  data: 0 loader worker(s) per rank"):
+                 "  ops: pure-PyTorch nms/roi_align",
+                 f"  optimizer: PMDLAMB: multi-tensor kernel, cache blocks of {CPU_BLOCK_NUMEL:,} elements",
+                 "  batch norm: cross-GPU BN over groups of 2 ranks (4 images), inside a node", "  horovod built with: mpi, gloo", "  data: 0 loader worker(s) per rank"):
         assert line in banner[:1000], (line, banner[:1000])
     assert done.stdout.count("megdet train: world of") == 1, "rank 0 alone says what runs, once"
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in done.stdout

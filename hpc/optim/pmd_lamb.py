@@ -18,11 +18,14 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
+import shutil
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from hpc.errors import UserError
 from hpc.optim.lamb import (GroupwiseOptimizer, check_adam_hyperparameters, check_hyperparameter, gather_moments,
                             layerwise_step)
 
@@ -94,6 +97,19 @@ def pmd_lamb_tensor_step(x: Tensor, g: Tensor, m: Tensor, v: Tensor, xi_beta1: T
     x_squared, u_squared = (x * x).sum(), (u * u).sum()
     phi = torch.where((x_squared > 0) & (u_squared > 0), torch.sqrt(x_squared / u_squared), 1.0)
     x.sub_(step_size * phi * u)
+
+
+def check_compiled_kernel(device: torch.device, key: str = "compiled=True", fix: str = "compiled=False") -> None:
+    """Raise a one-line UserError when the compiled kernel cannot run on ``device``: it is written for
+    CPU tensors, and Inductor builds it with the C++ compiler ``$CXX`` (else g++, clang++ or c++).
+    ``key``, ``fix``: how the caller's user chose the kernel, and how to choose the multi-tensor one."""
+    if device.type != "cpu":
+        raise UserError(f"{key} runs on CPU only and this rank trains on {device}: set {fix} (the multi-tensor "
+                        f"kernel, one launch per op over all tensors on {device.type})")
+    compilers = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
+    if not any(shutil.which(compiler) for compiler in compilers):
+        raise UserError(f"{key} needs a C++ compiler for torch.compile, and {' / '.join(compilers)} is not on "
+                        f"PATH: install one (apt-get install g++), or set {fix}")
 
 
 @functools.lru_cache(maxsize=None)

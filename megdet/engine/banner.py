@@ -6,6 +6,7 @@ launcher, the devices, mixed precision, the kernels, the BN groups and Horovod's
       devices: 8x NVIDIA H200 per node (139.8 GiB, compute 9.0), one per rank
       amp: bf16 autocast; channels-last activations
       ops: torchvision 0.26.0 compiled nms/roi_align
+      optimizer: PMDLAMB: multi-tensor kernel, whole list per op
       batch norm: cross-GPU BN over groups of 8 ranks (16 images), inside a node
       horovod built with: mpi, gloo, nccl
       data: 11 loader workers per rank
@@ -15,6 +16,8 @@ from __future__ import annotations
 import socket
 from collections import Counter
 from typing import Optional
+
+import torch
 
 from hpc import amp, launch
 from hpc import comm as comm_mod
@@ -36,9 +39,19 @@ def describe_norm(cfg: config_mod.Config, world_size: int, local_size: int) -> s
     return f"cross-GPU BN over groups of {ranks} ranks ({ranks * cfg.data.images_per_rank} images), {where}"
 
 
+def describe_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> str:
+    """The optimizer and the kernel its step runs on ``device``, in words."""
+    if hasattr(optimizer, "kernel"):
+        kernel = optimizer.kernel(device)
+    else:  # torch.optim's default: multi-tensor (foreach) ops on CUDA, a loop over tensors on CPU
+        kernel = "torch.optim, " + ("foreach" if device.type == "cuda" else "per-tensor loop")
+    return f"{type(optimizer).__name__}: {kernel}"
+
+
 def run_banner(cfg: config_mod.Config, comm: comm_mod.Communicator, runtime: Runtime, *,
-               workers: Optional[int] = None, command: str = "train") -> Optional[str]:
-    """The banner's lines on rank 0 (None elsewhere). Collective: gathers each rank's host and device."""
+               workers: Optional[int] = None, optimizer: Optional[str] = None, command: str = "train") -> Optional[str]:
+    """The banner's lines on rank 0 (None elsewhere). Collective: gathers each rank's host and device.
+    ``optimizer``: ``describe_optimizer``'s words, for training."""
     views = comm.gather_object((socket.gethostname(), device_mod.describe(runtime.device)), root=0)
     if comm.rank != 0:
         return None
@@ -61,6 +74,7 @@ def run_banner(cfg: config_mod.Config, comm: comm_mod.Communicator, runtime: Run
              f"  devices: {devices}",
              f"  amp: {amp.describe(runtime.amp)}" + ("; channels-last activations" if cfg.train.channels_last else ""),
              f"  ops: {ops.describe_backend(runtime.device.type)}",
+             *([f"  optimizer: {optimizer}"] if optimizer else []),
              "  batch norm: " + (describe_norm(cfg, comm.size, comm.local_size) if command == "train"
                                  else "eval mode: running statistics, no communication"),
              f"  horovod built with: {', '.join(k for k, v in features.items() if v) or 'not installed'}"]

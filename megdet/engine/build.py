@@ -118,7 +118,7 @@ def build_optimizer(cfg: config_mod.Config, model: torch.nn.Module) -> torch.opt
         return torch.optim.SGD(groups, lr=solver.lr, momentum=solver.momentum)
     if solver.optimizer == "pmd_lamb":
         return PMDLAMB(groups, lr=solver.lr, alpha=solver.pmd_alpha, T=solver.pmd_cycle, betas=tuple(solver.betas),
-                       weight_decay=solver.weight_decay, eps=solver.eps)
+                       weight_decay=solver.weight_decay, eps=solver.eps, compiled=solver.pmd_kernel == "compiled")
     if solver.optimizer == "lamb":
         return LAMB(groups, lr=solver.lr, betas=tuple(solver.betas), weight_decay=solver.weight_decay, eps=solver.eps)
     return LARS(groups, lr=solver.lr, momentum=solver.momentum, weight_decay=solver.weight_decay)

@@ -46,6 +46,7 @@ from hpc.amp import LossScaler
 from hpc.distributed import DistributedOptimizer
 from hpc.errors import UserError
 from hpc.files import write_atomic
+from hpc.optim.pmd_lamb import check_compiled_kernel
 from hpc.shards import DistributedShardSampler, ShardDataset
 from megdet import config as config_mod
 from megdet.data.segmentation import has_segmentations
@@ -53,7 +54,7 @@ from megdet.data.transforms import build_transform, collate
 from megdet.engine import evaluate as evaluate_mod
 from megdet.engine import show
 from megdet.engine.evaluate import MASK_PREFIX
-from megdet.engine.banner import run_banner
+from megdet.engine.banner import describe_optimizer, run_banner
 from megdet.engine.build import (Runtime, build_model, build_optimizer, build_runtime, build_schedule, init_rank,
                                  loader_workers, run_dir)
 from megdet.weights import resolve as resolve_weights
@@ -197,6 +198,9 @@ class Trainer:
                 resolve_weights(cfg.model.backbone_weights)  # a cache that differs between nodes stops every rank
             if cfg.train.tensorboard:
                 summary_writer_class()
+            if cfg.solver.pmd_kernel == "compiled":
+                check_compiled_kernel(self.device, key="solver.pmd_kernel=compiled",
+                                      fix="solver.pmd_kernel=multi_tensor")
         except UserError as failure:
             error = str(failure)
         comm.agree(error)  # a missing shard on one node stops every rank, not only that one
@@ -206,11 +210,13 @@ class Trainer:
         self.model.train()
         torch.manual_seed(cfg.train.seed + comm.rank)  # the detector's sampling differs between ranks
         self.workers = loader_workers(cfg, comm)
-        banner = run_banner(cfg, comm, runtime, workers=self.workers)
+        optimizer = build_optimizer(cfg, self.model)
+        banner = run_banner(cfg, comm, runtime, workers=self.workers,
+                            optimizer=describe_optimizer(optimizer, self.device))
         if comm.rank == 0:
             print(banner, flush=True)
         self.passes = cfg.solver.backward_passes_per_step
-        self.optimizer = DistributedOptimizer(build_optimizer(cfg, self.model), self.model,
+        self.optimizer = DistributedOptimizer(optimizer, self.model,
                                               batch_size=cfg.solver.batch_size, comm=comm,
                                               backward_passes_per_step=self.passes,
                                               compression=cfg.train.grad_compression,
