@@ -113,6 +113,21 @@ def train_command(shards, max_iter, val=True):
             'train.output_dir="$RUN_DIR" "${RESUME_ARGS[@]}"')
 
 
+def submit_training(slurm, tmp_path, shards, max_iter):
+    """Submit a CPU job that trains ``max_iter`` iterations without evaluation; return its id once the
+    first metrics line is written (the ranks are in the training loop)."""
+    job_id = slurm.submit(render_cpu_job(tmp_path, train_command(shards, max_iter, val=False)), cwd=tmp_path,
+                          env=job_env())
+    metrics = tmp_path / "runs" / "shapes_r18_cpu" / "metrics.jsonl"
+    deadline = time.monotonic() + JOB_WAIT_S
+    while not (metrics.exists() and metrics.read_text().strip()):
+        if time.monotonic() > deadline or slurm.job(job_id).state not in ("PENDING", "RUNNING", "CONFIGURING"):
+            pytest.fail(f"job {job_id} never started training: {slurm.job(job_id).state}\n"
+                        f"{output_of(tmp_path, job_id)}")
+        time.sleep(0.2)
+    return job_id
+
+
 def test_a_rendered_job_trains_on_two_ranks_under_sbatch(slurm, tmp_path, shapes_shards):  # noqa: F811
     job_id = slurm.submit(render_cpu_job(tmp_path, train_command(shapes_shards, 6)), cwd=tmp_path, env=job_env())
     info = slurm.wait(job_id, timeout=JOB_WAIT_S)
@@ -125,14 +140,7 @@ def test_a_rendered_job_trains_on_two_ranks_under_sbatch(slurm, tmp_path, shapes
 def test_usr1_checkpoints_the_training_and_the_requeued_job_finishes_it(slurm, tmp_path, shapes_shards):  # noqa: F811
     """The real cycle: training runs, USR1 before the time limit, every rank stops at one iteration and
     rank 0 checkpoints (exit 75), the script requeues the job, the second run resumes and finishes."""
-    job_id = slurm.submit(render_cpu_job(tmp_path, train_command(shapes_shards, 60, val=False)), cwd=tmp_path,
-                          env=job_env())
-    metrics = tmp_path / "runs" / "shapes_r18_cpu" / "metrics.jsonl"
-    deadline = time.monotonic() + JOB_WAIT_S
-    while not (metrics.exists() and metrics.read_text().strip()):
-        if time.monotonic() > deadline or slurm.job(job_id).state not in ("PENDING", "RUNNING", "CONFIGURING"):
-            pytest.fail(f"job {job_id} never started training: {slurm.job(job_id).state}\n{output_of(tmp_path, job_id)}")
-        time.sleep(0.5)
+    job_id = submit_training(slurm, tmp_path, shapes_shards, 60)
     slurm.command(["scancel", "--batch", "--signal=USR1", job_id])
     info = slurm.wait(job_id, timeout=3 * JOB_WAIT_S)
     out, err = output_of(tmp_path, job_id)
@@ -142,19 +150,10 @@ def test_usr1_checkpoints_the_training_and_the_requeued_job_finishes_it(slurm, t
     assert "megdet train: resumed from" in out and "megdet train: finished 60 iterations on 2 ranks" in out, out + err
 
 
-
 def test_a_rank_killed_inside_a_job_fails_the_job_at_once(slurm, tmp_path, shapes_shards):  # noqa: F811
     """SIGKILL of rank 1 of a training job (mpirun in the allocation): the job ends FAILED within seconds,
     its output naming the rank that died."""
-    job_id = slurm.submit(render_cpu_job(tmp_path, train_command(shapes_shards, 60, val=False)), cwd=tmp_path,
-                          env=job_env())
-    metrics = tmp_path / "runs" / "shapes_r18_cpu" / "metrics.jsonl"
-    deadline = time.monotonic() + JOB_WAIT_S
-    while not (metrics.exists() and metrics.read_text().strip()):
-        if time.monotonic() > deadline or slurm.job(job_id).state not in ("PENDING", "RUNNING", "CONFIGURING"):
-            pytest.fail(f"job {job_id} never started training: {slurm.job(job_id).state}\n"
-                        f"{output_of(tmp_path, job_id)}")
-        time.sleep(0.2)
+    job_id = submit_training(slurm, tmp_path, shapes_shards, 60)
     [rank1] = [p for p in psutil.process_iter() if _is_rank(p, tmp_path, 1)]
     killed = time.monotonic()
     os.kill(rank1.pid, signal.SIGKILL)
