@@ -81,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_CPUS_PER_RANK} where it leaves the loading workers to the launcher)")
     parser.add_argument("--command", dest="rank_command",
                         help="run this on every rank instead of 'megdet train PRESET ...' "
-                        "(e.g. 'megdet doctor'); \"${RESUME_ARGS[@]}\" expands to --resume CHECKPOINT")
+                        "(e.g. 'megdet doctor'); \"${RESUME_ARGS[@]}\" expands to --resume once the run folder holds a "
+                        "checkpoint (*.pt), else to nothing")
     parser.add_argument("-o", "--output", metavar="FILE", help="write the script here (default: stdout)")
     parser.add_argument("--regenerate", action="store_true",
                         help="render every script committed in jobs/slurm and jobs/pbs (the paper rows)")

@@ -1,6 +1,6 @@
 """A rank program for the job-script tests: it reports what the batch job delivered to each rank.
 
-    mpirun -np 2 python -m tests.rank_probe REPORT_DIR RUN_DIR [--resume CHECKPOINT]
+    mpirun -np 2 python -m tests.rank_probe REPORT_DIR RUN_DIR [--resume]
 
 Every rank writes REPORT_DIR/rank<R>-run<N>.json (N = $SLURM_RESTART_COUNT, 0 outside Slurm) with its
 arguments and the signals it received. Without --resume it first writes rank<R>-run<N>.ready, then waits
@@ -25,7 +25,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("report_dir", type=Path)
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--resume")
+    parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     received = []
     signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signal.Signals(signum).name))
@@ -33,7 +33,7 @@ def main() -> int:
     run = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     stem = args.report_dir / f"rank{rank}-run{run}"
     args.report_dir.mkdir(parents=True, exist_ok=True)
-    if args.resume is None:
+    if not args.resume:
         stem.with_suffix(".ready").touch()
         deadline = time.monotonic() + WAIT_S
         while not received and time.monotonic() < deadline:
