@@ -36,7 +36,8 @@ class Launch:
 
     @property
     def is_mpi(self) -> bool:
-        return self.launcher == "mpirun"
+        """Started by an MPI launcher (mpirun, or srun with Slurm's MPI plugin)."""
+        return self.launcher in ("mpirun", "srun")
 
 
 def _int(env: Mapping[str, str], name: str) -> Optional[int]:
@@ -82,7 +83,7 @@ def check_world_size(launch: Launch, engine: str, engine_size: int, mpi_built: O
     started = f"{launch.launcher} started {launch.size} processes but the {engine} engine sees a world of {engine_size}"
     if engine == "local":
         fix = "set MEGDET_COMM=horovod (or torch) so the ranks talk to each other"
-    elif engine == "horovod" and mpi_built is False and launch.launcher in ("mpirun", "srun"):
+    elif engine == "horovod" and mpi_built is False and launch.is_mpi:
         fix = ("this Horovod was built without MPI: rebuild it with HOROVOD_WITH_MPI=1 "
                "(MEGDET_FORCE_SETUP=1 bash scripts/setup.sh) or launch with 'horovodrun --gloo'")
     elif engine == "horovod":

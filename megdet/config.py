@@ -487,10 +487,12 @@ def _validate(config: Config) -> None:
     if list(solver.steps) != sorted(set(solver.steps)) or any(not 0 < s < solver.max_iter for s in solver.steps):
         raise UserError(f"solver.steps={solver.steps} must be increasing iterations between 0 and "
                         f"solver.max_iter={solver.max_iter}")
-    decays = len(POLICIES[solver.policy].decay_factors)
-    if solver.policy != "normal" and decays != len(solver.steps):
+    try:
+        decay_factors(solver.policy, len(solver.steps))  # the schedule's own rule: "long" decays 3 times
+    except ValueError:
+        decays = len(POLICIES[solver.policy].decay_factors)
         raise UserError(f"solver.policy={solver.policy!r} decays the LR {decays} times but solver.steps="
-                        f"{solver.steps} has {len(solver.steps)}: give {decays} steps")
+                        f"{solver.steps} has {len(solver.steps)}: give {decays} steps") from None
     if not 0 <= solver.warmup_iters <= solver.max_iter:
         raise UserError(f"solver.warmup_iters={solver.warmup_iters} must be in [0, solver.max_iter="
                         f"{solver.max_iter}]")

@@ -77,7 +77,7 @@ def _world():
     started = launch.detect()
     if (started.size or 1) == 1:
         return _OneProcess()
-    if started.launcher not in ("mpirun", "srun"):
+    if not started.is_mpi:
         raise UserError(f"{started.launcher} started {started.size} packers, but megdet pack shares the work "
                         f"over MPI only: launch it with 'mpirun -np {started.size} megdet pack ...' (or srun "
                         "--mpi=pmi2), or run it as one process")

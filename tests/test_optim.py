@@ -189,6 +189,23 @@ def test_compiled_kernel_is_said_kept_and_refused_off_cpu():
         PMDLAMB([param], compiled=True).step()
 
 
+def test_a_checkpoint_keeps_its_trajectory_but_not_its_kernel():
+    """load_state_dict takes the moments, step and lr of the checkpoint but keeps this optimizer's
+    kernel, also from a checkpoint written before the kernel was a choice (no "compiled" key)."""
+    param = nn.Parameter(torch.ones(3))
+    param.grad = torch.full((3,), 0.5)
+    written = PMDLAMB([param], lr=0.1, compiled=True)
+    written.step()
+    state = written.state_dict()
+    resumed = PMDLAMB([nn.Parameter(torch.ones(3))], lr=0.2)
+    resumed.load_state_dict(state)
+    assert not resumed.compiled and resumed.param_groups[0]["lr"] == 0.1 and resumed.param_groups[0]["step"] == 1
+    del state["param_groups"][0]["compiled"]
+    again = PMDLAMB([nn.Parameter(torch.ones(3))], compiled=True)
+    again.load_state_dict(state)
+    assert again.compiled
+
+
 def test_compiled_kernel_checks_name_the_device_and_the_compiler(monkeypatch, tmp_path):
     """What megdet train checks before it builds a compiled PMD-LAMB: a CPU device, and a C++ compiler
     for Inductor (here $CXX names one that does not exist)."""

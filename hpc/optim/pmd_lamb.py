@@ -175,6 +175,14 @@ class PMDLAMB(GroupwiseOptimizer):
         check_hyperparameter("compiled", compiled, compiled == self.param_groups[0]["compiled"],
                              "one kernel for the whole optimizer: give every param group the same value")
 
+    def load_state_dict(self, state_dict: Dict) -> None:
+        """The checkpoint's state and hyper-parameters, but this optimizer's kernel: ``compiled`` is how
+        this run chose to compute (a CPU checkpoint may resume on a GPU), not part of the trajectory."""
+        compiled = self.compiled
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group["compiled"] = compiled
+
     @property
     def compiled(self) -> bool:
         """True when the compiled kernel runs (``compiled=True`` at construction)."""

@@ -130,10 +130,11 @@ def _inputs(args, ranks: List[int], threads: Dict[int, int]) -> Dict:
 
 
 def _config(args, ranks: int, output_dir: str) -> config_mod.Config:
-    """The user's config with the batch, BN size and schedule length of a ``ranks``-rank run."""
+    """The user's config with the batch, BN size and schedule length of a ``ranks``-rank run (the batch
+    counts each rank's ``solver.backward_passes_per_step`` micro-batches; BN sees one at a time)."""
     user = config_mod.load(args.config, args.overrides)
     per_rank = user.data.images_per_rank
-    fixed = [f"solver.batch_size={per_rank * ranks}", "data.val=", f"train.output_dir={output_dir}",
+    fixed = [f"solver.batch_size={per_rank * ranks * user.solver.backward_passes_per_step}", "data.val=", f"train.output_dir={output_dir}",
              f"solver.max_iter={max(user.solver.max_iter, args.warmup + args.steps)}"]
     if user.model.norm == "cgbn":
         fixed.append(f"model.bn_size={per_rank * ranks}")
@@ -158,11 +159,12 @@ def _measure(args, comm: comm_mod.Communicator) -> Optional[Dict]:
     if comm.rank != 0:
         return None
     per_rank = cfg.data.images_per_rank
+    per_step = per_rank * cfg.solver.backward_passes_per_step
     step_seconds = [[sum(step.values()) for step in rank] for rank in everyone]
     totals = {phase: sum(step[phase] for rank in everyone for step in rank) for phase in PHASES}
     return {"ranks": comm.size, "images_per_rank": per_rank,
             "seconds_per_step": statistics.median(max(steps) for steps in zip(*step_seconds)),
-            "images_per_s": sum(per_rank * len(steps) / sum(steps) for steps in step_seconds),
+            "images_per_s": sum(per_step * len(steps) / sum(steps) for steps in step_seconds),
             **{f"{phase}_share": totals[phase] / sum(totals.values()) for phase in PHASES},
             "scaling_efficiency": 1.0 if comm.size == 1 else None, "engine": comm_mod.describe()}
 
@@ -189,6 +191,7 @@ def _time_steps(trainer: Trainer, warmup: int, steps: int) -> List[Dict[str, flo
             marks[phase] = time.perf_counter()
 
         micro_batches = [_on_device(next(batches), device) for _ in range(trainer.passes)]
+        trainer.agree_on_data(None)
         mark("data")
         trainer.step(iteration, micro_batches, mark=mark)
         if iteration >= warmup:

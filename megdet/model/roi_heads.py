@@ -163,14 +163,14 @@ class RoIHeads(nn.Module):
         """Training: ``{"loss_cls", "loss_box"}`` (+ "loss_mask"). Inference: N dicts of "boxes" (D, 4) in
         input pixels (clipped), "scores" (D,), "labels" (D,) int64 in 1..K (+ "mask_probs" (D, M, M))."""
         if self.training:
-            rois, classes, regression_targets, matched = self.sample_rois(proposals, targets)
+            rois, classes, regression_targets, matched_positives = self.sample_rois(proposals, targets)
         else:
             rois = list(proposals)
         logits, deltas = self.predictor(self.box_head(self.pooler(features, rois)))
         if self.training:
             losses = self.losses(logits, deltas, classes, regression_targets)
             if self.mask_on:
-                losses["loss_mask"] = self.mask_losses(features, rois, classes, matched, targets)
+                losses["loss_mask"] = self.mask_losses(features, rois, matched_positives, targets)
             return losses
         detections = self.detections(logits, deltas, rois, image_sizes)
         if self.mask_on:
@@ -181,8 +181,9 @@ class RoIHeads(nn.Module):
     def sample_rois(self, proposals: Sequence[torch.Tensor], targets: Sequence[Dict[str, torch.Tensor]]):
         """Add each image's non-crowd ground truth to its proposals, match, sample. Returns N tensors (Ri, 4)
         of RoIs (each image's positives first), their classes (R,) (0 = background), box targets (R, 4)
-        (zeros for background), and N tensors (Ri,) of the ground-truth index each RoI matched."""
-        rois, classes, regression_targets, matches = [], [], [], []
+        (zeros for background), and N tensors (Pi,) of the ground-truth index each image's positive RoI
+        matched (their sizes give the positives per image without reading the device)."""
+        rois, classes, regression_targets, matched_positives = [], [], [], []
         for image_proposals, target in zip(proposals, targets):
             gt_boxes, is_crowd = target["boxes"], target["iscrowd"]
             candidates = torch.cat((image_proposals, gt_boxes[~is_crowd]))
@@ -201,8 +202,8 @@ class RoIHeads(nn.Module):
             rois.append(candidates[sampled])
             classes.append(labels[sampled])
             regression_targets.append(image_targets)
-            matches.append(matched[sampled])
-        return rois, torch.cat(classes), torch.cat(regression_targets), matches
+            matched_positives.append(matched[positive])
+        return rois, torch.cat(classes), torch.cat(regression_targets), matched_positives
 
     def losses(self, logits: torch.Tensor, deltas: torch.Tensor, classes: torch.Tensor,
                regression_targets: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -217,21 +218,18 @@ class RoIHeads(nn.Module):
                                     reduction="sum") / num_sampled
         return {"loss_cls": loss_cls, "loss_box": loss_box}
 
-    def mask_losses(self, features: Sequence[torch.Tensor], rois: Sequence[torch.Tensor], classes: torch.Tensor,
-                    matched: Sequence[torch.Tensor], targets: Sequence[Dict[str, torch.Tensor]]) -> torch.Tensor:
+    def mask_losses(self, features: Sequence[torch.Tensor], rois: Sequence[torch.Tensor],
+                    matched_positives: Sequence[torch.Tensor],
+                    targets: Sequence[Dict[str, torch.Tensor]]) -> torch.Tensor:
         """Mask R-CNN's loss on the positive RoIs only: the mask head on their 14x14 pooled features, against
         each one's ground-truth mask cropped to the RoI and resampled to 28x28 (``mask_targets``);
         per-pixel BCE on the ground-truth class's map, averaged over positive RoIs. Positives come first
-        in each image's sample; the counts are read once for the batch."""
-        per_image = [roi.shape[0] for roi in rois]
-        image_classes = torch.split(classes, per_image)
-        positives = torch.stack([(c > 0).sum() for c in image_classes]).tolist()
-        positive_rois = [roi[:n] for roi, n in zip(rois, positives)]
+        in each image's sample, as many as ``matched_positives`` holds for it."""
+        positive_rois = [roi[:match.numel()] for roi, match in zip(rois, matched_positives)]
         logits = self.mask_head(self.mask_pooler(features, positive_rois))
-        with torch.no_grad():
-            mask_target = torch.cat([mask_targets(target["masks"], match[:n], roi)
-                                     for target, match, roi, n in zip(targets, matched, positive_rois, positives)])
-        labels = torch.cat([c[:n] for c, n in zip(image_classes, positives)])
+        mask_target = torch.cat([mask_targets(target["masks"], match, roi)
+                                 for target, match, roi in zip(targets, matched_positives, positive_rois)])
+        labels = torch.cat([target["labels"][match] for target, match in zip(targets, matched_positives)])
         return mask_loss(logits, labels, mask_target)
 
     @torch.no_grad()
