@@ -23,7 +23,6 @@ import os
 import random
 import re
 import signal
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -31,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from hpc.errors import UserError
+from hpc.errors import UserError, write_line
 from hpc.files import atomic_open, os_error_reason
 
 # Exit status of a run stopped by a signal after checkpointing: EX_TEMPFAIL from sysexits.h, which a
@@ -133,7 +132,7 @@ def load(path: os.PathLike, required_keys=("model",)) -> Dict[str, Any]:
 
 
 def _warn(line: str) -> None:
-    print(f"warning: {line}", file=sys.stderr, flush=True)
+    write_line(f"warning: {line}")
 
 
 def latest_loadable(directory: os.PathLike, required_keys=("model",), *, warn: Callable[[str], None] = _warn

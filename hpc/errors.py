@@ -5,7 +5,9 @@ is a bug and keeps its traceback. Messages name the bad value and the fix.
 """
 from __future__ import annotations
 
+import os
 import sys
+from typing import Optional, TextIO
 
 EXIT_USER_ERROR = 2
 # The program that names itself in error lines: the entry point sets it ("megdet train") before it runs.
@@ -24,6 +26,26 @@ def rank_label() -> str:
     return f" (rank {started.rank}/{started.size})" if (started.size or 1) > 1 else ""
 
 
+def write_line(text: str, stream: Optional[TextIO] = None) -> None:
+    """Write ``text`` and its newline to ``stream`` (default: stderr) in one write to its file descriptor.
+
+    ``print`` writes the text and the newline separately when the stream is unbuffered
+    (``PYTHONUNBUFFERED``, common in job scripts), and launchers forward the ranks' pipes in whatever
+    pieces arrive, so two ranks' lines could merge into one. A single write of up to PIPE_BUF bytes
+    (4096 on Linux) to a pipe is atomic."""
+    stream = sys.stderr if stream is None else stream
+    data = (text + "\n").encode(stream.encoding or "utf-8", errors="replace")
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream with no descriptor (captured, in memory)
+        stream.write(text + "\n")
+        stream.flush()
+        return
+    stream.flush()
+    while data:
+        data = data[os.write(fd, data):]
+
+
 def report(message: str) -> None:
-    """Print ``message`` as this rank's one error line, ``PROGRAM: error (rank R/N): MESSAGE``, on stderr."""
-    print(f"{program}: error{rank_label()}: {message}", file=sys.stderr, flush=True)
+    """Write ``message`` as this rank's one error line, ``PROGRAM: error (rank R/N): MESSAGE``, on stderr."""
+    write_line(f"{program}: error{rank_label()}: {message}")

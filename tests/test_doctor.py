@@ -33,7 +33,7 @@ def one_line_errors(stderr):
 
 def test_local_engine_under_mpirun_is_one_line_per_rank_naming_the_fix():
     skip_unless_launcher("mpirun")
-    done = run(launch_command("mpirun", 2, [*MEGDET, "doctor", "--engine", "local"]))
+    done = run(launch_command("mpirun", 2, [*MEGDET, "doctor", "--engine", "local"]), PYTHONUNBUFFERED="1")
     assert done.returncode != 0
     lines = one_line_errors(done.stderr)
     assert sorted(lines) == [

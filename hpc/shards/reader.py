@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -32,6 +31,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from hpc.errors import write_line
 from hpc.files import os_error_reason
 from hpc.files import file_sha256
 from hpc.shards.manifest import FORMAT_VERSION, ShardError, read_manifest
@@ -217,8 +217,7 @@ class ShardDataset(torch.utils.data.Dataset):
             if not self.skip_corrupt:
                 raise
             self.corrupt_skipped += 1
-            print(f"warning: skipped {self._record_name(index)}: its bytes do not match their CRC-32",
-                  file=sys.stderr, flush=True)
+            write_line(f"warning: skipped {self._record_name(index)}: its bytes do not match their CRC-32")
             return None
         record = self._annotations(index)
         record["image"] = self.decode(index, stored)

@@ -39,7 +39,6 @@ import io
 import json
 import os
 import socket
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from hpc.errors import UserError
+from hpc.errors import UserError, write_line
 from hpc.files import LockBusy, exclusive_lock, file_sha256, os_error_reason
 from hpc.shards import manifest as manifest_mod
 from hpc.shards.reader import FORMATS, ORIENTATION_TAG, SIDE_SWAPPING_ORIENTATIONS, apply_orientation
@@ -333,7 +332,7 @@ def pack_rank_shards(entries: Sequence[ImageEntry], sizes: Sequence[int], plan: 
 
 
 def _warn(line: str) -> None:
-    print(f"warning: {line}", file=sys.stderr, flush=True)
+    write_line(f"warning: {line}")
 
 
 @contextlib.contextmanager
