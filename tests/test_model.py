@@ -357,7 +357,9 @@ def test_bench_model_runs_at_a_tiny_size(tmp_path, capsys):
     assert main(["bench", "model", "--models", "resnet18_fpn", "--sizes", "64", "--batch", "1", "--repeats", "1",
                  "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "model.json").read_text())
-    assert [row["sublinear"] for row in result["rows"]] == ["-", "res2,res3"]
+    assert [(row["settings"], row["sublinear"]) for row in result["rows"]] == \
+        [("equal", "-"), ("defaults", "-"), ("defaults", "res2,res3")]
+    assert result["inputs"]["images"] == {"64": "64x107"}  # 800 x 1333 at 800
     assert all(row["s_per_image"] > 0 and row["peak_MiB"] > 0 for row in result["rows"])
     assert all(row["model_MiB"] > 0 and row["model_vs_measured"] > 0 for row in result["rows"]), "megdet.memory beside"
     assert "| resnet18_fpn | 64 |" in (tmp_path / "model.md").read_text()
