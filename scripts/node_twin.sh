@@ -41,6 +41,9 @@ for argument in "$@"; do
 done
 [[ $(id -u) == 0 ]] && unshare --net true 2>/dev/null \
   || die "the twin cuts the network with 'unshare --net', which needs root here: run it as root"
+command -v ip >/dev/null || die "the twin brings up loopback with 'ip' (iproute2): install it (apt-get install iproute2)"
+git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1 \
+  || die "the twin copies the project's files as git lists them: run it from a clone ($ROOT is not one)"
 if (( horovod )); then
   command -v nvcc >/dev/null || die "--horovod builds Horovod's NCCL operations with nvcc, which is not on PATH: install the CUDA toolkit or put its bin on PATH"
 fi
