@@ -260,10 +260,11 @@ class _RecordOps(TorchDispatchMode):
 
 def _group_step(x, grad, dtype=torch.float32, mean=0.0):
     """One training step of the group arithmetic on a group of one (what every member of a real group
-    runs; the allreduces return their input) and of float64 nn.BatchNorm2d on the same values."""
+    runs; the allreduces return their input) and of float64 nn.BatchNorm2d on the same values, on
+    x's device; the layer's parameters in ``dtype``."""
     comm = comm_mod.LocalCommunicator(x.device)
-    layer = cgbn.CrossGPUBatchNorm2d(CHANNELS, momentum=MOMENTUM).to(dtype)
-    reference = nn.BatchNorm2d(CHANNELS, momentum=MOMENTUM).double()
+    layer = cgbn.CrossGPUBatchNorm2d(CHANNELS, momentum=MOMENTUM).to(x.device, dtype)
+    reference = nn.BatchNorm2d(CHANNELS, momentum=MOMENTUM).to(x.device, torch.float64)
     weight, bias = _affine(seed=5)
     for module in (layer, reference):
         module.weight.data.copy_(weight)
