@@ -31,8 +31,8 @@ MIN_SCALE = 1.0
 
 
 def resolve(mode: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of ``mode`` on ``device`` (None: float32). ``auto``: bf16 on a GPU that
-    supports it, else fp16 on a GPU, else float32 on the CPU. UserError for an unknown mode or fp16
+    """The autocast dtype of ``mode`` on ``device`` (None: float32). ``auto``: bf16 on a GPU with
+    bf16 arithmetic of its own (Ampere and newer), else fp16 on a GPU, else float32 on the CPU. UserError for an unknown mode or fp16
     on a device that cannot run it (the CPU: no fp16 arithmetic here, and loss scaling is a GPU
     recipe)."""
     if mode not in AMP_MODES:
@@ -40,15 +40,24 @@ def resolve(mode: str, device: torch.device) -> Optional[torch.dtype]:
     if mode == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if _native_bf16(device) else torch.float16
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
     if dtype == torch.float16 and device.type != "cuda":
         raise UserError(f"train.amp=fp16 needs a CUDA GPU, and this rank computes on {device}: set "
                         "train.amp=bf16 (or none) on the CPU")
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if dtype == torch.bfloat16 and device.type == "cuda" and not _native_bf16(device):
         name = torch.cuda.get_device_name(device)
-        raise UserError(f"train.amp=bf16 but {name} has no bf16 arithmetic: set train.amp=fp16 (or auto)")
+        raise UserError(f"train.amp=bf16 but {name} has no bf16 arithmetic of its own (before Ampere, bf16 is "
+                        "emulated, slower than fp16): set train.amp=fp16 (or auto)")
     return dtype
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """Whether the GPU ``device`` has bf16 arithmetic of its own (NVIDIA Ampere, compute capability 8.0,
+    and newer; ROCm). Older GPUs only emulate it through float32, which torch's default
+    ``is_bf16_supported()`` counts as support."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):

@@ -62,6 +62,12 @@ def _channel_view(v: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1)
 
 
+def _centred(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x - shift per channel as a new Tensor[N, C, H, W] in the shift's dtype (the compute dtype) and
+    x's memory format. bf16/fp16 x is converted as it is read (type promotion), not copied first."""
+    return x - _channel_view(shift)
+
+
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype the statistics and the normalisation are computed in: float32 for bf16/fp16
     activations (autocast) and float32 modules, float64 for a float64 module or input."""
@@ -100,12 +106,19 @@ class _GroupBatchNorm(torch.autograd.Function):
     synchronisation in the steady state (the group's count stays on the device).
 
     Forward packet (float64): [failed flag per member (G), count, sum x (C), sum x^2 (C)]. Each rank
-    centres its values on a shift (its first pixel per channel, so the centred values are of the
-    order of the standard deviation), takes their mean and variance in the compute dtype (float32,
-    or float64 for a float64 module), and only then expands them to raw moments in float64; see
-    docs/cgbn.md for the error bound. The output is normalized from the centred values too, so it
-    stays exact when |mean| >> std.
+    centres its values on a shift s (its first pixel per channel, so the centred values are of the
+    order of the standard deviation), takes their mean and then their variance around it in the
+    compute dtype (float32, or float64 for a float64 module), and only then expands them to raw
+    moments in float64; see docs/cgbn.md for the error bound. Both passes form x - mean from the
+    centred values and the small difference of two means, so the output and the gradient stay exact
+    when |mean| >> std.
     Backward packet (compute dtype): [sum dy (C), sum dy * xhat (C)].
+
+    Only plain elementwise operations and reductions, whose CPU and CUDA kernels compute the same
+    thing (no batch-norm kernels: their CPU and CUDA contracts differ). bf16/fp16 activations are read
+    by type promotion, never copied to float32 first: each pass makes one full-size buffer in the
+    compute dtype, x - s, and works in place on it (it becomes the output, or the input gradient),
+    plus a transient product for a reduction (the squares, dy * (x - mean)).
     """
 
     @staticmethod
@@ -115,14 +128,16 @@ class _GroupBatchNorm(torch.autograd.Function):
         packet = torch.zeros(members + 1 + 2 * channels, dtype=torch.float64, device=x.device)
         flags, count, sums, squares = packet.split([members, 1, channels, channels])
         local_count = 0 if error is not None else x.numel() // channels
+        shift = torch.zeros(channels, dtype=compute, device=x.device)
         if error is not None:
             flags[group.rank] = 1
         elif local_count:
-            values = x.to(compute)
-            shift = values[0, :, 0, 0].clone()
-            centred = values - _channel_view(shift)
-            local_mean, local_var = torch.batch_norm_update_stats(centred, None, None, 0.0)
-            local_mean = shift.double() + local_mean.double()
+            shift = x[0, :, 0, 0].to(compute)
+            centred = _centred(x, shift)
+            centred_mean = centred.mean(dim=(0, 2, 3))
+            centred.sub_(_channel_view(centred_mean))  # x - local mean, up to the rounding of centred_mean
+            local_var = (centred * centred).mean(dim=(0, 2, 3))
+            local_mean = shift.double() + centred_mean.double()
             count.fill_(local_count)
             sums.copy_(local_mean * local_count)
             squares.copy_((local_var.double() + local_mean * local_mean) * local_count)
@@ -131,41 +146,34 @@ class _GroupBatchNorm(torch.autograd.Function):
 
         mean64 = sums / count
         var64 = (squares / count - mean64 * mean64).clamp_min(0)
-        # The mean as a head + tail in the compute dtype: at |mean| >> std the head alone loses the
-        # centred values.
-        mean, var = mean64.to(compute), var64.to(compute)
-        mean_tail = (mean64 - mean.double()).to(compute)
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_mean.mul_(1 - momentum).add_(mean64.to(running_mean.dtype), alpha=momentum)
         unbiased = var64 * (count / (count - 1))
         running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
-        total = count.to(compute)
-        ctx.save_for_backward(x, weight, mean, mean_tail, var, total)
-        ctx.eps, ctx.comm, ctx.group, ctx.name = eps, comm, group, name
+        invstd = torch.rsqrt(var64 + eps).to(compute)
+        mean_offset = (mean64 - shift.double()).to(compute)  # mean - s: of the order of the std
+        ctx.save_for_backward(x, weight, shift, mean_offset, invstd, count.to(compute))
+        ctx.comm, ctx.group, ctx.name = comm, group, name
         if not local_count:
             return torch.empty_like(x)
-        centred_mean = (mean64 - shift.double()).to(compute)
-        return F.batch_norm(centred, centred_mean, var, weight.to(compute), bias.to(compute), training=False,
-                            momentum=0.0, eps=eps).to(x.dtype)
+        # y = (x - local mean - (mean - local mean)) * w * invstd + b, in place on the centred values
+        scale = weight.to(compute) * invstd
+        offset = bias.to(compute) - (mean64 - local_mean).to(compute) * scale
+        return centred.mul_(_channel_view(scale)).add_(_channel_view(offset)).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        x, weight, mean, mean_tail, var, total = ctx.saved_tensors
-        channels, compute = weight.numel(), mean.dtype
-        weight_c = weight.to(compute)
-        invstd = torch.rsqrt(var + ctx.eps)
+        x, weight, shift, mean_offset, invstd, total = ctx.saved_tensors
+        channels, compute = weight.numel(), invstd.dtype
         packet = torch.zeros(2 * channels, dtype=compute, device=x.device)
+        local_sum_dy, local_sum_dy_xhat = packet.split([channels, channels])
         if x.numel():
-            values, grad = x.to(compute), grad_output.to(compute)
-            # Local sum dy * (x - mean) * invstd and sum dy around the head of the mean, then the
-            # tail's share: xhat = (x - mean - mean_tail) * invstd.
-            _, local_sum_dy_xhat, local_sum_dy = torch.ops.aten.native_batch_norm_backward(
-                grad, values, weight_c, mean, var, None, None, False, ctx.eps, [False, True, True])
-            local_sum_dy_xhat = local_sum_dy_xhat - mean_tail * invstd * local_sum_dy
-            packet.copy_(torch.cat([local_sum_dy, local_sum_dy_xhat]))
-        else:
-            local_sum_dy_xhat = local_sum_dy = torch.zeros_like(weight_c)
+            x_minus_mean = _centred(x, shift).sub_(_channel_view(mean_offset))
+            torch.sum(grad_output, dim=(0, 2, 3), dtype=compute, out=local_sum_dy)
+            torch.sum(x_minus_mean * grad_output, dim=(0, 2, 3), out=local_sum_dy_xhat)
+            local_sum_dy_xhat.mul_(invstd)
+        local_sums = packet.clone()  # this rank's share: the weight and bias gradients
         sum_dy, sum_dy_xhat = ctx.comm.allreduce_async(
             packet, op="sum", group=ctx.group, name=f"{ctx.name}.backward").wait().split([channels, channels])
 
@@ -173,16 +181,16 @@ class _GroupBatchNorm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the group,
             #    = dy_scale * dy + centred_scale * (x - mean) + constant.
-            dy_scale = weight_c * invstd
+            dy_scale = weight.to(compute) * invstd
             centred_scale = -dy_scale * invstd * sum_dy_xhat / total
-            constant = -dy_scale * sum_dy / total - centred_scale * mean_tail
+            constant = -dy_scale * sum_dy / total
             if x.numel():
-                grad_input = torch.addcmul(_channel_view(constant), grad, _channel_view(dy_scale))
-                grad_input.addcmul_(values - _channel_view(mean), _channel_view(centred_scale))
-                grad_input = grad_input.to(x.dtype)
+                grad_input = x_minus_mean.mul_(_channel_view(centred_scale)).add_(_channel_view(constant))
+                grad_input = grad_input.addcmul_(grad_output, _channel_view(dy_scale)).to(x.dtype)
             else:
                 grad_input = torch.zeros_like(x)
-        return (grad_input, local_sum_dy_xhat.to(weight.dtype), local_sum_dy.to(weight.dtype)) + (None,) * 8
+        local_sum_dy, local_sum_dy_xhat = local_sums.to(weight.dtype).split([channels, channels])
+        return (grad_input, local_sum_dy_xhat, local_sum_dy) + (None,) * 8
 
 
 class CrossGPUBatchNorm2d(_BatchNorm):

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hpc import cgbn
 from hpc import comm as comm_mod
@@ -236,6 +237,87 @@ def test_world_of_one_is_plain_batchnorm():
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(xs[0].grad, xs[1].grad)
     assert torch.equal(layer.weight.grad, reference.weight.grad)
     assert torch.equal(layer.running_var, reference.running_var)
+
+
+# Every aten op the group arithmetic may run: plain elementwise operations, reductions, views and
+# copies, each with CPU and CUDA kernels of the same contract. No batch-norm kernel: their CPU and CUDA
+# contracts differ (native_batch_norm_backward's CUDA kernel asserts on what its CPU kernel accepts,
+# the SyncBN primitives have no CPU kernels), so a CPU test could not vouch for the GPU.
+PLAIN_OPS = {"_to_copy", "add", "add_", "addcmul_", "clamp_min", "clone", "copy_", "detach", "div", "expand",
+             "fill_", "mean", "mul", "mul_", "neg", "nonzero", "ones_like", "promote_types", "rsqrt", "select",
+             "split_with_sizes", "sub", "sub_", "sum", "view", "zeros", "empty_like", "zeros_like"}
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _group_step(x, grad, dtype=torch.float32, mean=0.0):
+    """One training step of the group arithmetic on a group of one (what every member of a real group
+    runs; the allreduces return their input) and of float64 nn.BatchNorm2d on the same values, on
+    x's device; the layer's parameters in ``dtype``."""
+    comm = comm_mod.LocalCommunicator(x.device)
+    layer = cgbn.CrossGPUBatchNorm2d(CHANNELS, momentum=MOMENTUM).to(x.device, dtype)
+    reference = nn.BatchNorm2d(CHANNELS, momentum=MOMENTUM).to(x.device, torch.float64)
+    weight, bias = _affine(seed=5)
+    for module in (layer, reference):
+        module.weight.data.copy_(weight)
+        module.bias.data.copy_(bias)
+        module.running_mean.fill_(mean)
+    ours = x.clone().requires_grad_()
+    with _RecordOps() as recorded:
+        y = cgbn._GroupBatchNorm.apply(ours, layer.weight, layer.bias, layer.running_mean, layer.running_var,
+                                       MOMENTUM, layer.eps, comm, comm.world, "one", None)
+        y.backward(grad)
+    exact = x.double().requires_grad_()
+    expected = reference(exact)
+    expected.backward(grad.double())
+    return (y, ours.grad, layer), (expected.detach(), exact.grad, reference), recorded.ops
+
+
+@pytest.mark.parametrize("dtype, memory_format", [
+    (torch.float64, torch.contiguous_format), (torch.float32, torch.contiguous_format),
+    (torch.float32, torch.channels_last), (torch.bfloat16, torch.channels_last), (torch.float16, torch.contiguous_format)])
+def test_group_arithmetic_is_batchnorm_with_plain_ops_only(dtype, memory_format):
+    """The arithmetic every group member runs, in each input dtype and layout, against float64
+    nn.BatchNorm2d on the same values; it runs only ops of PLAIN_OPS, so the GPU runs what this checks."""
+    generator = torch.Generator().manual_seed(21)
+    shape = (3, CHANNELS, 6, 7)
+    x = (torch.randn(shape, generator=generator) * 2 + 1).to(dtype).contiguous(memory_format=memory_format)
+    grad = torch.randn(shape, generator=generator).to(dtype)
+    module_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    (y, x_grad, layer), (expected_y, expected_grad, reference), ops = _group_step(x, grad, module_dtype)
+    assert ops <= PLAIN_OPS, f"ops outside PLAIN_OPS: {sorted(ops - PLAIN_OPS)}"
+    assert y.dtype == x_grad.dtype == dtype and y.is_contiguous(memory_format=memory_format)
+    # statistics and parameter gradients: float32 sums of the exact input values (float64 for float64)
+    tight = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else {}
+    for ours, theirs, what in ((layer.running_mean, reference.running_mean, "running mean"),
+                               (layer.running_var, reference.running_var, "running var"),
+                               (layer.weight.grad, reference.weight.grad, "weight grad"),
+                               (layer.bias.grad, reference.bias.grad, "bias grad")):
+        _close(ours.double(), theirs, what, **tight)
+    # output and input gradient: computed in float32 (float64), rounded once to the input's dtype
+    rounding = {torch.bfloat16: dict(rtol=8e-3, atol=1e-2), torch.float16: dict(rtol=1e-3, atol=2e-3)}.get(dtype, tight)
+    _close(y.double(), expected_y, "output", **rounding)
+    _close(x_grad.double(), expected_grad, "input grad", **rounding)
+
+
+def test_group_arithmetic_keeps_the_variance_at_a_mean_of_1e5_std():
+    """float32 values of mean 1e4 and std 0.1 on one rank: the float32 sums of x and x^2 would lose the
+    variance; the centred statistics keep it, and the output and gradient, to float32 rounding of x - mean."""
+    generator = torch.Generator().manual_seed(8)
+    x = 1e4 + 0.1 * torch.randn(4, CHANNELS, 8, 8, generator=generator)
+    grad = torch.randn(x.shape, generator=generator)
+    (y, x_grad, layer), (expected_y, expected_grad, reference), _ = _group_step(x, grad, mean=1e4)
+    _close(layer.running_var.double(), reference.running_var, "running var", rtol=1e-5, atol=0)
+    _close(y.double(), expected_y, "output", rtol=1e-5, atol=1e-4)
+    _close(x_grad.double(), expected_grad, "input grad", rtol=1e-5, atol=1e-4)
 
 
 def _model_with_trained_batch_norms():

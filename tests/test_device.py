@@ -1,6 +1,7 @@
 """One GPU per rank: device choice, its errors on every rank, mixed-precision modes, and the Horovod
 NCCL check. This machine has no GPU, so the CUDA side is checked through what refuses to run here,
 and through scripts/gpu_check.sh on a GPU node."""
+import contextlib
 import subprocess
 import sys
 
@@ -46,6 +47,27 @@ def test_amp_modes_resolve_per_device():
         amp.resolve("fp16", cpu)
     with pytest.raises(UserError, match="train.amp='bf61' is not one of none, bf16, fp16, auto"):
         amp.resolve("bf61", cpu)
+
+
+@pytest.mark.parametrize("gpu, native_bf16, auto", [("Tesla V100-SXM2-32GB", False, torch.float16),
+                                                    ("NVIDIA H200", True, torch.bfloat16)])
+def test_amp_asks_the_gpu_for_bf16_arithmetic_of_its_own(monkeypatch, gpu, native_bf16, auto):
+    """torch's is_bf16_supported() says True on a V100, which only emulates bf16 (slower than fp16):
+    auto and bf16 ask with including_emulation=False. No GPU here: torch.cuda answers as the named GPU."""
+    import inspect
+
+    assert "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or including_emulation)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    cuda = torch.device("cuda", 0)
+    assert amp.resolve("auto", cuda) == auto
+    if native_bf16:
+        assert amp.resolve("bf16", cuda) == torch.bfloat16
+    else:
+        with pytest.raises(UserError, match=f"train.amp=bf16 but {gpu} has no bf16 arithmetic of its own .* set "
+                                            "train.amp=fp16 \\(or auto\\)"):
+            amp.resolve("bf16", cuda)
 
 
 def test_loss_scaler_halves_on_overflow_grows_after_clean_steps_and_round_trips():

@@ -8,6 +8,7 @@ import torch
 from megdet.model import ops
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+torchvision_usable = ops.backend() == "torchvision"
 
 
 def random_boxes(n, size, generator, min_side=1.0, max_side=40.0):
@@ -203,7 +204,136 @@ def test_clip_and_nonempty():
     assert ops.nonempty(clipped).tolist() == [True, False]
 
 
-torchvision_usable = ops.backend() == "torchvision"
+# (inter, union, threshold, dtype) at which a box inside another along x has an IoU that ties with the
+# threshold: the ratio inter / union rounds, in the boxes' dtype, to exactly the threshold's nearest
+# number; testing inter > union * threshold instead decides the other way.
+NMS_TIES = [(63, 90, 0.7, torch.float64), (3, 10, 0.3, torch.float32), (3, 5, 0.6, torch.float32),
+            (7, 10, 0.7, torch.float32), (1, 2, 0.5, torch.float32)]
+
+
+@pytest.mark.parametrize("inter, union, threshold, dtype", NMS_TIES)
+def test_nms_ties_at_the_threshold_fall_as_in_torchvision(inter, union, threshold, dtype):
+    """torchvision's rule, by definition: the IoU inter / union computed in the boxes' dtype, then
+    compared with the threshold as a real number; suppressed when greater."""
+    boxes = torch.tensor([[0.0, 0.0, union, 1.0], [0.0, 0.0, inter, 1.0]], dtype=dtype)
+    scores = torch.tensor([0.9, 0.8], dtype=dtype)
+    iou = (torch.tensor(inter, dtype=dtype) / torch.tensor(union, dtype=dtype)).item()
+    expected = [0] if iou > threshold else [0, 1]
+    assert ops.nms_pytorch(boxes, scores, threshold).tolist() == expected
+    assert ops.batched_nms_pytorch(boxes, scores, torch.tensor([2, 2]), threshold).tolist() == expected
+    if torchvision_usable:
+        import torchvision.ops
+
+        assert torchvision.ops.nms(boxes, scores, threshold).tolist() == expected
+
+
+def test_batched_nms_keeps_groups_apart_with_negative_coordinates():
+    """torchvision shifts group g by g * (max + 1), which lets these two identical boxes of two groups
+    overlap (IoU 0.28 after the shift) and suppresses one; ours shifts by max + 1 - min."""
+    boxes = torch.tensor([[-100.0, -100.0, 50.0, 50.0], [-100.0, -100.0, 50.0, 50.0]])
+    assert ops.batched_nms_pytorch(boxes, torch.tensor([0.9, 0.8]), torch.tensor([0, 1]), 0.2).tolist() == [0, 1]
+
+
+# (height, width, stride, aligned, sampling_ratio, RoI in input pixels): a sample lies exactly on the
+# map's edge (-1 or the size, still inside) when its position is rounded in torchvision's order,
+# (start + bin * bin_size) + ((step + 0.5) * bin_size) / grid, and one ulp outside in another order.
+ROI_EDGE_TIES = [(3, 4, 4, True, 0, [1.0, -6.0, -6.0, 20.0, 2.0]), (6, 8, 1, True, 0, [1.0, -1.25, -1.5, 5.25, 0.5]),
+                 (6, 9, 1, True, 2, [0.0, 3.5, -1.25, 4.5, -0.25]), (10, 9, 2, False, 0, [0.0, 13.5, -2.5, 16.0, 22.5])]
+
+
+@pytest.mark.parametrize("height, width, stride, aligned, sampling_ratio, roi", ROI_EDGE_TIES)
+def test_roi_align_samples_on_the_map_edge_fall_as_in_torchvision(height, width, stride, aligned, sampling_ratio, roi):
+    """float64 against the definition, whose positions are rounded in torchvision's order (and, where
+    torchvision's kernels run, against them): equal to rounding, where a sample counted on one side
+    and dropped on the other would differ by its whole weight."""
+    generator = torch.Generator().manual_seed(height * width)
+    features = torch.randn(2, 2, height, width, generator=generator, dtype=torch.float64)
+    rois = torch.tensor([roi], dtype=torch.float64)
+    out = ops.roi_align_pytorch(features, rois, (3, 3), 1.0 / stride, sampling_ratio, aligned)
+    expected = roi_align_by_definition(features, rois, 3, 1.0 / stride, sampling_ratio, aligned)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    if torchvision_usable:
+        import torchvision.ops
+
+        theirs = torchvision.ops.roi_align(features, rois, (3, 3), 1.0 / stride, sampling_ratio, aligned)
+        torch.testing.assert_close(out, theirs, rtol=1e-12, atol=1e-12)
+
+
+def grid_boxes(n, generator, cells=24):
+    """``Tensor[n, 4]`` float64 boxes with integer corners in [0, cells] and x1 < x2, y1 < y2: their IoUs
+    are ratios of small integers, so many fall exactly on a threshold."""
+    corners = torch.randint(0, cells + 1, (n, 2, 2), generator=generator).double()
+    low, high = corners.min(dim=2).values, corners.max(dim=2).values + 1
+    return torch.stack((low[:, 0], low[:, 1], high[:, 0], high[:, 1]), dim=1)
+
+
+def quarter_cell_rois(k, height, width, stride, generator):
+    """``Tensor[k, 5]`` float64 RoIs (batch 0 or 1) in input pixels whose corners lie on quarter cells from
+    1.5 cells before the map to 1.5 cells past it: sample positions land exactly on cell boundaries and
+    on the map's edges, where RoIAlign's border rules decide."""
+    def corner(size):
+        return (torch.randint(-6, 4 * size + 7, (k, 2), generator=generator).double() / 4).sort(dim=1).values
+    xs, ys = corner(width), corner(height)
+    batch = torch.randint(0, 2, (k, 1), generator=generator).double()
+    return torch.cat((batch, xs[:, :1], ys[:, :1], xs[:, 1:], ys[:, 1:]), dim=1) * torch.tensor([1.0] + [stride] * 4)
+
+
+NMS_THRESHOLDS = (0.3, 0.5, 0.6, 0.7)
+ROI_ALIGN_SETTINGS = [(aligned, sampling_ratio) for aligned in (True, False) for sampling_ratio in (0, 1, 2)]
+
+
+def disagreements_with_torchvision(seed):
+    """Our pure ops against torchvision's compiled ones on one seeded case of each kind, in float64 and
+    float32: ``(cases compared, [(what, dtype, seed), ...])`` for NMS (kept indices identical), batched
+    NMS (with the coordinate trick and, above COORDINATE_TRICK_MAX_BOXES boxes, one NMS per group), and
+    RoIAlign's output and gradient (equal to the rounding of the sums' order: the same samples, cells
+    and weights)."""
+    import torchvision.ops
+
+    generator = torch.Generator().manual_seed(seed)
+    threshold = NMS_THRESHOLDS[seed % len(NMS_THRESHOLDS)]
+    n = 1200 if seed % 50 == 0 else 150
+    boxes = grid_boxes(n, generator)
+    scores = torch.randperm(n, generator=generator).double() / n
+    groups = torch.randint(0, 4, (n,), generator=generator)
+    height, width = (int(v) for v in torch.randint(3, 12, (2,), generator=generator))
+    stride = (1, 2, 4, 8)[seed % 4]
+    features = torch.randn(2, 2, height, width, generator=generator, dtype=torch.float64)
+    rois = quarter_cell_rois(12, height, width, stride, generator)
+    grad = torch.randn(12, 2, 3, 3, generator=generator, dtype=torch.float64)
+    aligned, sampling_ratio = ROI_ALIGN_SETTINGS[seed % len(ROI_ALIGN_SETTINGS)]
+    cases, disagreements = 0, []
+    for dtype in (torch.float64, torch.float32):
+        tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+        b, sc = boxes.to(dtype), scores.to(dtype)
+        checks = {"nms": ops.nms_pytorch(b, sc, threshold).tolist() == torchvision.ops.nms(b, sc, threshold).tolist(),
+                  "batched_nms": (ops.batched_nms_pytorch(b, sc, groups, threshold).tolist()
+                                  == torchvision.ops.batched_nms(b, sc, groups, threshold).tolist())}
+        f = features.to(dtype).requires_grad_()
+        r, g = rois.to(dtype), grad.to(dtype)
+        ours = ops.roi_align_pytorch(f, r, (3, 3), 1.0 / stride, sampling_ratio, aligned)
+        theirs = torchvision.ops.roi_align(f, r, (3, 3), 1.0 / stride, sampling_ratio, aligned)
+        ours_grad, = torch.autograd.grad(ours, f, g)
+        theirs_grad, = torch.autograd.grad(theirs, f, g)
+        checks["roi_align"] = torch.allclose(ours, theirs, **tolerance)
+        checks["roi_align gradient"] = torch.allclose(ours_grad, theirs_grad, **tolerance)
+        cases += len(checks)
+        disagreements += [(what, str(dtype), seed) for what, agree in checks.items() if not agree]
+    return cases, disagreements
+
+
+@pytest.mark.skipif(not torchvision_usable, reason="torchvision's compiled nms/roi_align do not import or "
+                    "run against this torch build (see the log of megdet.model.ops); compared on machines "
+                    "where they do")
+def test_pure_ops_agree_with_torchvision_at_exact_ties():
+    """1200 seeded cases built to tie: IoUs exactly at the threshold, RoI samples exactly on cells and
+    on the map's edges."""
+    cases, disagreements = 0, []
+    for seed in range(150):
+        seed_cases, seed_disagreements = disagreements_with_torchvision(seed)
+        cases += seed_cases
+        disagreements += seed_disagreements
+    assert cases == 1200 and not disagreements, f"{len(disagreements)} of {cases} cases: {disagreements[:20]}"
 
 
 @pytest.mark.skipif(not torchvision_usable, reason="torchvision's compiled nms/roi_align do not import or "
@@ -231,3 +361,25 @@ def test_pure_ops_match_torchvision():
             ours_grad, = torch.autograd.grad(ours, features, grad)
             theirs_grad, = torch.autograd.grad(theirs, features, grad)
             torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torchvision_usable, reason="torchvision's compiled nms/roi_align do not import or "
+                    "run against this torch build (see the log of megdet.model.ops); compared on machines "
+                    "where they do")
+@pytest.mark.parametrize("dtype, memory_format, copies", [
+    (torch.float32, torch.contiguous_format, 0), (torch.float32, torch.channels_last, 1),
+    (torch.bfloat16, torch.channels_last, 1), (torch.bfloat16, torch.contiguous_format, 1)])
+def test_roi_align_copies_the_features_at_most_once(dtype, memory_format, copies):
+    """Whole-map copies in one ops.roi_align call on torchvision's kernels, their own .contiguous()
+    included (the profiler sees inside them): converting bf16 to float32 and channels-last to NCHW
+    is one copy, and contiguous float32 features are read in place."""
+    from torch.profiler import ProfilerActivity, profile
+
+    features = torch.randn(2, 16, 32, 40).to(dtype).contiguous(memory_format=memory_format)
+    rois = torch.tensor([[0, 4.0, 4.0, 60.0, 50.0], [1, 10.0, 20.0, 100.0, 120.0]])
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, acc_events=True) as profiler:
+        pooled = ops.roi_align(features, rois, (7, 7), 0.25, 0, True)
+    whole_map = [event.name for event in profiler.events() if event.name in ("aten::clone", "aten::_to_copy")
+                 and event.input_shapes[:1] == [list(features.shape)]]
+    assert len(whole_map) == copies, whole_map
+    assert pooled.dtype == dtype and pooled.shape == (2, 16, 7, 7)

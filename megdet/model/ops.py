@@ -14,6 +14,7 @@ a box's width is ``x2 - x1`` (no "+1"). RoIs for ``roi_align`` are ``Tensor[K, 5
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -74,15 +75,28 @@ def box_ioa(boxes: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
 # Pure-PyTorch implementations
 
 
+def _float_at_or_below(value: float, dtype: torch.dtype) -> float:
+    """The largest number of ``dtype`` that is <= ``value``: for x of that dtype, x > it exactly when
+    x > value as real numbers (comparing with ``value`` rounded to nearest is wrong by one ulp when
+    it rounds up, as float32(0.3) does)."""
+    rounded = torch.tensor(value, dtype=torch.float64).to(dtype)
+    if rounded.item() > value:
+        rounded = torch.nextafter(rounded, torch.tensor(-math.inf, dtype=dtype))
+    return rounded.item()
+
+
 def _suppression_matrix(boxes: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """``Tensor[N, N]`` bool: ``[j, i]`` is True when box j comes before box i and IoU(j, i) > threshold.
 
-    ``boxes`` ``Tensor[N, 4]`` (x1, y1, x2, y2) sorted by decreasing score. Tests ``inter > t * union``
-    (no division; two empty boxes, 0 > 0, do not suppress each other, as NaN > t in torchvision), with
-    in-place operations on one (rows, N) buffer at a time."""
+    ``boxes`` ``Tensor[N, 4]`` (x1, y1, x2, y2) sorted by decreasing score. The IoU is computed as
+    torchvision's CPU kernel does, so that ties at the threshold fall the same way: areas
+    (x2 - x1) * (y2 - y1), inter / (area_j + area_i - inter) in the boxes' dtype, compared with the
+    threshold as a real number (two empty boxes: 0 / 0 = NaN, no suppression). In-place operations
+    on one (rows, N) buffer at a time."""
     n = boxes.shape[0]
     x1, y1, x2, y2 = boxes.unbind(dim=1)
-    areas = box_area(boxes)
+    areas = (x2 - x1) * (y2 - y1)
+    threshold = _float_at_or_below(iou_threshold, boxes.dtype)
     suppresses = torch.empty((n, n), dtype=torch.bool, device=boxes.device)
     columns = torch.arange(n, device=boxes.device)
     for start in range(0, n, IOU_ROWS_PER_CHUNK):
@@ -91,7 +105,7 @@ def _suppression_matrix(boxes: torch.Tensor, iou_threshold: float) -> torch.Tens
         height = torch.minimum(y2[rows, None], y2[None, :]).sub_(torch.maximum(y1[rows, None], y1[None, :]))
         inter.clamp_(min=0).mul_(height.clamp_(min=0))
         union = (areas[rows, None] + areas[None, :]).sub_(inter)
-        suppresses[rows] = (inter > union.mul_(iou_threshold)) & (columns[None, :] > columns[rows, None])
+        suppresses[rows] = (inter.div_(union) > threshold) & (columns[None, :] > columns[rows, None])
     return suppresses
 
 
@@ -127,10 +141,11 @@ def batched_nms_pytorch(boxes: torch.Tensor, scores: torch.Tensor, groups: torch
     if boxes.shape[0] == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     if boxes.shape[0] <= COORDINATE_TRICK_MAX_BOXES:
-        # Shift each group by more than the extent of all boxes so that boxes of different groups never
-        # overlap; then one NMS does them all.
-        extent = boxes.max() - boxes.min() + 1
-        return nms_pytorch(boxes + (groups.to(boxes) * extent)[:, None], scores, iou_threshold)
+        # Shift group g by g * (max + 1), as torchvision does (the shifted coordinates round alike, so
+        # ties fall alike), and by g * (max + 1 - min) when some coordinate is negative, where
+        # torchvision's shift would let groups overlap; then one NMS does them all.
+        spacing = boxes.max() + 1 - boxes.min().clamp(max=0)
+        return nms_pytorch(boxes + (groups.to(boxes) * spacing)[:, None], scores, iou_threshold)
     # One NMS per class or level, never one per box; the group sizes are read once, not per group.
     by_group = torch.sort(groups, stable=True).indices
     sizes = torch.unique_consecutive(groups[by_group], return_counts=True)[1].tolist()
@@ -228,11 +243,14 @@ def roi_align_pytorch(features: torch.Tensor, rois: torch.Tensor, output_size: T
         return features.new_zeros((k, channels, pooled_h, pooled_w))
 
     def sample_positions(start, bin_size, grid, pooled, max_grid):
-        """(K, pooled, max_grid) sample coordinates and (K, 1, max_grid) mask of real samples."""
+        """(K, pooled, max_grid) sample coordinates and (K, 1, max_grid) mask of real samples. Rounded as
+        torchvision's kernels round them, (start + bin * bin_size) + ((step + 0.5) * bin_size) / grid,
+        so that a sample exactly on the map's edge or on a cell boundary falls on the same side."""
         bins = torch.arange(pooled, device=rois.device, dtype=coord_dtype)
         steps = torch.arange(max_grid, device=rois.device)
-        offsets = (steps.to(coord_dtype) + 0.5) / grid.clamp(min=1)[:, None]            # (K, G)
-        coords = start[:, None, None] + (bins[None, :, None] + offsets[:, None, :]) * bin_size[:, None, None]
+        bin_starts = start[:, None] + bins[None, :] * bin_size[:, None]                        # (K, P)
+        offsets = (steps.to(coord_dtype) + 0.5)[None, :] * bin_size[:, None] / grid.clamp(min=1)[:, None]  # (K, G)
+        coords = bin_starts[:, :, None] + offsets[:, None, :]
         return coords, (steps[None, :] < grid[:, None])[:, None, :]
 
     adaptive = sampling_ratio <= 0
@@ -346,9 +364,12 @@ def roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int
     if backend(features.device.type) == "torchvision":
         import torchvision.ops
 
-        # coordinates in bf16/fp16 would be off by pixels: pool in float32 at least
+        # Coordinates in bf16/fp16 would be off by pixels: pool in float32 at least. torchvision's kernels
+        # read NCHW-contiguous features (they call .contiguous()): convert the dtype and the layout in
+        # one copy, none for contiguous float32 features (channels-last ones need that one copy).
         dtype = torch.promote_types(features.dtype, torch.float32)
-        return torchvision.ops.roi_align(features.to(dtype), rois.to(dtype), output_size, spatial_scale,
-                                         sampling_ratio, aligned).to(features.dtype)
+        pooled = torchvision.ops.roi_align(features.to(dtype, memory_format=torch.contiguous_format), rois.to(dtype),
+                                           output_size, spatial_scale, sampling_ratio, aligned)
+        return pooled.to(features.dtype)
     return roi_align_pytorch(features, rois, output_size, spatial_scale, sampling_ratio, aligned, max_samples)
 
