@@ -14,10 +14,11 @@ run, its row says why.
 
 Before timing, the CGBN stack is checked against nn.BatchNorm2d on the group's concatenated batch, on
 the same device (``max_error``: the largest absolute difference over the outputs, the input
-gradients and the running statistics, over all ranks; ``exact`` when it is within float32 rounding).
+gradients and the running statistics, over all ranks, with TF32 off; ``exact`` when it is within float32 rounding).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import statistics
@@ -107,10 +108,27 @@ def _device(text: str) -> torch.device:
     return device_mod.select(text)
 
 
+@contextlib.contextmanager
+def _true_float32():
+    """Convolutions and matrix products in float32 arithmetic: on CUDA torch runs float32 convolutions
+    in TF32 by default, whose 10-bit mantissa would show in ``max_error`` as if CGBN were wrong."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _max_error(comm: comm_mod.Communicator, stack: nn.Module, args, device: torch.device) -> float:
     """The largest absolute difference between the CGBN ``stack`` on this rank's images and a copy of
     it with nn.BatchNorm2d on the whole group's images (outputs, input gradients, running statistics),
-    over all ranks. Every rank draws the same group batch from one seed."""
+    over all ranks, in true float32 arithmetic. Every rank draws the same group batch from one seed."""
+    with _true_float32():
+        return _group_error(comm, stack, args, device)
+
+
+def _group_error(comm: comm_mod.Communicator, stack: nn.Module, args, device: torch.device) -> float:
     group = comm.partition(args.group_size)
     generator = torch.Generator().manual_seed(1)
     group_images = torch.randn(group.size * args.images, args.channels, args.size, args.size,
