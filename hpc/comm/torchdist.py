@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from typing import List, Optional
+from typing import Any, List, NamedTuple, Optional
 
 import torch
 
@@ -16,12 +16,22 @@ from hpc.comm.rendezvous import free_address, torch_rendezvous
 BACKENDS = ("nccl", "gloo")
 
 
+class _Handles(NamedTuple):
+    """A group's torch process groups: ``device`` on the backend, and ``host`` over gloo for CPU tensors
+    (the same group when the backend is gloo; None on a rank that is not a member)."""
+
+    device: Any
+    host: Any
+
+
 class TorchCommunicator(Communicator):
     """torch.distributed: NCCL on a GPU, gloo on the CPU (``MEGDET_TORCH_BACKEND=gloo`` forces gloo on
     a GPU too, e.g. for several ranks sharing one GPU, which NCCL refuses).
 
-    NCCL moves GPU tensors only: a CPU tensor handed to a collective (a pickled object, a host-side
-    flag) is staged through this rank's GPU and its result copied back."""
+    Under NCCL every group has a gloo twin over the same ranks, created with it, and CPU tensors (a
+    pickled object, a host-side flag, the lengths of a gather) travel over the twin: they never touch
+    the GPU, so a collective on them does not wait for the GPU's queue. NCCL starts eagerly on this
+    rank's GPU (``device_id``), and the groups' NCCL communicators are split from the world's."""
 
     engine = "torch"
 
@@ -39,52 +49,63 @@ class TorchCommunicator(Communicator):
                             f"{'nccl or gloo' if device.type == 'cuda' else 'gloo'}, or unset it")
         rank, size, address = torch_rendezvous(launch) if via is None else \
             (via.rank, via.size, via.broadcast_object(free_address() if via.rank == 0 else None))
+        self._timeout = datetime.timedelta(seconds=timeout_s)
+        # device_id (an indexed torch.device) only under NCCL, where it makes the communicator start
+        # now and new groups split from it; gloo takes no device
+        eager = {"device_id": torch.device("cuda", torch.cuda.current_device() if device.index is None
+                                           else device.index)} if self.backend == "nccl" else {}
         dist.init_process_group(self.backend, init_method=address, rank=rank, world_size=size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-        self._transport = device if self.backend == "nccl" else torch.device("cpu")
+                                timeout=self._timeout, **eager)
+        world = dist.group.WORLD
+        world = _Handles(world, dist.new_group(backend="gloo", timeout=self._timeout) if self.backend == "nccl"
+                         else world)
         hosts = [None] * size
-        dist.all_gather_object(hosts, socket.gethostname())
+        dist.all_gather_object(hosts, socket.gethostname(), group=world.host)
         local = [r for r, host in enumerate(hosts) if host == hosts[rank]]
-        super().__init__(rank, size, local.index(rank), len(local), dist.group.WORLD, device)
+        super().__init__(rank, size, local.index(rank), len(local), world, device)
         self._ops = {"sum": dist.ReduceOp.SUM, "average": dist.ReduceOp.SUM}
 
-    def _staged(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` where the backend can move it: itself, or (NCCL and a CPU tensor) a copy on the GPU.
-        gloo moves CUDA tensors itself."""
-        if self.backend == "nccl" and tensor.device != self._transport:
-            return tensor.to(self._transport)
-        return tensor
+    @staticmethod
+    def _group_for(tensor: torch.Tensor, group: Group):
+        """The process group that moves ``tensor``: the host twin for a CPU tensor (gloo moves CUDA
+        tensors too, so under gloo both are one group)."""
+        return group.handle.host if tensor.device.type == "cpu" else group.handle.device
 
     def host_waits(self, tensor: torch.Tensor) -> bool:
         return not (self.backend == "nccl" and tensor.is_cuda)
 
     def _new_group(self, ranks):
-        return self.dist.new_group(list(ranks))
+        device = self.dist.new_group(list(ranks), timeout=self._timeout)
+        if self.backend != "nccl":
+            return _Handles(device, device)
+        # Members only: with a device bound to the world, a rank outside a new group of any backend
+        # joins an NCCL split of the world, which the gloo group's members never make (it would hang;
+        # pytorch/pytorch#145376).
+        host = self.dist.new_group(list(ranks), backend="gloo", timeout=self._timeout, use_local_synchronization=True)
+        return _Handles(device, host)
 
     def _allreduce_async(self, tensor, op, group, name):
-        buffer = self._staged(tensor)
-        work = self.dist.all_reduce(buffer, op=self._ops[op], group=group.handle, async_op=True)
+        work = self.dist.all_reduce(tensor, op=self._ops[op], group=self._group_for(tensor, group), async_op=True)
 
         def wait():
             work.wait()
             if op == "average":
-                buffer.div_(group.size)
-            if buffer is not tensor:
-                tensor.copy_(buffer)
+                tensor.div_(group.size)
         return Handle(wait, tensor)
 
     def _allgather(self, tensor, group):
         # gloo gathers equal shapes only: pad dim 0 to the longest, gather, then trim each piece.
         lengths = self._lengths(tensor.shape[0], group)
-        padded = self._padded(self._staged(tensor), max(lengths))
+        padded = self._padded(tensor, max(lengths))
         pieces = [torch.empty_like(padded) for _ in range(group.size)]
-        self.dist.all_gather(pieces, padded, group=group.handle)
-        return torch.cat([piece[:n] for piece, n in zip(pieces, lengths)]).to(tensor.device)
+        self.dist.all_gather(pieces, padded, group=self._group_for(padded, group))
+        return torch.cat([piece[:n] for piece, n in zip(pieces, lengths)])
 
     def _lengths(self, length: int, group: Group) -> List[int]:
-        mine = torch.tensor([length], dtype=torch.int64, device=self._transport)
+        """Every member's ``length``, over the host group."""
+        mine = torch.tensor([length], dtype=torch.int64)
         lengths = [torch.zeros_like(mine) for _ in range(group.size)]
-        self.dist.all_gather(lengths, mine, group=group.handle)
+        self.dist.all_gather(lengths, mine, group=group.handle.host)
         return [int(n) for n in lengths]
 
     @staticmethod
@@ -95,22 +116,20 @@ class TorchCommunicator(Communicator):
         return tensor.contiguous()
 
     def _broadcast(self, tensor, root, group):
-        buffer = self._staged(tensor)
-        self.dist.broadcast(buffer, src=root, group=group.handle)
-        if buffer is not tensor:
-            tensor.copy_(buffer)
+        self.dist.broadcast(tensor, src=root, group=self._group_for(tensor, group))
         return tensor
 
     def _gather(self, tensor, sizes, root, group):
-        padded = self._padded(self._staged(tensor), max(sizes))
+        padded = self._padded(tensor, max(sizes))
         pieces = [torch.empty_like(padded) for _ in range(group.size)] if self.rank == root else None
-        self.dist.gather(padded, pieces, dst=root, group=group.handle)
+        self.dist.gather(padded, pieces, dst=root, group=self._group_for(padded, group))
         if self.rank != root:
             return None
         return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)]).cpu()
 
     def _barrier(self, group):
-        self.dist.barrier(group=group.handle)
+        # on the backend's group: under NCCL the host also waits for the GPU's queue, as benchmarks expect
+        self.dist.barrier(group=group.handle.device)
 
     def shutdown(self):
         self.dist.destroy_process_group()

@@ -416,14 +416,16 @@ class Trainer:
     def agree_on_data(self, error: Optional[str]) -> None:
         """Raise ``error`` (this rank's data error for the coming step, or None) on every rank if any rank
         has one, before the forward pass's collectives, which a rank without its batch would never join:
-        a one-element allreduce per step, and the messages (``agree``) only after a failure. The flag goes
-        through cross-GPU BN's communicator, the one for small latency-bound collectives (torch beside
-        Horovod: 0.37 ms a step on 2 CPU ranks, where Horovod's cycle costs 7.3 ms). One rank alone
-        raises its own error and reads nothing from the device."""
+        a one-element allreduce per step, and the messages (``agree``) only after a failure. The flag
+        is known on the host and stays there: a CPU tensor, which the engines move on their host
+        transport (gloo beside NCCL, Horovod's CPU ops), so the step neither waits for the GPU nor
+        stops the host from queueing work ahead of it. It goes through cross-GPU BN's communicator,
+        the one for small latency-bound collectives (torch beside Horovod: 0.37 ms a step on 2 CPU
+        ranks, where Horovod's cycle costs 7.3 ms). One rank alone raises its own error at once."""
         if self.comm.size == 1:
             self.comm.agree(error)
             return
-        failed = torch.tensor([0.0 if error is None else 1.0], device=self.device)
+        failed = torch.tensor([0.0 if error is None else 1.0])
         if comm_mod.get_cgbn().allreduce(failed, op="sum", name="data_failed").item() > 0:
             self.comm.agree(error)
 
