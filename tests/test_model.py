@@ -10,6 +10,7 @@ import torch
 from hpc.cgbn import CrossGPUBatchNorm2d, FrozenBatchNorm2d
 from hpc.errors import UserError
 from megdet.model import MODEL_NAMES, build_detector
+from megdet.model.detector import check_target_values
 from megdet.model.anchors import AnchorGenerator
 from megdet.model.box_coder import DEFAULT_SCALE_CLAMP, BoxCoder
 from megdet.model import ops
@@ -97,13 +98,39 @@ def test_matcher_thresholds_low_quality_and_crowd():
 
 def test_sampling_caps_positives_and_fills_with_negatives():
     labels = torch.tensor([1] * 100 + [0] * 500 + [-1] * 100)
-    positive, negative = sample_labels(labels, batch_size=256, positive_fraction=0.25)
-    assert len(positive) == 64 and len(negative) == 192
+    sample = sample_labels(labels, batch_size=256, positive_fraction=0.25)
+    positive = sample.indices[sample.positive]
+    negative = sample.indices[sample.valid & ~sample.positive]
+    assert len(positive) == 64 and len(negative) == 192 and sample.valid.all()
     assert (labels[positive] == 1).all() and (labels[negative] == 0).all()
-    assert len(set(positive.tolist())) == 64
+    assert len(set(sample.indices.tolist())) == 256
+    assert sample.positive[:64].all() and not sample.positive[64:].any(), "positives come first"
     few = torch.tensor([1] * 3 + [0] * 500)
-    positive, negative = sample_labels(few, batch_size=256, positive_fraction=0.5)
-    assert len(positive) == 3 and len(negative) == 253
+    sample = sample_labels(few, batch_size=256, positive_fraction=0.5)
+    assert sample.positive.sum() == 3 and (sample.valid & ~sample.positive).sum() == 253
+    # fewer eligible candidates than slots: the rest of the slots are padding, never a positive
+    scarce = torch.tensor([1] * 3 + [0] * 5 + [-1] * 40)
+    sample = sample_labels(scarce, batch_size=32, positive_fraction=0.5)
+    assert sample.indices.shape == (32,) and sample.valid.tolist() == [True] * 8 + [False] * 24
+    assert sorted(sample.indices[:3].tolist()) == [0, 1, 2] and sorted(sample.indices[3:8].tolist()) == [3, 4, 5, 6, 7]
+    assert sample_labels(torch.zeros(0, dtype=torch.int8), batch_size=8, positive_fraction=0.5).indices.shape == (0,)
+
+
+def test_sampling_is_uniform_over_positives_and_over_negatives():
+    """Each positive is in the sample with probability cap / #positives, each negative with probability
+    (batch - #sampled positives) / #negatives, whatever its position (a biased top-k would favour some)."""
+    torch.manual_seed(0)
+    labels = torch.tensor([0] * 30 + [1] * 10 + [-1] * 5 + [0] * 30)
+    draws = 4000
+    counts = torch.zeros(labels.shape[0])
+    for _ in range(draws):
+        sample = sample_labels(labels, batch_size=16, positive_fraction=0.25)
+        counts[sample.indices[sample.valid]] += 1
+    frequency = counts / draws
+    assert (frequency[labels == -1] == 0).all()
+    # 4 of 10 positives and 12 of 60 negatives per draw; 4000 draws put each frequency within 0.03 (> 4 sigma)
+    assert (frequency[labels == 1] - 0.4).abs().max() < 0.03
+    assert (frequency[labels == 0] - 0.2).abs().max() < 0.03
 
 
 def test_roi_level_mapping_follows_the_fpn_rule():
@@ -132,6 +159,64 @@ def test_multiscale_pooling_equals_each_roi_pooled_on_its_own_level():
     torch.testing.assert_close(pooled, torch.cat(expected))
     assert len(set(pooler.level_of(torch.cat(boxes)).tolist())) > 1, "the boxes must span several levels"
     assert all(torch.equal(b, a) for b, a in zip(boxes, before))
+
+
+@pytest.mark.parametrize("aligned, sampling_ratio", [(True, 0), (False, 0), (True, 2)])
+def test_pooling_every_level_without_a_read_equals_pooling_level_by_level(aligned, sampling_ratio):
+    """The formulation of torchvision's compiled path (each level pools every RoI, the others collapsed to
+    empty boxes) gives the pure path's values and gradients, here with the kernel that runs on this
+    machine."""
+    generator = torch.Generator().manual_seed(5)
+    strides = (4, 8, 16, 32)
+    pooler = MultiScaleRoIAlign(output_size=7, strides=strides, sampling_ratio=sampling_ratio, aligned=aligned)
+    features = [torch.randn(2, 3, 256 // s, 320 // s, generator=generator, dtype=torch.float64, requires_grad=True)
+                for s in strides]
+    boxes = [random_boxes(n, 250, generator, max_side=250.0).double() for n in (12, 5)]
+    rois = torch.cat([torch.cat((torch.full_like(b[:, :1], i), b), dim=1) for i, b in enumerate(boxes)])
+    levels = pooler.level_of(rois[:, 1:])
+    assert len(set(levels.tolist())) > 2, "the boxes must span several levels"
+    results = []
+    for pool in (pooler._pool_by_level, pooler._pool_every_level):
+        pooled = pool(features, rois, levels)
+        gradients = torch.autograd.grad((pooled * torch.arange(pooled.numel()).view_as(pooled)).sum(), features,
+                                        allow_unused=True)  # a level without RoIs has no graph by level
+        results.append((pooled, [torch.zeros_like(f) if g is None else g for f, g in zip(features, gradients)]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for every_level, by_level in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(every_level, by_level)
+
+
+def test_proposals_leave_unusable_boxes_out_without_selecting_them_out():
+    """Non-finite or (clipped) empty boxes go to NMS as copies of the best box, which suppresses them: the
+    proposals are those of NMS over the usable boxes alone, and an image without any gets zero boxes."""
+    torch.manual_seed(0)
+    rpn = small_detector(rpn_pre_nms_topk=(60, 60), rpn_post_nms_topk=(50, 50)).rpn.eval()
+    sizes = [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]
+    anchors = rpn.anchor_generator(sizes)
+    objectness = [torch.randn(3, len(a)) for a in anchors]
+    deltas = [torch.randn(3, len(a), 4) for a in anchors]
+    deltas[0][0, :40] = float("nan")                     # image 0: non-finite boxes
+    objectness[1][0, :10] = float("inf")                 # and non-finite scores
+    image_sizes = [(64, 80), (20, 24), (64, 80)]         # image 1: most boxes outside it, empty once clipped
+    deltas = [d.clone() for d in deltas]
+    for d in deltas:
+        d[2] = float("nan")                              # image 2: nothing usable
+    proposals = rpn.propose(anchors, objectness, deltas, image_sizes)
+    for image in (0, 1):
+        boxes, scores, levels = [], [], []
+        for level, (a, o, d) in enumerate(zip(anchors, objectness, deltas)):
+            top_scores, top = o[image].topk(min(60, o.shape[1]))
+            boxes.append(rpn.box_coder.decode(d[image][top], a[top]))
+            scores.append(top_scores)
+            levels.append(torch.full_like(top, level))
+        boxes, scores, levels = torch.cat(boxes), torch.cat(scores), torch.cat(levels)
+        usable = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+        boxes = ops.clip_boxes(boxes, image_sizes[image])
+        keep = torch.nonzero(usable & ops.nonempty(boxes)).squeeze(1)
+        assert 0 < len(keep) < len(boxes), "the case needs both usable and unusable boxes"
+        kept = keep[ops.batched_nms(boxes[keep], scores[keep], levels[keep], rpn.nms_threshold)][:50]
+        torch.testing.assert_close(proposals[image], boxes[kept], rtol=0, atol=0)
+    assert proposals[2].shape[1] == 4 and (proposals[2] == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,20 +283,7 @@ def test_eval_returns_detections_in_original_coordinates():
         torch.testing.assert_close(after["scores"], before["scores"])
 
 
-@pytest.mark.parametrize("case, message", [
-    ("inverted box", "x2 <= x1"),
-    ("label 0", "outside 1..4"),
-    ("label too big", "outside 1..4"),
-    ("tiny image", "smaller than the network's stride 32"),
-    ("nan pixel", "NaN"),
-    ("nan box", "not finite"),
-    ("int32 image", "dtype"),
-    ("no targets", "no targets"),
-    ("missing iscrowd", "lacks"),
-])
-def test_bad_input_is_a_user_error(case, message):
-    model = small_detector().train()
-    images, targets = mixed_batch()
+def bad_case(case, images, targets):
     if case == "inverted box":
         targets[0]["boxes"][1] = torch.tensor([70.0, 5.0, 60.0, 40.0])
     elif case == "label 0":
@@ -230,8 +302,48 @@ def test_bad_input_is_a_user_error(case, message):
         targets = None
     elif case == "missing iscrowd":
         del targets[2]["iscrowd"]
+    return images, targets
+
+
+@pytest.mark.parametrize("case, message", [
+    ("tiny image", "smaller than the network's stride 32"),
+    ("int32 image", "dtype"),
+    ("no targets", "no targets"),
+    ("missing iscrowd", "lacks"),
+])
+def test_bad_input_is_a_user_error(case, message):
+    model = small_detector().train()
+    images, targets = bad_case(case, *mixed_batch())
     with pytest.raises(UserError, match=message):
         model(images, targets)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("inverted box", "x2 <= x1"),
+    ("label 0", "outside 1..4"),
+    ("label too big", "outside 1..4"),
+    ("nan box", "not finite"),
+    ("nan pixel", "NaN"),
+])
+def test_bad_values_make_every_training_loss_nan_and_the_host_checks_name_them(case, message):
+    """Training reads no value from the device: a bad target or pixel makes every loss NaN (the guard then
+    skips the step), with no error from inside the model, no NaN gradient and no NaN BN statistic. The
+    host-side checks name the value: check_target_values (megdet's loader runs it) and inference."""
+    torch.manual_seed(0)
+    model = small_detector().train()
+    images, targets = bad_case(case, *mixed_batch())
+    losses = model(images, targets)
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
+    assert all(torch.isnan(loss) for loss in losses.values()), losses
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert all(torch.isfinite(b).all() for b in model.buffers())
+    with pytest.raises(UserError, match=message):
+        if case == "nan pixel":
+            model.eval()(images)
+        else:
+            check_target_values(targets, NUM_CLASSES)
+    check_target_values(mixed_batch()[1], NUM_CLASSES)
 
 
 def test_uint8_images_give_the_losses_of_the_same_pixels_as_float():

@@ -57,6 +57,7 @@ from megdet.engine.evaluate import MASK_PREFIX
 from megdet.engine.banner import describe_optimizer, run_banner
 from megdet.engine.build import (Runtime, build_model, build_optimizer, build_runtime, build_schedule, init_rank,
                                  loader_workers, run_dir)
+from megdet.model.detector import check_target_values
 from megdet.weights import resolve as resolve_weights
 from megdet.engine.metrics import (METRICS_FILE, PLOT_FILE, MetricsLogger, plot_metrics, read_metrics,
                                    summary_writer_class)
@@ -80,8 +81,9 @@ class _TrainingBatches(torch.utils.data.Dataset):
     to tell every rank (raised in a DataLoader worker, it would come back as torch's multi-line traceback).
     """
 
-    def __init__(self, dataset: ShardDataset, transform, *, seed: int, rank: int):
+    def __init__(self, dataset: ShardDataset, transform, *, seed: int, rank: int, num_classes: int):
         self.dataset, self.transform, self.seed, self.rank = dataset, transform, seed, rank
+        self.num_classes = num_classes
 
     def __getitem__(self, key: Tuple[int, List[int]]):
         iteration, indices = key
@@ -96,9 +98,12 @@ class _TrainingBatches(torch.utils.data.Dataset):
                 raise UserError(f"all {len(indices)} images of rank {self.rank}'s batch at iteration {iteration} are "
                                 "corrupt (left out by data.skip_corrupt=true): run the same 'megdet pack' command "
                                 "again to repack the shards that fail their checksum")
+            batch = collate(samples)
+            # the values the detector does not read on the device, checked while they are on the host
+            check_target_values(batch[1], self.num_classes)
         except UserError as error:
             return None, 0, 0, str(error)
-        return collate(samples), sum(sample.num_degenerate for sample in samples), len(indices) - len(samples), None
+        return batch, sum(sample.num_degenerate for sample in samples), len(indices) - len(samples), None
 
 
 def _batch_keys(sampler: DistributedShardSampler, start: int, stop: int) -> Iterator[Tuple[int, List[int]]]:
@@ -313,7 +318,8 @@ class Trainer:
         """This rank's micro-batches of iterations start_iter..max_iter-1 (``backward_passes_per_step`` per
         iteration, each of ``data.images_per_rank`` images), as ((images, targets, ids, sizes), boxes
         dropped as degenerate); pinned for a GPU."""
-        batches = _TrainingBatches(self.train_set, self.transform, seed=self.cfg.train.seed, rank=self.comm.rank)
+        batches = _TrainingBatches(self.train_set, self.transform, seed=self.cfg.train.seed, rank=self.comm.rank,
+                                   num_classes=self.cfg.model.num_classes)
         micro = _batch_keys(self.sampler, self.start_iter * self.passes, self.cfg.solver.max_iter * self.passes)
         return torch.utils.data.DataLoader(
             batches, sampler=micro, batch_size=None,

@@ -12,6 +12,7 @@ Shapes: N images, image i is (3, Hi, Wi) float RGB in 0..255, already resized; t
 from __future__ import annotations
 
 import logging
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -72,12 +73,15 @@ class FasterRCNN(nn.Module):
                 raise UserError("the detector is in train mode but got no targets; pass targets, or call "
                                 "model.eval() for detections")
             self.check_targets(targets, len(images), image_sizes)
+            unusable = self.unusable_values(images, targets)
+            # labels in 1..K whatever was given, so that a bad one cannot index out of range
+            targets = [{**target, "labels": target["labels"].clamp(1, self.num_classes)} for target in targets]
         batch = self.pad_and_normalise(images)
         features = list(self.fpn(self.backbone(batch)).values())
         proposals, rpn_losses = self.rpn(features, image_sizes, targets)
         outputs = self.roi_heads(features[:len(ROI_LEVEL_STRIDES)], proposals, image_sizes, targets)
         if self.training:
-            return {**rpn_losses, **outputs}
+            return {name: loss.masked_fill(unusable, math.nan) for name, loss in {**rpn_losses, **outputs}.items()}
         return self.rescale(outputs, image_sizes, image_sizes if original_sizes is None else original_sizes)
 
     def pad_and_normalise(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -90,15 +94,18 @@ class FasterRCNN(nn.Module):
         width = -(-max(image.shape[2] for image in images) // divisor) * divisor
         batch = torch.zeros((len(images), 3, height, width), dtype=torch.float32, device=images[0].device)
         for slot, image in zip(batch, images):
+            if image.is_floating_point():  # non-finite pixels (training: NaN losses) must not reach BN statistics
+                image = image.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
             slot[:, :image.shape[1], :image.shape[2]] = (image.float() - self.pixel_mean) / self.pixel_std
         if self.channels_last or self.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last):
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
     def check_images(self, images: Sequence[torch.Tensor]) -> None:
-        """UserError for anything but a non-empty list of (3, H, W) tensors, uint8 or finite float, of at
-        least ``size_divisibility`` pixels per side, all on the model's device. The finiteness of float
-        images is read in one host synchronisation for the batch."""
+        """UserError for anything but a non-empty list of (3, H, W) tensors, uint8 or float, of at least
+        ``size_divisibility`` pixels per side, all on the model's device. In inference, also for float
+        images with non-finite pixels, read in one host synchronisation for the batch; in training their
+        values are not read (``unusable_values``)."""
         if isinstance(images, torch.Tensor) or len(images) == 0:
             raise UserError("images must be a non-empty list of Tensor[3, H, W] (one per image), got "
                             f"{type(images).__name__}")
@@ -117,7 +124,7 @@ class FasterRCNN(nn.Module):
                                 f"network's stride {self.size_divisibility}; resize it to at least "
                                 f"{self.size_divisibility} pixels per side")
         floats = [index for index, image in enumerate(images) if image.is_floating_point()]
-        if floats:
+        if floats and not self.training:
             finite = torch.stack([torch.isfinite(images[index]).all() for index in floats]).tolist()
             if not all(finite):
                 index = floats[finite.index(False)]
@@ -125,9 +132,10 @@ class FasterRCNN(nn.Module):
 
     def check_targets(self, targets: Sequence[Dict[str, torch.Tensor]], num_images: int,
                       image_sizes: Sequence[Tuple[int, int]] = ()) -> None:
-        """UserError unless there is one target per image with finite boxes (K, 4), x2 > x1 and y2 > y1,
-        labels (K,) in 1..K and iscrowd (K,). The value checks of the whole batch are read in one
-        host synchronisation; only a failing batch pays for more, to name the box."""
+        """UserError unless there is one target per image with boxes (K, 4) float, labels (K,) int64 and
+        iscrowd (K,) bool (and, with masks, masks (K, H, W) at the image's size) on the model's device.
+        Shapes, dtypes and devices only: the values are the data pipeline's to check
+        (``check_target_values``), and reading them here would stall every step."""
         if len(targets) != num_images:
             raise UserError(f"got {len(targets)} targets for {num_images} images; give one target dict per image")
         for index, target in enumerate(targets):
@@ -153,22 +161,16 @@ class FasterRCNN(nn.Module):
             if devices != {self.pixel_mean.device}:
                 raise UserError(f"target {index} is on {', '.join(sorted(map(str, devices)))} but the model is on "
                                 f"{self.pixel_mean.device}; move the targets to the model's device")
-        problems = [(~torch.isfinite(t["boxes"]).all(dim=1),
-                     (t["boxes"][:, 2] <= t["boxes"][:, 0]) | (t["boxes"][:, 3] <= t["boxes"][:, 1]),
-                     (t["labels"] < 1) | (t["labels"] > self.num_classes)) for t in targets]
-        counts = torch.stack([torch.stack([flags.sum() for flags in image]) for image in problems]).tolist()
-        for index, (target, (not_finite, empty, out_of_range), (bad_values, bad_sides, bad_labels)) in \
-                enumerate(zip(targets, problems, counts)):
-            if bad_values:
-                raise UserError(f"target {index}: box {int(not_finite.nonzero()[0])} is not finite; "
-                                "fix the annotations")
-            if bad_sides:
-                first = int(empty.nonzero()[0])
-                raise UserError(f"target {index}: box {first} {target['boxes'][first].tolist()} has x2 <= x1 or "
-                                f"y2 <= y1 ({bad_sides} such boxes); drop empty boxes in the data transforms")
-            if bad_labels:
-                raise UserError(f"target {index}: label {int(target['labels'][out_of_range][0])} is outside "
-                                f"1..{self.num_classes}; map category ids to contiguous labels 1..num_classes")
+
+    def unusable_values(self, images: Sequence[torch.Tensor],
+                        targets: Sequence[Dict[str, torch.Tensor]]) -> torch.Tensor:
+        """A bool scalar on the device, True when a float image has a non-finite pixel or a target breaks
+        ``check_target_values``; the training losses are then NaN (so the ``DistributedOptimizer``'s
+        guard skips the step, as detectron2's trainer stops on a non-finite loss) rather than the
+        garbage that such values make. Not read: no host synchronisation."""
+        flags = [~torch.isfinite(image).all() for image in images if image.is_floating_point()]
+        flags += [problems.any() for target in targets for problems in _target_problems(target, self.num_classes)]
+        return torch.stack(flags).any()  # three flags per target at least
 
     @staticmethod
     def rescale(detections: List[Dict[str, torch.Tensor]], image_sizes: Sequence[Tuple[int, int]],
@@ -185,6 +187,30 @@ class FasterRCNN(nn.Module):
                 detection["masks"] = paste_masks(detection.pop("mask_probs"), detection["boxes"],
                                                  (original_h, original_w))
         return detections
+
+
+def _target_problems(target: Dict[str, torch.Tensor], num_classes: int) -> Tuple[torch.Tensor, ...]:
+    """(non-finite boxes, boxes with x2 <= x1 or y2 <= y1, labels outside 1..``num_classes``), bool (K,) each."""
+    boxes, labels = target["boxes"], target["labels"]
+    return (~torch.isfinite(boxes).all(dim=1), (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]),
+            (labels < 1) | (labels > num_classes))
+
+
+def check_target_values(targets: Sequence[Dict[str, torch.Tensor]], num_classes: int) -> None:
+    """UserError naming the first target with a non-finite box, a box with x2 <= x1 or y2 <= y1, or a label
+    outside 1..``num_classes``. Reads the values: run it where they are on the host (megdet's loader
+    does, on each batch it makes); the detector itself only turns such values into NaN losses."""
+    for index, target in enumerate(targets):
+        not_finite, empty, out_of_range = _target_problems(target, num_classes)
+        if not_finite.any():
+            raise UserError(f"target {index}: box {int(not_finite.nonzero()[0])} is not finite; fix the annotations")
+        if empty.any():
+            first = int(empty.nonzero()[0])
+            raise UserError(f"target {index}: box {first} {target['boxes'][first].tolist()} has x2 <= x1 or y2 <= y1 "
+                            f"({int(empty.sum())} such boxes); drop empty boxes in the data transforms")
+        if out_of_range.any():
+            raise UserError(f"target {index}: label {int(target['labels'][out_of_range][0])} is outside "
+                            f"1..{num_classes}; map category ids to contiguous labels 1..num_classes")
 
 
 def mask_branch(settings: Dict, in_channels: int, num_classes: int, norm: str,

@@ -8,7 +8,7 @@ K classes (labels 1..K, 0 = background); D detections of an image.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,19 @@ CANONICAL_BOX_SIZE = 224
 CANONICAL_LEVEL = 4
 # Keeps log2 finite for empty boxes and puts a box of exactly 112 px on level 3, as detectron2.
 LEVEL_MAPPING_EPS = 1e-8
+
+
+class RoISample(NamedTuple):
+    """The RoIs of one image sampled for the losses, in S fixed slots (``sample_labels``), positives first:
+    rois (S, 4); classes (S,) int64, 0 background, IGNORE for the slots that hold no sampled RoI; box_targets
+    (S, 4), zero but for positives; matched (S,) int64, each RoI's ground-truth index (meaningful for
+    positives); positive (S,) bool."""
+
+    rois: torch.Tensor
+    classes: torch.Tensor
+    box_targets: torch.Tensor
+    matched: torch.Tensor
+    positive: torch.Tensor
 
 
 class MultiScaleRoIAlign(nn.Module):
@@ -56,21 +69,41 @@ class MultiScaleRoIAlign(nn.Module):
         """``features``: levels (N, C, Hi, Wi) matching ``strides``; ``boxes``: N tensors (Ri, 4) in input
         pixels. Returns (R, C, S, S) in the order of the concatenated boxes.
 
-        The RoIs are sorted by level and the level sizes read in one host synchronisation (with, for
-        the pure-PyTorch RoIAlign, each level's largest sampling grid), not one per level."""
+        With torchvision's compiled RoIAlign (a GPU), ``_pool_every_level``, which reads nothing from
+        the device; with the pure-PyTorch one (the CPU), ``_pool_by_level``, one host read per call."""
         rois = torch.cat([torch.cat((torch.full_like(b[:, :1], i), b), dim=1) for i, b in enumerate(boxes)])
         levels = self.level_of(rois[:, 1:])
+        if backend(rois.device.type) == "torchvision":
+            return self._pool_every_level(features, rois, levels)
+        return self._pool_by_level(features, rois, levels)
+
+    def _pool_every_level(self, features: Sequence[torch.Tensor], rois: torch.Tensor,
+                          levels: torch.Tensor) -> torch.Tensor:
+        """Each level pools all R RoIs, those of the other levels collapsed to empty boxes, and each RoI
+        keeps its own level's result: no level sizes to read. An empty box costs next to nothing with
+        adaptive sampling and ``aligned`` (no samples: one idle thread per bin and channel); unaligned
+        RoIs grow to one cell and a fixed ``sampling_ratio`` samples it anyway, and then it costs what
+        a small RoI does. The gradient reaches each RoI's own level only."""
+        pooled = None
+        for level, (level_features, stride) in enumerate(zip(features, self.strides)):
+            here = levels == level
+            level_rois = torch.cat((rois[:, :1], rois[:, 1:].masked_fill(~here[:, None], 0.0)), dim=1)
+            level_pooled = roi_align(level_features, level_rois, (self.output_size, self.output_size),
+                                     1.0 / stride, self.sampling_ratio, self.aligned)
+            pooled = level_pooled if pooled is None else torch.where(here[:, None, None, None], level_pooled, pooled)
+        return pooled
+
+    def _pool_by_level(self, features: Sequence[torch.Tensor], rois: torch.Tensor,
+                       levels: torch.Tensor) -> torch.Tensor:
+        """The RoIs sorted by level, each level pooling its own: the level sizes and each level's largest
+        sampling grid (which sizes the pure-PyTorch kernel's tensors) read in one host synchronisation."""
         by_level = torch.sort(levels, stable=True).indices
         rois = rois[by_level]
         num_levels = len(self.strides)
-        read = [torch.bincount(levels, minlength=num_levels)]
-        pure = backend(rois.device.type) == "pytorch"
-        if pure:
-            read.append(self._largest_grids(rois, levels[by_level]))
-        read = torch.cat(read).tolist()
+        read = torch.cat([torch.bincount(levels, minlength=num_levels),
+                          self._largest_grids(rois, levels[by_level])]).tolist()
         sizes = read[:num_levels]
-        grids = [tuple(read[num_levels + 2 * i:num_levels + 2 * i + 2]) for i in range(num_levels)] if pure \
-            else [None] * num_levels
+        grids = [tuple(read[num_levels + 2 * i:num_levels + 2 * i + 2]) for i in range(num_levels)]
         pooled = [roi_align(level_features, level_rois, (self.output_size, self.output_size), 1.0 / stride,
                             self.sampling_ratio, self.aligned, grid)
                   for level_features, level_rois, stride, grid
@@ -163,14 +196,15 @@ class RoIHeads(nn.Module):
         """Training: ``{"loss_cls", "loss_box"}`` (+ "loss_mask"). Inference: N dicts of "boxes" (D, 4) in
         input pixels (clipped), "scores" (D,), "labels" (D,) int64 in 1..K (+ "mask_probs" (D, M, M))."""
         if self.training:
-            rois, classes, regression_targets, matched_positives = self.sample_rois(proposals, targets)
+            samples = self.sample_rois(proposals, targets)
+            rois = [sample.rois for sample in samples]
         else:
             rois = list(proposals)
         logits, deltas = self.predictor(self.box_head(self.pooler(features, rois)))
         if self.training:
-            losses = self.losses(logits, deltas, classes, regression_targets)
+            losses = self.losses(logits, deltas, samples)
             if self.mask_on:
-                losses["loss_mask"] = self.mask_losses(features, rois, matched_positives, targets)
+                losses["loss_mask"] = self.mask_losses(features, samples, targets)
             return losses
         detections = self.detections(logits, deltas, rois, image_sizes)
         if self.mask_on:
@@ -178,58 +212,67 @@ class RoIHeads(nn.Module):
         return detections
 
     @torch.no_grad()
-    def sample_rois(self, proposals: Sequence[torch.Tensor], targets: Sequence[Dict[str, torch.Tensor]]):
-        """Add each image's non-crowd ground truth to its proposals, match, sample. Returns N tensors (Ri, 4)
-        of RoIs (each image's positives first), their classes (R,) (0 = background), box targets (R, 4)
-        (zeros for background), and N tensors (Pi,) of the ground-truth index each image's positive RoI
-        matched (their sizes give the positives per image without reading the device)."""
-        rois, classes, regression_targets, matched_positives = [], [], [], []
+    def sample_rois(self, proposals: Sequence[torch.Tensor],
+                    targets: Sequence[Dict[str, torch.Tensor]]) -> List[RoISample]:
+        """Add each image's ground truth to its proposals, match, sample: one ``RoISample`` per image.
+
+        Crowd boxes, and the zero boxes that stand for proposals the RPN had none for, are candidates
+        that are never sampled (selecting them out would read the device)."""
+        samples = []
         for image_proposals, target in zip(proposals, targets):
             gt_boxes, is_crowd = target["boxes"], target["iscrowd"]
-            candidates = torch.cat((image_proposals, gt_boxes[~is_crowd]))
+            candidates = torch.cat((image_proposals, gt_boxes))
             matched, match_labels = self.matcher(gt_boxes, is_crowd, candidates)
-            labels = torch.zeros_like(matched)
-            foreground = match_labels > 0
-            labels[foreground] = target["labels"][matched[foreground]]
-            labels[match_labels == IGNORE] = IGNORE
-            positive, negative = sample_labels(labels, batch_size=self.batch_size_per_image,
-                                               positive_fraction=self.positive_fraction)
-            sampled = torch.cat((positive, negative))
-            image_targets = torch.zeros((sampled.numel(), 4), dtype=candidates.dtype, device=candidates.device)
-            if positive.numel():
-                image_targets[:positive.numel()] = self.box_coder.encode(candidates[positive],
-                                                                         gt_boxes[matched[positive]])
-            rois.append(candidates[sampled])
-            classes.append(labels[sampled])
-            regression_targets.append(image_targets)
-            matched_positives.append(matched[positive])
-        return rois, torch.cat(classes), torch.cat(regression_targets), matched_positives
+            never = ~nonempty(candidates) | torch.cat((torch.zeros_like(image_proposals[:, 0], dtype=torch.bool),
+                                                       is_crowd))
+            classes = target["labels"][matched] if gt_boxes.shape[0] else torch.zeros_like(matched)
+            classes = classes.masked_fill(match_labels <= 0, 0).masked_fill((match_labels == IGNORE) | never, IGNORE)
+            sample = sample_labels(classes, batch_size=self.batch_size_per_image,
+                                   positive_fraction=self.positive_fraction)
+            rois = candidates[sample.indices]
+            slot_matched = matched[sample.indices]
+            if gt_boxes.shape[0]:
+                box_targets = self.box_coder.encode(rois, gt_boxes[slot_matched])
+                box_targets = box_targets.masked_fill(~sample.positive[:, None], 0.0)
+            else:  # no box to match: no positive
+                box_targets = torch.zeros_like(rois)
+            samples.append(RoISample(rois, classes[sample.indices].masked_fill(~sample.valid, IGNORE), box_targets,
+                                     slot_matched, sample.positive))
+        return samples
 
-    def losses(self, logits: torch.Tensor, deltas: torch.Tensor, classes: torch.Tensor,
-               regression_targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def losses(self, logits: torch.Tensor, deltas: torch.Tensor,
+               samples: Sequence[RoISample]) -> Dict[str, torch.Tensor]:
         """Cross-entropy over all sampled RoIs (mean); box loss of each foreground RoI's own class, summed
-        and divided by the number of sampled RoIs (detectron2). Both are 0, not NaN, without RoIs."""
-        num_sampled = max(classes.numel(), 1)
-        loss_cls = F.cross_entropy(logits, classes, reduction="sum") / num_sampled
-        foreground = torch.nonzero(classes > 0).squeeze(1)
-        # (R, K*4) -> (R, K, 4); pick each foreground RoI's class (labels 1..K -> column 0..K-1)
-        foreground_deltas = deltas.view(deltas.shape[0], -1, 4)[foreground, classes[foreground] - 1]
-        loss_box = F.smooth_l1_loss(foreground_deltas, regression_targets[foreground], beta=self.smooth_l1_beta,
-                                    reduction="sum") / num_sampled
+        and divided by the number of sampled RoIs (detectron2). Both are 0, not NaN, without RoIs.
+        Padding slots (class IGNORE) are left out of both, and the count stays on the device."""
+        classes = torch.cat([sample.classes for sample in samples])
+        regression_targets = torch.cat([sample.box_targets for sample in samples])
+        num_sampled = (classes != IGNORE).sum().clamp(min=1)
+        loss_cls = F.cross_entropy(logits, classes, reduction="sum", ignore_index=IGNORE) / num_sampled
+        foreground = classes > 0
+        # (R, K*4) -> (R, K, 4); each RoI's deltas of its class (labels 1..K -> column 0..K-1), zero for the others
+        rows = torch.arange(classes.shape[0], device=classes.device)
+        own_deltas = deltas.view(deltas.shape[0], -1, 4)[rows, (classes - 1).clamp(min=0)]
+        loss_box = F.smooth_l1_loss(own_deltas.masked_fill(~foreground[:, None], 0.0), regression_targets,
+                                    beta=self.smooth_l1_beta, reduction="sum") / num_sampled
         return {"loss_cls": loss_cls, "loss_box": loss_box}
 
-    def mask_losses(self, features: Sequence[torch.Tensor], rois: Sequence[torch.Tensor],
-                    matched_positives: Sequence[torch.Tensor],
+    def mask_losses(self, features: Sequence[torch.Tensor], samples: Sequence[RoISample],
                     targets: Sequence[Dict[str, torch.Tensor]]) -> torch.Tensor:
         """Mask R-CNN's loss on the positive RoIs only: the mask head on their 14x14 pooled features, against
         each one's ground-truth mask cropped to the RoI and resampled to 28x28 (``mask_targets``);
-        per-pixel BCE on the ground-truth class's map, averaged over positive RoIs. Positives come first
-        in each image's sample, as many as ``matched_positives`` holds for it."""
-        positive_rois = [roi[:match.numel()] for roi, match in zip(rois, matched_positives)]
+        per-pixel BCE on the ground-truth class's map, averaged over positive RoIs.
+
+        Positives come first in each image's sample; their counts are read from the device, once for
+        the batch (the mask branch's one host synchronisation), so that the mask head runs on the
+        positives alone rather than on every slot that could hold one."""
+        counts = torch.stack([sample.positive.sum() for sample in samples]).tolist()
+        positive_rois = [sample.rois[:count] for sample, count in zip(samples, counts)]
+        matched = [sample.matched[:count] for sample, count in zip(samples, counts)]
         logits = self.mask_head(self.mask_pooler(features, positive_rois))
         mask_target = torch.cat([mask_targets(target["masks"], match, roi)
-                                 for target, match, roi in zip(targets, matched_positives, positive_rois)])
-        labels = torch.cat([target["labels"][match] for target, match in zip(targets, matched_positives)])
+                                 for target, match, roi in zip(targets, matched, positive_rois)])
+        labels = torch.cat([target["labels"][match] for target, match in zip(targets, matched)])
         return mask_loss(logits, labels, mask_target)
 
     @torch.no_grad()

@@ -127,27 +127,48 @@ class RPN(nn.Module):
             # would leave the others waiting in the next collective).
             finite = torch.isfinite(image_boxes).all(dim=1) & torch.isfinite(image_scores)
             image_boxes = clip_boxes(image_boxes, image_size)
-            keep = torch.nonzero(finite & nonempty(image_boxes)).squeeze(1)
-            kept = keep[batched_nms(image_boxes[keep], image_scores[keep], levels[keep], self.nms_threshold)]
-            proposals.append(image_boxes[kept[:self.post_nms_topk[self.training]]])
+            usable = finite & nonempty(image_boxes)
+            # Unusable boxes are not selected out (that would read the device): they go to NMS as
+            # copies of the image's best usable box, in its level, scored -inf, so that it suppresses
+            # them (IoU 1) and NMS keeps the usable boxes it kept without them. An image without any
+            # usable box gets zero boxes, which the RoI heads ignore and never turn into detections.
+            best = torch.where(usable, image_scores, -torch.inf).argmax(dim=0, keepdim=True)          # (1,)
+            stand_in = image_boxes[best].masked_fill(~usable[best, None], 0.0)                        # (1, 4)
+            nms_boxes = torch.where(usable[:, None], image_boxes, stand_in)
+            nms_scores = torch.where(usable, image_scores, -torch.inf)
+            nms_levels = torch.where(usable, levels, levels[best])
+            kept = batched_nms(nms_boxes, nms_scores, nms_levels, self.nms_threshold)
+            kept = kept[:self.post_nms_topk[self.training]]
+            proposals.append(torch.where(usable[kept, None], nms_boxes[kept], 0.0))
         return proposals
 
     def losses(self, anchors: torch.Tensor, objectness: torch.Tensor, deltas: torch.Tensor,
                targets: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """Objectness BCE over the sampled anchors and box loss over the positives, both summed and divided
-        by ``batch_size_per_image * N`` (detectron2). anchors (M, 4), objectness (N, M), deltas (N, M, 4)."""
-        sampled_logits, sampled_labels, positive_deltas, positive_targets = [], [], [], []
+        by ``batch_size_per_image * N`` (detectron2). anchors (M, 4), objectness (N, M), deltas (N, M, 4).
+
+        Each image's sample is S fixed slots (``sample_labels``); slots that hold no sampled anchor, and
+        for the box loss those that hold no positive, are masked out of the sums."""
+        sampled_logits, sampled_labels, sampled, positive_deltas, positive_targets = [], [], [], [], []
         for image_objectness, image_deltas, target in zip(objectness, deltas, targets):
-            matched, labels = self.matcher(target["boxes"], target["iscrowd"], anchors)
-            positive, negative = sample_labels(labels, batch_size=self.batch_size_per_image,
-                                               positive_fraction=self.positive_fraction)
-            sampled = torch.cat((positive, negative))
-            sampled_logits.append(image_objectness[sampled])
-            sampled_labels.append((labels[sampled] == FOREGROUND).to(image_objectness.dtype))
-            positive_deltas.append(image_deltas[positive])
-            positive_targets.append(self.box_coder.encode(anchors[positive], target["boxes"][matched[positive]]))
+            gt_boxes = target["boxes"]
+            matched, labels = self.matcher(gt_boxes, target["iscrowd"], anchors)
+            sample = sample_labels(labels, batch_size=self.batch_size_per_image,
+                                   positive_fraction=self.positive_fraction)
+            sampled_logits.append(image_objectness[sample.indices].masked_fill(~sample.valid, 0.0))
+            sampled_labels.append((labels[sample.indices] == FOREGROUND).to(image_objectness.dtype))
+            sampled.append(sample.valid)
+            positive = sample.positive[:, None]                                                # (S, 1)
+            positive_deltas.append(image_deltas[sample.indices].masked_fill(~positive, 0.0))
+            if gt_boxes.shape[0]:
+                matched_boxes = gt_boxes[matched[sample.indices]]
+                box_targets = self.box_coder.encode(anchors[sample.indices], matched_boxes).masked_fill(~positive, 0.0)
+            else:  # no box to match: no positive
+                box_targets = torch.zeros_like(anchors[sample.indices])
+            positive_targets.append(box_targets)
         normaliser = self.batch_size_per_image * objectness.shape[0]
         loss_cls = F.binary_cross_entropy_with_logits(torch.cat(sampled_logits), torch.cat(sampled_labels),
+                                                      weight=torch.cat(sampled).to(objectness.dtype),
                                                       reduction="sum") / normaliser
         loss_box = F.smooth_l1_loss(torch.cat(positive_deltas), torch.cat(positive_targets),
                                     beta=self.smooth_l1_beta, reduction="sum") / normaliser
