@@ -89,20 +89,36 @@ def _call_site(frame) -> Site:
     return "?", "?"
 
 
+def _in_pure_pytorch_kernel(frame) -> bool:
+    """Whether ``frame`` runs inside one of ``PURE_PYTORCH_SITES`` (a helper of theirs included)."""
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if path.is_relative_to(REPO) and (path.relative_to(REPO).as_posix(),
+                                          frame.f_code.co_qualname) in PURE_PYTORCH_SITES:
+            return True
+        frame = frame.f_back
+    return False
+
+
 class HostReads(TorchFunctionMode):
-    """Counts host reads of tensors by call site while active."""
+    """Counts host reads of tensors by call site while active; ``pure`` holds the sites reached from the
+    pure-PyTorch kernels."""
 
     def __init__(self):
         super().__init__()
         self.sites: Counter[Site] = collections.Counter()
         self.kinds: Dict[Site, set] = collections.defaultdict(set)
+        self.pure: set = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kind = _reads(func, args)
         if kind:
-            site = _call_site(sys._getframe(1))
+            caller = sys._getframe(1)
+            site = _call_site(caller)
             self.sites[site] += 1
             self.kinds[site].add(kind)
+            if _in_pure_pytorch_kernel(caller):
+                self.pure.add(site)
         return func(*args, **(kwargs or {}))
 
 
@@ -137,18 +153,18 @@ def run_steps(config: str, shards: Path, out: Path, device: str, counting) -> No
         trainer.stop.restore()
 
 
-def count_step_reads(config: str, shards: Path, out: Path) -> Tuple[Counter[Site], Dict[Site, set]]:
+def count_step_reads(config: str, shards: Path, out: Path) -> HostReads:
     """Host reads of ``STEPS`` iterations on one CPU rank of ``config``, by call site."""
     reads = HostReads()
     run_steps(config, shards, out, "cpu", lambda: reads)
-    return reads.sites, reads.kinds
+    return reads
 
 
-def report(name: str, sites: Counter[Site], kinds: Dict[Site, set]) -> str:
+def report(name: str, reads: HostReads) -> str:
     lines = [f"{name}: host reads per step, by call site ({STEPS} steps)"]
-    for site, count in sorted(sites.items(), key=lambda item: -item[1]):
-        where = "pure-PyTorch kernels (CPU only)" if site in PURE_PYTORCH_SITES else "every device"
-        lines.append(f"  {count / STEPS:6.2f}  {site[0]}:{site[1]} ({', '.join(sorted(kinds[site]))}) - {where}")
+    for site, count in reads.sites.most_common():
+        where = "pure-PyTorch kernels (CPU only)" if site in reads.pure else "every device"
+        lines.append(f"  {count / STEPS:6.2f}  {site[0]}:{site[1]} ({', '.join(sorted(reads.kinds[site]))}) - {where}")
     return "\n".join(lines)
 
 
@@ -157,11 +173,11 @@ def report(name: str, sites: Counter[Site], kinds: Dict[Site, set]) -> str:
     ("shapes_mask_r18_cpu", {GUARD: 1, MASK_POSITIVES: 1}),
 ])
 def test_a_training_step_reads_the_device_once_plus_once_for_mask_rcnn(shards, tmp_path, config, expected):
-    sites, kinds = count_step_reads(config, shards, tmp_path / "run")
-    print("\n" + report(config, sites, kinds))
-    every_device = {site: count / STEPS for site, count in sites.items() if site not in PURE_PYTORCH_SITES}
-    assert every_device == expected, report(config, sites, kinds)
-    assert sites[GUARD] == STEPS and kinds[GUARD] == {"tolist"}
+    reads = count_step_reads(config, shards, tmp_path / "run")
+    print("\n" + report(config, reads))
+    every_device = {site: count / STEPS for site, count in reads.sites.items() if site not in reads.pure}
+    assert every_device == expected, report(config, reads)
+    assert reads.kinds[GUARD] == {"tolist"}
 
 
 @contextlib.contextmanager
@@ -188,17 +204,19 @@ def cuda_syncs(sites: Counter[Site]):
     ("shapes_mask_r18_cpu", {GUARD: 1, MASK_POSITIVES: 1}),
 ])
 def test_on_a_gpu_the_step_waits_for_it_at_the_same_places(shards, tmp_path, config, expected):
-    """The same steps on the GPU under ``torch.cuda.set_sync_debug_mode``, which sees synchronisations the
-    mode above cannot (a blocking copy to the GPU, torchvision's compiled nms reading its mask): the
-    reads above, and each image's NMS in the RPN."""
+    """The same steps on the GPU under ``torch.cuda.set_sync_debug_mode``, which also sees what the mode
+    above cannot (a blocking copy to the GPU, a compiled kernel's own copy to the host): the reads
+    above, and the RPN's NMS, whose compiled kernel returns as many indices as it keeps, so each
+    image's NMS waits a fixed number of times inside torchvision."""
     sites: Counter[Site] = collections.Counter()
     run_steps(config, shards, tmp_path / "run", "cuda", lambda: cuda_syncs(sites))
     print(f"\n{config} on {torch.cuda.get_device_name()}: CUDA synchronisations per step, by call site "
           f"({STEPS} steps)\n" + "\n".join(f"  {count / STEPS:6.2f}  {site[0]}:{site[1]}"
                                          for site, count in sites.most_common()))
-    images_per_step = 2
-    nms = ("megdet/model/ops.py", "batched_nms")
-    assert {site: count / STEPS for site, count in sites.items()} == {**expected, nms: images_per_step}, sites
+    per_step = {site: count / STEPS for site, count in sites.items()}
+    nms_per_image = per_step.pop(("megdet/model/ops.py", "batched_nms"), 0) / 2  # 2 images per step
+    assert per_step == expected, sites
+    assert nms_per_image >= 1 and nms_per_image == int(nms_per_image), sites
 
 
 @pytest.mark.parametrize("device", [

@@ -77,8 +77,10 @@ class _TrainingBatches(torch.utils.data.Dataset):
     left out as corrupt (``data.skip_corrupt``) changes no other image's draws.
 
     An item is (batch, boxes dropped as degenerate, records left out as corrupt, error): a data error
-    (a corrupt record, an unreadable shard) is its one-line message, with no batch, for the training loop
-    to tell every rank (raised in a DataLoader worker, it would come back as torch's multi-line traceback).
+    (a corrupt record, an unreadable shard, a target value that ``check_target_values`` refuses, which
+    the detector does not read on the device) is its one-line message, with no batch, for the training
+    loop to tell every rank (raised in a DataLoader worker, it would come back as torch's multi-line
+    traceback).
     """
 
     def __init__(self, dataset: ShardDataset, transform, *, seed: int, rank: int, num_classes: int):
@@ -99,7 +101,6 @@ class _TrainingBatches(torch.utils.data.Dataset):
                                 "corrupt (left out by data.skip_corrupt=true): run the same 'megdet pack' command "
                                 "again to repack the shards that fail their checksum")
             batch = collate(samples)
-            # the values the detector does not read on the device, checked while they are on the host
             check_target_values(batch[1], self.num_classes)
         except UserError as error:
             return None, 0, 0, str(error)
