@@ -9,7 +9,7 @@ against that launch and written in the script's header.
 
 The preset's global batch is kept and spread over the GPUs: each rank takes batch / GPUs images
 (passed to ``megdet train`` as ``data.images_per_rank`` when it differs from the preset's). Those images
-must fit one GPU of ``--gpu-memory`` GB by the peak-memory model of ``megdet.memory`` (default: the
+must fit one GPU of ``--gpu-memory`` GB by the peak-memory model of ``megdet.memory_model`` (default: the
 memory of the paper's GPU, ``paper.gpu_memory_gb``: 12 for MegDet's Titan Xp, 32 for LargeDet's V100): if
 they do not, more backbone stages are recomputed (``model.sublinear_stages``, said in the header), and
 when none suffices the job is refused.
@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 from typing import Dict
 
-from hpc import jobs
+from hpc import batch_scripts
 from hpc.errors import UserError
-from megdet import config, memory
+from megdet import config, memory_model
 
 DEFAULT_PRESET = "megdet_r50_fpn_bs256_bn32"
 # CPUs per rank where data.num_workers is null (the loader takes the rank's CPUs less one): the training
@@ -54,13 +54,13 @@ PAPER_JOBS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scheduler", choices=sorted(jobs.SCHEDULERS), help="batch system of the script")
+    parser.add_argument("--scheduler", choices=sorted(batch_scripts.SCHEDULERS), help="batch system of the script")
     parser.add_argument("--gpus", type=int, help="GPUs (= ranks) in all")
     parser.add_argument("--gpus-per-node", type=int,
                         help="GPUs (= ranks) per node (default: the preset's paper setting, at most --gpus)")
     parser.add_argument("--config", default=DEFAULT_PRESET, metavar="PRESET",
                         help=f"preset name or YAML file to train (default {DEFAULT_PRESET})")
-    parser.add_argument("--launcher", choices=jobs.LAUNCHERS, default="mpirun",
+    parser.add_argument("--launcher", choices=batch_scripts.LAUNCHERS, default="mpirun",
                         help="what starts the ranks (default mpirun; srun needs an MPI with Slurm's PMI2)")
     parser.add_argument("--time", default="24:00:00", help="time limit HH:MM:SS (default 24:00:00)")
     parser.add_argument("--partition", "--queue", dest="queue", help="Slurm partition / PBS queue")
@@ -114,14 +114,14 @@ def _command_line(args, gpus_per_node: int) -> str:
     return " ".join(shlex.quote(word) for word in words)
 
 
-def plan(args) -> jobs.Job:
+def plan(args) -> batch_scripts.Job:
     """The checked job of ``args``; raises ``UserError`` (before anything is written) when it cannot run."""
     if args.scheduler is None or args.gpus is None:
         raise UserError("give --scheduler slurm|pbs and --gpus N (or --regenerate)")
     cfg = config.load(args.config)
     gpus, batch = args.gpus, cfg.solver.batch_size
     gpus_per_node = min(cfg.paper.gpus_per_node, gpus) if args.gpus_per_node is None else args.gpus_per_node
-    jobs.check_nodes(gpus, gpus_per_node)
+    batch_scripts.check_nodes(gpus, gpus_per_node)
     if batch % gpus:
         raise UserError(f"the batch of {args.config} ({batch} images) does not split over {gpus} GPUs: ask for a "
                         f"divisor of {batch} GPUs (the paper used {cfg.paper.gpus})")
@@ -139,14 +139,14 @@ def plan(args) -> jobs.Job:
                             "memory of one GPU, e.g. --gpu-memory 32, or --cpu for CPU ranks")
         if gpu_memory <= 0:
             raise UserError(f"--gpu-memory {gpu_memory:g} must be the positive memory of one GPU in GB, e.g. 32")
-        estimate = memory.fit(cfg, gpu_memory)
+        estimate = memory_model.fit(cfg, gpu_memory)
         added = [stage for stage in estimate.recomputed if stage not in cfg.model.sublinear_stages]
         if added:
             overrides.append(f"model.sublinear_stages=[{','.join(estimate.recomputed)}]")
             cfg = config.load(args.config, overrides)
         recomputed = ", ".join(estimate.recomputed) or "no stage"
         memory_note = [f"  memory: about {estimate.gib:.1f} GB of the {gpu_memory:g} GB per GPU "
-                       f"(megdet.memory), {recomputed} recomputed"
+                       f"(megdet.memory_model), {recomputed} recomputed"
                        + (f": {', '.join(added)} added to fit {cfg.data.images_per_rank} images" if added else "")]
     data = args.data or (cfg.data.train if args.stage_to_local else None)
 
@@ -155,7 +155,7 @@ def plan(args) -> jobs.Job:
          *(['data.train="$DATA"'] if data else []), '"${RESUME_ARGS[@]}"'])
     unit = "CPU ranks" if args.cpu else "GPUs"
     nodes = gpus // gpus_per_node
-    job = jobs.Job(
+    job = batch_scripts.Job(
         scheduler=args.scheduler, name=f"{cfg.name}-{gpus}{'cpu' if args.cpu else 'gpu'}", gpus=gpus,
         gpus_per_node=gpus_per_node, command=command, run_dir=cfg.train.output_dir, launcher=args.launcher,
         time=args.time, cpu=args.cpu,
@@ -183,9 +183,9 @@ def paper_scripts() -> Dict[Path, str]:
     scripts = {}
     for preset in PAPER_JOBS:
         gpus = config.load(preset).paper.gpus
-        for scheduler in sorted(jobs.SCHEDULERS):
+        for scheduler in sorted(batch_scripts.SCHEDULERS):
             job = plan(parser.parse_args(["--scheduler", scheduler, "--gpus", str(gpus), "--config", preset]))
-            scripts[jobs.TEMPLATES.parent / scheduler / job.file_name] = jobs.render(job)
+            scripts[batch_scripts.TEMPLATES.parent / scheduler / job.file_name] = batch_scripts.render(job)
     return scripts
 
 
@@ -195,7 +195,7 @@ def run(args) -> int:
             path.write_text(text)
             print(f"wrote {path}")
         return 0
-    text = jobs.render(plan(args))
+    text = batch_scripts.render(plan(args))
     if args.output:
         Path(args.output).write_text(text)
         print(f"wrote {args.output}", file=sys.stderr)

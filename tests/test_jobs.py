@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from hpc import jobs
+from hpc import batch_scripts
 from megdet import cli, config
-from megdet import memory
+from megdet import memory_model
 from megdet.job import PAPER_JOBS, paper_scripts
 from tests.multirank import _base_env, skip_unless_launcher
 from tests.slurm import ensure_debian_packages
 
 MEGDET = [sys.executable, "-m", "megdet.cli"]
-SCHEDULERS = sorted(jobs.SCHEDULERS)
+SCHEDULERS = sorted(batch_scripts.SCHEDULERS)
 
 
 def job_env(**extra):
@@ -58,8 +58,8 @@ def directive(text, pattern):
 
 def test_committed_scripts_equal_a_fresh_render():
     rendered = paper_scripts()
-    committed = {path for scheduler, suffix in jobs.SCHEDULERS.items()
-                 for path in (jobs.TEMPLATES.parent / scheduler).glob(f"*.{suffix}")}
+    committed = {path for scheduler, suffix in batch_scripts.SCHEDULERS.items()
+                 for path in (batch_scripts.TEMPLATES.parent / scheduler).glob(f"*.{suffix}")}
     assert committed == set(rendered), "jobs/ holds other scripts than PAPER_JOBS: run 'megdet job --regenerate'"
     stale = [path.name for path, text in rendered.items() if path.read_text() != text]
     assert not stale, f"{stale} differ from a fresh render: run 'megdet job --regenerate' and commit jobs/"
@@ -79,17 +79,17 @@ def test_paper_scripts_are_every_row_that_gives_its_gpus_on_those_gpus():
     rows = [name for name in config.PRESETS
             if re.match(r"(MegDet Table 3|LargeDet Table [24])", config.load(name).paper.row)]
     assert sorted(PAPER_JOBS) == sorted(rows) and len(rows) == 36
-    for scheduler, suffix in jobs.SCHEDULERS.items():
+    for scheduler, suffix in batch_scripts.SCHEDULERS.items():
         assert {f"{name}-{config.load(name).paper.gpus}gpu.{suffix}" for name in rows} == {
             name for name in names if name.endswith(suffix)}
         # Table 3's own rows at 16, 32 and 128 GPUs, not batch 256 squeezed onto them (16 and 8 images per GPU).
         assert {f"megdet_r50_fpn_bs64_bn32-16gpu.{suffix}", f"megdet_r50_fpn_bs128_bn32-32gpu.{suffix}",
                 f"megdet_r50_fpn_bs256_bn16-128gpu.{suffix}"} <= names
         assert not any(name.startswith("megdet_r50_fpn_bs256_bn32-") and "-64gpu" not in name for name in names)
-    headline = paper_scripts()[jobs.TEMPLATES.parent / "slurm" / "megdet_r50_fpn_bs256_bn16-128gpu.sbatch"]
+    headline = paper_scripts()[batch_scripts.TEMPLATES.parent / "slurm" / "megdet_r50_fpn_bs256_bn16-128gpu.sbatch"]
     assert "batch 256 = 128 GPUs x 2 images; cross-GPU BN size 16 (8 GPUs per group, inside one node)" in headline
     assert "time 4.1 h" in headline and directive(headline, r"^#SBATCH --nodes=(\d+)$") == ("16",)
-    twelve_min = paper_scripts()[jobs.TEMPLATES.parent / "slurm" / "largedet_coco_12min-160gpu.sbatch"]
+    twelve_min = paper_scripts()[batch_scripts.TEMPLATES.parent / "slurm" / "largedet_coco_12min-160gpu.sbatch"]
     assert directive(twelve_min, r"^#SBATCH --nodes=(\d+)$") == ("10",)
     assert directive(twelve_min, r"^#SBATCH --ntasks-per-node=(\d+)$") == ("16",)
     assert "batch 320 = 160 GPUs x 2 images" in twelve_min and "LR 0.4 " in twelve_min
@@ -141,7 +141,7 @@ def test_the_batch_is_spread_over_other_gpu_counts_and_passed_to_train(tmp_path)
     assert "batch 256 = 32 GPUs x 8 images" in text and "(4 GPUs per group, inside one node)" in text
     assert "megdet train megdet_r50_fpn_bs256_bn32 data.images_per_rank=8 " in text
     assert "the paper: 64 GPUs x 4 images, 8 per node, time 7.2 h" in text
-    assert directive(text, r"^#   memory: about ([\d.]+) GB of the 12 GB per GPU \(megdet.memory\), res3 recomputed$")
+    assert directive(text, r"^#   memory: about ([\d.]+) GB of the 12 GB per GPU \(megdet.memory_model\), res3 recomputed$")
 
 
 def test_images_that_do_not_fit_get_recomputed_stages_or_are_refused(tmp_path):
@@ -149,13 +149,13 @@ def test_images_that_do_not_fit_get_recomputed_stages_or_are_refused(tmp_path):
     GPU needs res4 recomputed too."""
     text, _ = render(tmp_path, "--scheduler", "slurm", "--gpus", "8", "--config", "megdet_r50_fpn_bs64_bn64",
                      "--gpu-memory", "7")
-    used, = directive(text, r"^#   memory: about ([\d.]+) GB of the 7 GB per GPU \(megdet.memory\), res3, res4 "
+    used, = directive(text, r"^#   memory: about ([\d.]+) GB of the 7 GB per GPU \(megdet.memory_model\), res3, res4 "
                             r"recomputed: res4 added to fit 8 images$")
     assert float(used) <= 7
     assert "megdet train megdet_r50_fpn_bs64_bn64 'model.sublinear_stages=[res3,res4]' " in text
     assert "--config megdet_r50_fpn_bs64_bn64 --gpu-memory 7\n" in text, "the header's command renders it again"
     cfg = config.load("megdet_r50_fpn_bs64_bn64", ["model.sublinear_stages=[res3,res4]"])
-    assert memory.fit(cfg, 7).gib == pytest.approx(float(used), abs=0.05)
+    assert memory_model.fit(cfg, 7).gib == pytest.approx(float(used), abs=0.05)
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
@@ -183,7 +183,7 @@ def variants(tmp_path):
     """The committed scripts and one of every launcher x scheduler with every option."""
     paths = list(paper_scripts())
     for scheduler in SCHEDULERS:
-        for launcher in jobs.LAUNCHERS:
+        for launcher in batch_scripts.LAUNCHERS:
             if launcher == "srun" and scheduler != "slurm":
                 continue
             _, path = render(tmp_path, "--scheduler", scheduler, "--gpus", "32", "--launcher", launcher, "--data",
@@ -251,10 +251,10 @@ def test_the_megdet_process_exits_2_and_writes_nothing(tmp_path):
 
 def test_time_limits():
     for good in ("24:00:00", "00:30:00", "100:00:00", "0:00:01"):
-        assert jobs.check_time(good) == good
+        assert batch_scripts.check_time(good) == good
     for bad in ("00:00:00", "1:60:00", "12:00", "1-00:00:00", ""):
-        with pytest.raises(jobs.JobError):
-            jobs.check_time(bad)
+        with pytest.raises(batch_scripts.JobError):
+            batch_scripts.check_time(bad)
 
 
 # -- PBS, emulated ----------------------------------------------------------------------------------------

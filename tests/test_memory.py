@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from hpc.memory import peak_cpu_bytes, recompute
+from hpc.recompute import peak_cpu_bytes, recompute
 
 BLOCKS_PER_STAGE = 3
 STAGES = ["1", "2", "3", "4"]

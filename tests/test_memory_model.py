@@ -1,11 +1,11 @@
-"""megdet.memory: the rules the peak-memory model rests on, seen in a real training graph (a frozen stage
+"""megdet.memory_model: the rules the peak-memory model rests on, seen in a real training graph (a frozen stage
 keeps nothing, a recomputed one only its input), and what ``fit`` does with a GPU's memory."""
 import pytest
 import torch
 
 from hpc.errors import UserError
-from hpc.memory import saved_tensor_bytes
-from megdet import config, memory
+from hpc.recompute import saved_tensor_bytes
+from megdet import config, memory_model
 from megdet.model import build_detector
 from tests.test_model import mixed_batch
 
@@ -30,7 +30,7 @@ def saved_by_stage(**settings):
 
 def test_a_frozen_stage_keeps_nothing_and_a_recomputed_stage_only_its_input():
     trained, _ = saved_by_stage(freeze_at=0)
-    assert all(trained[stage] > 0 for stage in memory.STAGES)
+    assert all(trained[stage] > 0 for stage in memory_model.STAGES)
     frozen, res2_output = saved_by_stage(freeze_at=2, sublinear_stages=("res3",))
     assert "stem" not in frozen and "res2" not in frozen, "no gradient reaches a frozen stage: it keeps nothing"
     assert frozen["res3"] == res2_output.untyped_storage().nbytes(), "a recomputed stage keeps only its input"
@@ -41,7 +41,7 @@ def test_a_frozen_stage_keeps_nothing_and_a_recomputed_stage_only_its_input():
 def estimate(**changes):
     settings = dict(model="resnet50_fpn", norm="cgbn", pretrained=True, images=4, recomputed=(), optimizer="sgd")
     settings.update(changes)
-    return memory.training_peak(**settings).gib
+    return memory_model.training_peak(**settings).gib
 
 
 def test_the_estimate_follows_images_norm_recomputation_precision_and_optimizer():
@@ -57,13 +57,13 @@ def test_the_estimate_follows_images_norm_recomputation_precision_and_optimizer(
 def test_fit_recomputes_the_largest_saving_first_never_a_frozen_stage_and_refuses_one_line():
     # 8 images per GPU, res3 recomputed, stem and res2 frozen; float32 activations (auto would halve them)
     cfg = config.load("megdet_r50_fpn_bs64_bn64", ["train.amp=none"])
-    assert memory.fit(cfg, 12).recomputed == ("res3",)
-    assert memory.fit(cfg, 11).recomputed == ("res3", "res4")
+    assert memory_model.fit(cfg, 12).recomputed == ("res3",)
+    assert memory_model.fit(cfg, 11).recomputed == ("res3", "res4")
     scratch = config.load("megdet_r50_fpn_bs64_bn64", ["train.amp=none", "model.backbone_weights=null",
                                                        "model.sublinear_stages=[]"])
-    assert memory.fit(scratch, 12).recomputed[0] == "res2", "from scratch res2 trains and saves the most"
+    assert memory_model.fit(scratch, 12).recomputed[0] == "res2", "from scratch res2 trains and saves the most"
     with pytest.raises(UserError) as caught:
-        memory.fit(cfg, 6)
+        memory_model.fit(cfg, 6)
     message = str(caught.value)
     assert "\n" not in message and "even with res3, res4, res5 recomputed" in message, message
     assert "spread the batch over 16 GPUs or more (4 images each)" in message

@@ -473,7 +473,7 @@ def test_bench_model_runs_at_a_tiny_size(tmp_path, capsys):
         [("equal", "-"), ("defaults", "-"), ("defaults", "res2,res3")]
     assert result["inputs"]["images"] == {"64": "64x107"}  # 800 x 1333 at 800
     assert all(row["s_per_image"] > 0 and row["peak_MiB"] > 0 for row in result["rows"])
-    assert all(row["model_MiB"] > 0 and row["model_vs_measured"] > 0 for row in result["rows"]), "megdet.memory beside"
+    assert all(row["model_MiB"] > 0 and row["model_vs_measured"] > 0 for row in result["rows"]), "megdet.memory_model beside"
     assert "| resnet18_fpn | 64 |" in (tmp_path / "model.md").read_text()
     if not torch.cuda.is_available():
         assert main(["bench", "model", "--device", "cuda", "--out", str(tmp_path)]) == 2

@@ -69,3 +69,13 @@ def test_the_command_line_answers_without_importing_torch(argv):
     imported, status = done.stderr.strip().splitlines()[-1].split()
     assert imported == "False", done.stderr
     assert status in ("0", "2"), done.stderr
+
+
+def test_no_module_name_is_shared_by_hpc_and_megdet():
+    """``hpc.memory`` beside ``megdet.memory`` read as one thing in two places: each name says what its
+    module does, once. ``megdet.bench.X`` is exempt: it is the command ``megdet bench X``, the benchmark of X."""
+    names = {package: {module.rsplit(".", 1)[-1] for module in all_modules()
+                       if module.startswith(package + ".") and not module.startswith("megdet.bench.")}
+             for package in PACKAGES}
+    shared = names["hpc"] & names["megdet"]
+    assert not shared, f"modules named alike in hpc and megdet: {sorted(shared)}"

@@ -8,7 +8,7 @@ R-CNN when its compiled ops run on the device.
 Every row is one training step (losses of a random synthetic batch, then backward) timed after a
 warm-up step; the warm-up step also gives the peak memory (CPU: allocations seen by the profiler;
 GPU: ``torch.cuda.max_memory_allocated``), printed beside what the peak-memory model of
-``megdet.memory`` predicts for it (``model_MiB``, ``model_vs_measured``). Images are ``size`` x
+``megdet.memory_model`` predicts for it (``model_MiB``, ``model_vs_measured``). Images are ``size`` x
 ``size * 1333/800`` pixels (800 x 1333 at 800: the largest image of the COCO recipe). ``precision``
 says what the arithmetic was, from the flags at run time: "fp32" on CUDA runs cuDNN convolutions in
 TF32 while ``torch.backends.cudnn.allow_tf32`` is set (torch's default).
@@ -33,9 +33,9 @@ import torch
 
 from hpc import amp
 from hpc.errors import UserError
-from hpc.memory import peak_cpu_bytes
+from hpc.recompute import peak_cpu_bytes
 from megdet.bench import report
-from megdet import memory
+from megdet import memory_model
 from megdet.model import MODEL_NAMES, build_detector
 from megdet.model.detector import ROI_BOX_WEIGHTS
 from megdet.model.settings import PRESETS
@@ -208,8 +208,8 @@ def run(args) -> int:
                            "peak_MiB": peak / MIB, "time_vs_plain": seconds / plain_seconds[setting],
                            "images_per_s_vs_fp32": (fp32_seconds[setting] / seconds
                                                     if setting in fp32_seconds and not sublinear else None)}
-                    if name in memory.MEASURED:
-                        estimate = memory.training_peak(
+                    if name in memory_model.MEASURED:
+                        estimate = memory_model.training_peak(
                             model=name, norm=args.norm, pretrained=False, images=args.batch, optimizer=None,
                             recomputed=sublinear, amp=mode, min_size=size, max_size=image_shape(size)[1])
                         row["model_MiB"] = estimate.cpu_mib if device.type == "cpu" else estimate.allocated_mib

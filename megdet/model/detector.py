@@ -248,12 +248,12 @@ def build_detector(name: str = "resnet50_fpn", *, num_classes: int, norm: str = 
             None: 2 with weights (detectron2), 0 without. Built as asked; ``megdet.config`` refuses
             model.norm=frozen on random weights unless model.allow_frozen_random asks for it.
         sublinear_stages: backbone stages (of res2..res5) recomputed in backward instead of stored
-            (``hpc.memory.recompute``): one more forward of each, none of their activations kept. A
+            (``hpc.recompute.recompute``): one more forward of each, none of their activations kept. A
             frozen stage stores nothing to recompute and is refused.
         overrides: any key of ``DEFAULTS`` (e.g. ``fpn_channels=256``, ``rpn_post_nms_topk=(500, 500)``).
     """
     from hpc.cgbn import convert_model
-    from hpc.memory import recompute
+    from hpc.recompute import recompute
 
     if name not in PRESETS:
         raise UserError(f"unknown model {name!r}; use one of {', '.join(MODEL_NAMES)}")

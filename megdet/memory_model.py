@@ -15,8 +15,8 @@ per image, where a stage that trains keeps ``own`` (its saved tensors without it
 keeps nothing, a recomputed one only its input, and the output of a stage that does not keep it is
 kept by the next layer that reads it (the next stage, the FPN). ``heads`` is the FPN, RPN and RoI heads
 with the transient of the step's peak. Every figure is MiB per image at 800 x 1344 (800 x 1333 padded to
-32), float32, measured by ``hpc.memory.saved_tensor_bytes`` (autograd's saved tensors, each storage once)
-and ``hpc.memory.peak_cpu_bytes`` on one training step on the CPU (``megdet bench model`` prints both
+32), float32, measured by ``hpc.recompute.saved_tensor_bytes`` (autograd's saved tensors, each storage once)
+and ``hpc.recompute.peak_cpu_bytes`` on one training step on the CPU (``megdet bench model`` prints both
 beside this model); activations scale with the padded image area. Measured on 2026-12-01, torch 2.13 CPU,
 synthetic images of 8 boxes. For resnet50_fpn the model reproduces the measured CPU peaks of 9 layouts
 (norm bn or frozen, freeze_at 0 or 2, none to all stages recomputed, 1 or 2 images) within 0.5 %, and
@@ -112,7 +112,7 @@ MEASURED["mask_rcnn_r50_fpn"] = replace(MEASURED["resnet50_fpn"], parameters=44_
 @dataclass(frozen=True)
 class Estimate:
     """A training step's peak memory: ``gib`` on one GPU in all, ``allocated_mib`` of it what
-    ``torch.cuda.max_memory_allocated`` sees; ``cpu_mib`` what ``hpc.memory.peak_cpu_bytes`` measures for
+    ``torch.cuda.max_memory_allocated`` sees; ``cpu_mib`` what ``hpc.recompute.peak_cpu_bytes`` measures for
     the same step on the CPU (activations, and the gradients made before the peak)."""
 
     gib: float
@@ -124,7 +124,7 @@ class Estimate:
 def measured(model: str) -> Figures:
     if model not in MEASURED:
         raise UserError(f"no memory figures for model {model!r} (measured: {', '.join(MEASURED)}): measure them "
-                        "with 'megdet bench model' and add them to megdet.memory.MEASURED")
+                        "with 'megdet bench model' and add them to megdet.memory_model.MEASURED")
     return MEASURED[model]
 
 
