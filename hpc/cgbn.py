@@ -38,13 +38,10 @@ DEFAULT_MOMENTUM = 0.1  # nn.BatchNorm2d's
 
 
 def bn_group(comm: comm_mod.Communicator, group_size: Optional[int]) -> comm_mod.Group:
-    """This rank's BN group of ``group_size`` consecutive ranks (None: the world). Collective: every
-    rank calls it in the same order. (Which groups a recipe allows, e.g. MegDet's "inside one
-    machine", is the config's rule: ``megdet.config.Config.check_world``.)"""
-    group_size = comm.size if group_size is None else group_size
-    if not isinstance(group_size, int) or group_size < 1 or comm.size % group_size:
-        raise UserError(f"Invalid group_size: {group_size} does not divide the world of {comm.size} "
-                        f"ranks; choose a divisor of {comm.size}")
+    """This rank's BN group of ``group_size`` consecutive ranks (None: the world); ``comm.partition``
+    refuses a size that does not divide the world. Collective: every rank calls it in the same order.
+    (Which groups a recipe allows, e.g. MegDet's "inside one machine", is the recipe's rule:
+    ``megdet.specs.BNGroups``.)"""
     return comm.partition(group_size)
 
 
@@ -267,7 +264,7 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         error = _input_error(x, self.num_features, type(self).__name__)
         if error is not None:
-            raise UserError(error)
+            raise ValueError(error)
         scale = self.weight * torch.rsqrt(self.running_var + self.eps)
         shift = self.bias - self.running_mean * scale
         return torch.addcmul(_channel_view(shift).to(x.dtype), x, _channel_view(scale).to(x.dtype))
@@ -291,9 +288,9 @@ def convert_model(model: nn.Module, mode: str = "cgbn", group_size: Optional[int
     FrozenBatchNorm2d. "bn": nn.BatchNorm2d (for example to evaluate on one process).
     """
     if mode not in CONVERT_MODES:
-        raise UserError(f"Invalid mode: {mode!r}; use one of {', '.join(CONVERT_MODES)}")
+        raise ValueError(f"Invalid mode: {mode!r}; use one of {', '.join(CONVERT_MODES)}")
     if mode != "cgbn" and group_size is not None:
-        raise UserError(f"Invalid arguments: group_size={group_size} applies to mode 'cgbn' only, not {mode!r}; "
+        raise ValueError(f"Invalid arguments: group_size={group_size} applies to mode 'cgbn' only, not {mode!r}; "
                         "drop it")
     group_size = bn_group(comm_mod.get_cgbn(), group_size).size if mode == "cgbn" else None
     return _convert(model, mode, group_size, path="")
@@ -319,7 +316,7 @@ def _is_kind(layer: nn.Module, mode: str, group_size: Optional[int]) -> bool:
 
 def _converted_layer(layer: nn.Module, mode: str, group_size: Optional[int], path: str) -> nn.Module:
     if not isinstance(layer, FrozenBatchNorm2d) and not (layer.affine and layer.track_running_stats):
-        raise UserError(f"Invalid layer {path}: {layer} has affine={layer.affine}, track_running_stats="
+        raise ValueError(f"Invalid layer {path}: {layer} has affine={layer.affine}, track_running_stats="
                         f"{layer.track_running_stats}; convert_model needs affine=True and "
                         "track_running_stats=True")
     if mode == "frozen":

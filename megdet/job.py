@@ -93,7 +93,7 @@ def _bn_text(cfg: config.Config, gpus: int, gpus_per_node: int) -> str:
         return "BN frozen (BN size 0)"
     if cfg.model.norm == "bn":
         return f"BN per GPU ({cfg.data.images_per_rank} images)"
-    group = cfg.bn_group_ranks() or gpus
+    group = cfg.bn_groups.group_size or gpus
     where = "inside one node" if gpus_per_node % group == 0 else f"spanning {-(-group // gpus_per_node)} nodes"
     return f"cross-GPU BN size {group * cfg.data.images_per_rank} ({group} GPUs per group, {where})"
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from typing import Dict, Optional, Sequence, Tuple
 
 from hpc.errors import UserError
+from megdet.model.settings import PRESETS as MODEL_PRESETS
 from megdet.weights import STAGES, default_freeze_at, frozen_stage_names
 
 REFERENCE_PIXELS = 800 * 1344
@@ -100,13 +101,13 @@ MEASURED = {
 }
 
 
-# mask_rcnn_r50_fpn: resnet50_fpn plus the mask head, whose activations on the positive RoIs (128 per
-# COCO image) are not measured here: detectron2's model zoo gives 3.4 GB for Mask R-CNN R50-FPN 1x
+# The mask branch (model.mask_on) adds its head to any of them: its activations on the positive RoIs (128
+# per COCO image) are not measured here: detectron2's model zoo gives 3.4 GB for Mask R-CNN R50-FPN 1x
 # against 3.0 GB for Faster R-CNN at 2 images per V100, about 200 MiB per image. (On 8 synthetic boxes
-# the CPU peak is the same: the heads' memory is not at the peak with few positives.)
+# the CPU peak is the same: the heads' memory is not at the peak with few positives.) Its parameters at
+# 80 classes: four 3x3 convs of 256, the 2x deconv and the 1x1 predictor.
 MASK_HEAD_MIB_PER_IMAGE = 200.0
-MEASURED["mask_rcnn_r50_fpn"] = replace(MEASURED["resnet50_fpn"], parameters=44_396_336,
-                                        heads=MEASURED["resnet50_fpn"].heads + MASK_HEAD_MIB_PER_IMAGE)
+MASK_HEAD_PARAMETERS = 2_643_280
 
 
 @dataclass(frozen=True)
@@ -121,11 +122,29 @@ class Estimate:
     recomputed: Tuple[str, ...]
 
 
-def measured(model: str) -> Figures:
-    if model not in MEASURED:
+def _measured_model(model: str) -> Optional[str]:
+    """The measured model whose settings are ``model``'s without its mask branch, if any."""
+    box_settings = dict(MODEL_PRESETS.get(model, {}), mask_on=False)
+    return next((name for name in MEASURED if MODEL_PRESETS[name] == box_settings), None)
+
+
+def has_figures(model: str) -> bool:
+    return _measured_model(model) is not None
+
+
+def measured(model: str, mask_on: bool = False) -> Figures:
+    """The figures of ``model`` (a name of ``megdet.model.settings.PRESETS``), the mask head's added when
+    ``mask_on``. A model that differs from a measured one only in its mask branch (mask_rcnn_r50_fpn:
+    resnet50_fpn's settings) takes that one's."""
+    box_model = _measured_model(model)
+    if box_model is None:
         raise UserError(f"no memory figures for model {model!r} (measured: {', '.join(MEASURED)}): measure them "
                         "with 'megdet bench model' and add them to megdet.memory_model.MEASURED")
-    return MEASURED[model]
+    figures = MEASURED[box_model]
+    if not mask_on:
+        return figures
+    return replace(figures, parameters=figures.parameters + MASK_HEAD_PARAMETERS,
+                   heads=figures.heads + MASK_HEAD_MIB_PER_IMAGE)
 
 
 def _kept(figures: Figures, norm_trains: bool, frozen: Sequence[str], recomputed: Sequence[str]) -> Dict[str, float]:
@@ -154,11 +173,12 @@ def per_image_mib(figures: Figures, *, norm_trains: bool, frozen: Sequence[str],
     return sum(kept.values()) + figures.heads, again
 
 
-def training_peak(*, model: str, norm: str, pretrained: bool, images: int, recomputed: Sequence[str] = (),
-                  optimizer: Optional[str] = "sgd", amp: str = "none", min_size: int = 800,
-                  max_size: int = 1333) -> Estimate:
-    """The GPU memory of one rank's training step (see the module docstring)."""
-    figures = measured(model)
+def training_peak(*, model: str, norm: str, pretrained: bool, images: int, mask_on: bool = False,
+                  recomputed: Sequence[str] = (), optimizer: Optional[str] = "sgd", amp: str = "none",
+                  min_size: int = 800, max_size: int = 1333) -> Estimate:
+    """The GPU memory of one rank's training step (see the module docstring); ``mask_on``: with the
+    mask branch."""
+    figures = measured(model, mask_on)
     frozen = frozen_stage_names(default_freeze_at(pretrained))
     pixels = (math.ceil(min_size / SIZE_DIVISIBILITY) * math.ceil(max_size / SIZE_DIVISIBILITY)
               * SIZE_DIVISIBILITY ** 2)
@@ -182,12 +202,12 @@ def fit(cfg, gpu_memory_gb: float) -> Estimate:
 
     def estimate(count: int, stages: Sequence[str]) -> Estimate:
         return training_peak(model=cfg.model.name, norm=cfg.model.norm, pretrained=pretrained, images=count,
-                             recomputed=stages, optimizer=cfg.solver.optimizer, amp=cfg.train.amp,
+                             mask_on=cfg.model.with_masks, recomputed=stages, optimizer=cfg.solver.optimizer, amp=cfg.train.amp,
                              min_size=max(cfg.data.min_sizes), max_size=cfg.data.max_size)
 
     pretrained = cfg.model.backbone_weights is not None
     frozen = frozen_stage_names(default_freeze_at(pretrained))
-    own = measured(cfg.model.name).own[cfg.model.norm != "frozen"]
+    own = measured(cfg.model.name, cfg.model.with_masks).own[cfg.model.norm != "frozen"]
     candidates = sorted((stage for stage in STAGES[1:]
                          if stage not in frozen and stage not in cfg.model.sublinear_stages), key=lambda stage: -own[stage])
     stages = list(cfg.model.sublinear_stages)

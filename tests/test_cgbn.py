@@ -172,7 +172,7 @@ def _check_bad_input(comm):
     """Every rank raises the same kind of one-line error, then the layer still works (no desync)."""
     n, r = comm.size, comm.rank
     _expect_user_error(lambda: cgbn.CrossGPUBatchNorm2d(CHANNELS, group_size=n + 1),
-                       f"Invalid group_size: {n + 1} does not divide the world of {n} ranks")
+                       f"group size {n + 1} does not divide the world size {n}")
     _expect_user_error(lambda: cgbn.convert_model(nn.BatchNorm2d(CHANNELS), mode="cgbn", group_size=n + 1),
                        f"{n + 1} does not divide")
     layer = cgbn.CrossGPUBatchNorm2d(CHANNELS, name="bad-input")
@@ -372,13 +372,13 @@ def test_convert_model_keeps_weights_and_buffers_in_every_mode():
 
 
 def test_convert_model_and_frozen_reject_bad_input_with_the_fix():
-    with pytest.raises(UserError, match="Invalid mode: 'sync'; use one of cgbn, frozen, bn"):
+    with pytest.raises(ValueError, match="Invalid mode: 'sync'; use one of cgbn, frozen, bn"):
         cgbn.convert_model(nn.BatchNorm2d(4), mode="sync")
-    with pytest.raises(UserError, match="applies to mode 'cgbn' only, not 'frozen'"):
+    with pytest.raises(ValueError, match="applies to mode 'cgbn' only, not 'frozen'"):
         cgbn.convert_model(nn.BatchNorm2d(4), mode="frozen", group_size=2)
-    with pytest.raises(UserError, match=r"Invalid layer 0: .* affine=False"):
+    with pytest.raises(ValueError, match=r"Invalid layer 0: .* affine=False"):
         cgbn.convert_model(nn.Sequential(nn.BatchNorm2d(4, affine=False)), mode="frozen")
-    with pytest.raises(UserError, match=r"expected Tensor\[N, 4, H, W\], got shape \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"expected Tensor\[N, 4, H, W\], got shape \(2, 4\)"):
         cgbn.FrozenBatchNorm2d(4)(torch.randn(2, 4))
     with pytest.raises(UserError, match="dtype torch.int64"):
         cgbn.CrossGPUBatchNorm2d(4)(torch.ones(2, 4, 3, 3, dtype=torch.int64))

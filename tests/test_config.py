@@ -64,7 +64,7 @@ def test_megdet_presets_match_table_3_and_section_4():
         assert cfg.solver.max_iter == round(epochs[1] * per_epoch)
     assert config.load("megdet_r50_fpn_bs256_bn32_long").solver.decay_factors == [0.1, 0.1, 0.5]
     bn32 = config.load("megdet_r50_fpn_bs256_bn32")
-    assert bn32.data.images_per_rank == 4 and bn32.bn_group_ranks() == 8
+    assert bn32.data.images_per_rank == 4 and bn32.bn_groups.group_size == 8
     assert bn32.solver.warmup_factor * bn32.solver.lr == pytest.approx(0.02), "warm-up starts at r (Sec. 3.2)"
 
 
@@ -136,7 +136,7 @@ def test_every_row_of_megdet_table_3_is_a_preset():
             assert cfg.model.norm == "bn"
         else:
             assert (cfg.model.norm, cfg.model.bn_size, cfg.model.bn_node_local) == ("cgbn", int(bn), True), name
-            assert cfg.bn_group_ranks() <= 8, "Sec. 3.3: BN inside one 8-GPU machine"
+            assert cfg.bn_groups.group_size <= 8, "Sec. 3.3: BN inside one 8-GPU machine"
         assert cfg.model.sublinear_stages == (["res3"] if int(bn) >= 32 else []), "Table 3 caption: BN size >= 32"
         assert (cfg.solver.steps, cfg.solver.max_iter) == megdet_epochs(cfg), name
         assert cfg.solver.lr == pytest.approx(0.02 * batch / 16)
@@ -202,7 +202,7 @@ def test_every_row_of_largedet_table_2_is_a_preset():
         assert cfg.model.norm == "cgbn" and cfg.solver.optimizer == "pmd_lamb" and cfg.solver.pmd_alpha == 0.012
         # The paper's LAMB is Table 3's T = infinity (36.2 at batch 256 in both): alpha, no bias correction.
         assert cfg.solver.pmd_cycle == (math.inf if method == "LAMB" else 200)
-        assert cfg.bn_group_ranks() * cfg.data.images_per_rank == cfg.model.bn_size
+        assert cfg.bn_groups.group_size * cfg.data.images_per_rank == cfg.model.bn_size
     assert len(rows) == 14
 
 
@@ -220,7 +220,7 @@ def test_the_presets_doc_names_every_preset_and_the_table_3_ablations():
 def test_demo_preset_shares_batch_norm_across_its_two_ranks():
     demo = config.load("shapes_r18_cpu")
     demo.check_world(2, 2)
-    assert demo.model.norm == "cgbn" and demo.bn_group_ranks() == 2 and demo.solver.optimizer == "pmd_lamb"
+    assert demo.model.norm == "cgbn" and demo.bn_groups.group_size == 2 and demo.solver.optimizer == "pmd_lamb"
     assert demo.model.name == "resnet18_fpn"
 
 
@@ -306,7 +306,7 @@ def test_check_world_names_the_numbers_and_the_fix():
                    small.check_world, 6, 6)
     whole = config.load("megdet_r50_fpn_bs256_bn32", ["model.bn_size=null", "model.bn_node_local=false"])
     whole.check_world(64, 8)
-    assert whole.bn_group_ranks() is None
+    assert whole.bn_groups.group_size is None
 
 
 def test_node_local_bn_refuses_a_group_that_spans_nodes():

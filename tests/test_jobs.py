@@ -123,7 +123,7 @@ def test_every_preset_renders_with_consistent_arithmetic(tmp_path, preset, sched
     assert f"batch {batch} = {gpus} {'CPU ranks' if on_cpu else 'GPUs'} x {per_rank} images" in text
     assert f"LR {cfg.solver.lr:g} ({cfg.solver.optimizer})" in text and cfg.paper.row in text
     if cfg.model.norm == "cgbn":  # asked for node-local groups: each group inside one node
-        group = cfg.bn_group_ranks() or gpus
+        group = cfg.bn_groups.group_size or gpus
         assert per_node % group == 0
         assert f"BN size {cfg.model.bn_size or batch} ({group} GPUs per group, inside one node)" in text
     launch, = directive(text, r"^  (megdet train .*) &$")

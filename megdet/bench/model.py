@@ -208,9 +208,10 @@ def run(args) -> int:
                            "peak_MiB": peak / MIB, "time_vs_plain": seconds / plain_seconds[setting],
                            "images_per_s_vs_fp32": (fp32_seconds[setting] / seconds
                                                     if setting in fp32_seconds and not sublinear else None)}
-                    if name in memory_model.MEASURED:
+                    if memory_model.has_figures(name):
                         estimate = memory_model.training_peak(
                             model=name, norm=args.norm, pretrained=False, images=args.batch, optimizer=None,
+                            mask_on=PRESETS[name]["mask_on"],
                             recomputed=sublinear, amp=mode, min_size=size, max_size=image_shape(size)[1])
                         row["model_MiB"] = estimate.cpu_mib if device.type == "cpu" else estimate.allocated_mib
                         row["model_vs_measured"] = row["model_MiB"] / row["peak_MiB"]

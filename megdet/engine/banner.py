@@ -34,7 +34,7 @@ def describe_norm(cfg: config_mod.Config, world_size: int, local_size: int) -> s
         return "frozen (fixed statistics and affine)"
     if cfg.model.norm == "bn":
         return "per-rank BN (statistics of each rank's own images)"
-    ranks = cfg.bn_group_ranks() or world_size
+    ranks = cfg.bn_groups.group_size or world_size
     where = "inside a node" if local_size % ranks == 0 else "across nodes"
     return f"cross-GPU BN over groups of {ranks} ranks ({ranks * cfg.data.images_per_rank} images), {where}"
 

@@ -23,11 +23,9 @@ from hpc.optim import LAMB, LARS, PMDLAMB, param_groups
 from hpc.schedule import Schedule
 from megdet import config as config_mod
 from megdet.model import build_detector
-from megdet.model.settings import DEFAULTS
+from megdet.specs import LAYER_ADAPTATION
 from megdet.weights import default_freeze_at
 
-
-MODEL_SETTINGS = frozenset(DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -79,33 +77,34 @@ def build_model(cfg: config_mod.Config, *, inference: bool = False) -> torch.nn.
     """The detector of ``cfg.model``, on the CPU (a collective under cross-GPU BN: call it on every rank).
 
     inference: for evaluation only. Batch norm in eval mode uses the running statistics, so cross-GPU
-    BN becomes plain BN (same parameters and buffers) and any number of ranks can evaluate; the
-    ImageNet weights are not loaded (the checkpoint overwrites them), but the stages they freeze are
-    frozen alike, so the checkpoint's keys match.
+    BN (backbone and mask head) becomes plain BN (same parameters and buffers) and any number of ranks
+    can evaluate; the ImageNet weights are not loaded (the checkpoint overwrites them), but the stages
+    they freeze are frozen alike, so the checkpoint's keys match.
     """
-    cross_gpu = cfg.model.norm == "cgbn" and not inference
-    pretrained = cfg.model.backbone_weights is not None
-    model = build_detector(cfg.model.name, num_classes=cfg.model.num_classes,
-                           norm="bn" if cfg.model.norm == "cgbn" and inference else cfg.model.norm,
-                           bn_group_size=cfg.bn_group_ranks() if cross_gpu else None,
-                           backbone_weights=None if inference else cfg.model.backbone_weights,
-                           freeze_at=default_freeze_at(pretrained),
-                           sublinear_stages=tuple(cfg.model.sublinear_stages), **model_settings(cfg))
+    spec = cfg.model
+    model = build_detector(spec.name, num_classes=spec.num_classes, norm=_layer_norm(spec.norm, inference),
+                           group_size=None if inference else cfg.bn_groups.group_size,
+                           backbone_weights=None if inference else spec.backbone_weights,
+                           freeze_at=default_freeze_at(spec.backbone_weights is not None),
+                           sublinear_stages=tuple(spec.sublinear_stages), **model_settings(cfg, inference))
     # Activations only: channels-last weights would give channels-last gradients, which Horovod refuses.
     model.channels_last = cfg.train.channels_last
     return model
 
 
-def model_settings(cfg: config_mod.Config) -> Dict:
+def model_settings(cfg: config_mod.Config, inference: bool = False) -> Dict:
     """The detector settings that ``cfg.model`` and ``cfg.eval`` give, by the detector's own keys
     (``megdet.model.settings.DEFAULTS``); the others keep the named model's values."""
-    settings = {}
-    for section in (cfg.model, cfg.eval):
-        for key in MODEL_SETTINGS.intersection(vars(section)):
-            value = getattr(section, key)
-            if value is not None:
-                settings[key] = tuple(value) if isinstance(value, list) else value
+    settings = {**cfg.model.settings(), **cfg.eval.settings()}
+    if cfg.model.with_masks and cfg.model.head_norm is not None:
+        settings["mask_head_norm"] = _layer_norm(cfg.model.head_norm, inference)
     return settings
+
+
+def _layer_norm(norm: Optional[str], inference: bool) -> Optional[str]:
+    """The norm a layer is built with: cross-GPU BN is plain BN for inference (eval mode reads only the
+    running statistics)."""
+    return "bn" if inference and norm == "cgbn" else norm
 
 
 def build_optimizer(cfg: config_mod.Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -113,7 +112,7 @@ def build_optimizer(cfg: config_mod.Config, model: torch.nn.Module) -> torch.opt
     solver = cfg.solver
     groups = param_groups(model, weight_decay=solver.weight_decay)
     for group in groups:
-        group["layer_adaptation"] = group["name"] in config_mod.LAYER_ADAPTATION[solver.layer_adaptation]
+        group["layer_adaptation"] = group["name"] in LAYER_ADAPTATION[solver.layer_adaptation]
     if solver.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=solver.lr, momentum=solver.momentum)
     if solver.optimizer == "pmd_lamb":

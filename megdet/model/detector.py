@@ -1,7 +1,7 @@
 """Faster R-CNN with FPN on ResNet (Ren et al. 2015; Lin et al. 2017), and the one builder that turns a
 preset name plus overrides into a model.
 
-    model = build_detector("resnet50_fpn", num_classes=80, norm="cgbn", bn_group_size=8,
+    model = build_detector("resnet50_fpn", num_classes=80, norm="cgbn", group_size=4,
                            backbone_weights="torchvision:resnet50")   # or a file path
     losses = model(images, targets)            # train mode: {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
     detections = model.eval()(images, original_sizes=sizes)   # [{"boxes", "scores", "labels"}, ...]
@@ -21,13 +21,13 @@ from torch import nn
 from hpc.errors import UserError
 from megdet.model.anchors import AnchorGenerator
 from megdet.model.box_coder import BoxCoder
-from megdet.model.fpn import FPN, LEVEL_STRIDES
+from megdet.model.fpn import FPN
 from megdet.model.mask_head import MaskHead, paste_masks
 from megdet.model.matching import Matcher
 from megdet.model.resnet import STAGE_MODULES, STAGE_NAMES, ResNet, load_torchvision_checkpoint
 from megdet.model.roi_heads import BoxHead, BoxPredictor, MultiScaleRoIAlign, RoIHeads
 from megdet.model.rpn import RPN, RPNHead
-from megdet.model.settings import DEFAULTS, MODEL_NAMES, NORMS, PRESETS
+from megdet.model.settings import DEFAULTS, LEVEL_STRIDES, MODEL_NAMES, NORMS, PRESETS
 from megdet.weights import default_freeze_at, frozen_stage_names
 from megdet.weights import resolve as resolve_weights
 
@@ -213,91 +213,85 @@ def check_target_values(targets: Sequence[Dict[str, torch.Tensor]], num_classes:
                             f"1..{num_classes}; map category ids to contiguous labels 1..num_classes")
 
 
-def mask_branch(settings: Dict, in_channels: int, num_classes: int, norm: str,
-                bn_group_size: Optional[int]) -> Dict[str, nn.Module]:
-    """Mask R-CNN's pooler and head for ``RoIHeads``: RoIAlign at ``mask_pooler_resolution`` on P2-P5 with
-    the box head's level rule, and ``MaskHead``; its norm (``mask_head_norm``) is BN converted to the
-    backbone's kind when that is cross-GPU BN, frozen or plain as asked."""
-    from hpc.cgbn import convert_model
-
-    head_norm = settings["mask_head_norm"]
-    if head_norm is not None and head_norm not in NORMS:
-        raise UserError(f"mask_head_norm={head_norm!r}; use None or one of {', '.join(NORMS)}")
-    head = MaskHead(in_channels=in_channels, num_classes=num_classes, channels=settings["mask_head_channels"],
-                    num_convs=settings["mask_head_convs"], norm=None if head_norm is None else nn.BatchNorm2d)
-    if head_norm in ("cgbn", "frozen"):
-        head = convert_model(head, mode=head_norm, group_size=bn_group_size if head_norm == "cgbn" else None)
-    pooler = MultiScaleRoIAlign(output_size=settings["mask_pooler_resolution"], strides=ROI_LEVEL_STRIDES,
-                                sampling_ratio=settings["pooler_sampling_ratio"], aligned=settings["pooler_aligned"])
-    return {"mask_pooler": pooler, "mask_head": head}
-
-
 def build_detector(name: str = "resnet50_fpn", *, num_classes: int, norm: str = "cgbn",
-                   bn_group_size: Optional[int] = None, backbone_weights: Optional[str] = None,
+                   group_size: Optional[int] = None, backbone_weights: Optional[str] = None,
                    freeze_at: Optional[int] = None, sublinear_stages: Sequence[str] = (),
-                   **overrides) -> FasterRCNN:
-    """The detector ``name`` (one of ``MODEL_NAMES``) for labels 1..``num_classes``.
+                   **settings) -> FasterRCNN:
+    """The detector ``name`` (one of ``MODEL_NAMES``) for labels 1..``num_classes``. The user's rules
+    for these values are ``megdet.specs``'; here only what would otherwise fail deep inside is refused,
+    with ValueError or TypeError.
 
     Args:
-        norm: backbone norm layers, "cgbn" (cross-GPU BN over ``bn_group_size`` ranks, None = all; a
-            collective: call on every rank), "frozen" (fixed statistics and affine) or "bn" (per-process).
+        norm: backbone norm layers, "cgbn" (cross-GPU BN over groups of ``group_size`` consecutive ranks,
+            None = all; a collective: call on every rank), "frozen" (fixed statistics and affine) or "bn"
+            (per-process). A ``mask_head_norm`` of "cgbn" shares the same groups.
         backbone_weights: a torchvision-layout ResNet ImageNet checkpoint, a file path or a name of
             ``megdet.weights`` ("torchvision:resnet50", from torch hub's cache); None trains from
             scratch, and then the last norm of each residual branch starts at zero where it trains.
         freeze_at: stages with no gradient and frozen norms: 0 none, 1 the stem, 2 stem + res2, ... 5;
-            None: 2 with weights (detectron2), 0 without. Built as asked; ``megdet.config`` refuses
-            model.norm=frozen on random weights unless model.allow_frozen_random asks for it.
+            None: 2 with weights (detectron2), 0 without.
         sublinear_stages: backbone stages (of res2..res5) recomputed in backward instead of stored
             (``hpc.recompute.recompute``): one more forward of each, none of their activations kept. A
             frozen stage stores nothing to recompute and is refused.
-        overrides: any key of ``DEFAULTS`` (e.g. ``fpn_channels=256``, ``rpn_post_nms_topk=(500, 500)``).
+        settings: any key of ``DEFAULTS`` (e.g. ``fpn_channels=256``, ``rpn_post_nms_topk=(500, 500)``).
     """
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; use one of {', '.join(MODEL_NAMES)}")
+    unknown = set(settings) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown model settings {sorted(unknown)}; known: {', '.join(DEFAULTS)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r}; need a positive integer (labels are 1..num_classes)")
+    settings = dict(PRESETS[name], **settings)
+    if freeze_at is None:
+        freeze_at = default_freeze_at(pretrained=backbone_weights is not None)
+    backbone = _backbone(settings["depth"], norm, group_size, backbone_weights, freeze_at, sublinear_stages)
+    channels = settings["fpn_channels"]
+    fpn = FPN(in_channels=[backbone.out_channels[stage] for stage in STAGE_NAMES], out_channels=channels)
+    rpn = _rpn(settings, channels)  # the heads in this order: their initial weights are drawn in it
+    roi_heads = _roi_heads(settings, channels, num_classes, group_size)
+    logger.info("built %s: ResNet-%d, norm %s, freeze_at %d, FPN %d ch, sublinear stages %s", name,
+                settings["depth"], norm, freeze_at, channels, tuple(sublinear_stages) or "none")
+    return FasterRCNN(backbone=backbone, fpn=fpn, rpn=rpn, roi_heads=roi_heads,
+                      num_classes=num_classes, pixel_mean=settings["pixel_mean"], pixel_std=settings["pixel_std"],
+                      size_divisibility=settings["size_divisibility"])
+
+
+def _backbone(depth: int, norm: str, group_size: Optional[int], backbone_weights: Optional[str], freeze_at: int,
+              sublinear_stages: Sequence[str]) -> ResNet:
+    """ResNet-``depth``: loaded or initialised, its BN converted to ``norm``, frozen up to ``freeze_at``,
+    ``sublinear_stages`` recomputed."""
     from hpc.cgbn import convert_model
     from hpc.recompute import recompute
 
-    if name not in PRESETS:
-        raise UserError(f"unknown model {name!r}; use one of {', '.join(MODEL_NAMES)}")
     if norm not in NORMS:
-        raise UserError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
-    if norm != "cgbn" and bn_group_size is not None:
-        raise UserError(f"bn_group_size={bn_group_size} applies to norm 'cgbn' only, not {norm!r}; drop it")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise UserError(f"num_classes={num_classes!r}; need a positive integer (labels are 1..num_classes)")
-    unknown = set(overrides) - set(DEFAULTS)
-    if unknown:
-        raise UserError(f"unknown model settings {sorted(unknown)}; known: {', '.join(DEFAULTS)}")
-    settings = dict(PRESETS[name], **overrides)
+        raise ValueError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
     unknown_stages = set(sublinear_stages) - set(STAGE_NAMES)
     if unknown_stages:
-        raise UserError(f"sublinear_stages {sorted(unknown_stages)} are not backbone stages; use some of "
-                        f"{', '.join(STAGE_NAMES)}")
-    if freeze_at is None:
-        freeze_at = default_freeze_at(pretrained=backbone_weights is not None)
+        raise ValueError(f"sublinear_stages {sorted(unknown_stages)} are not backbone stages; use some of "
+                         f"{', '.join(STAGE_NAMES)}")
     frozen = frozen_stage_names(freeze_at)
     frozen_recomputed = [stage for stage in sublinear_stages if stage in frozen]
     if frozen_recomputed:
-        raise UserError(f"sublinear_stages {frozen_recomputed} are frozen (freeze_at={freeze_at}): a frozen stage "
-                        "keeps no activations, so recomputing it saves nothing; drop them")
-    if len(settings["anchor_sizes"]) != len(LEVEL_STRIDES):
-        raise UserError(f"anchor_sizes={settings['anchor_sizes']} needs one size per level P2-P6 "
-                        f"({len(LEVEL_STRIDES)} sizes)")
-
-    backbone = ResNet(depth=settings["depth"])
+        raise ValueError(f"sublinear_stages {frozen_recomputed} are frozen (freeze_at={freeze_at}): a frozen stage "
+                         "keeps no activations, so recomputing it saves nothing; drop them")
+    backbone = ResNet(depth=depth)
     if backbone_weights is not None:
         load_torchvision_checkpoint(backbone, resolve_weights(backbone_weights))
     elif norm != "frozen":
         backbone.zero_init_residual([stage for stage in STAGE_NAMES if stage not in frozen])
     if norm != "bn":
-        backbone = convert_model(backbone, mode=norm, group_size=bn_group_size)
+        backbone = convert_model(backbone, mode=norm, group_size=group_size if norm == "cgbn" else None)
     backbone.freeze(freeze_at, lambda module: convert_model(module, mode="frozen"))
     recompute(backbone, [STAGE_MODULES[stage] for stage in sublinear_stages])
+    return backbone
 
-    channels = settings["fpn_channels"]
-    fpn = FPN(in_channels=[backbone.out_channels[stage] for stage in STAGE_NAMES], out_channels=channels)
+
+def _rpn(settings: Dict, channels: int) -> RPN:
     anchor_generator = AnchorGenerator(sizes=settings["anchor_sizes"], aspect_ratios=settings["anchor_aspect_ratios"],
                                        strides=LEVEL_STRIDES)
     rpn_low, rpn_high = settings["rpn_iou_thresholds"]
-    rpn = RPN(
+    return RPN(
         head=RPNHead(in_channels=channels, num_anchors=anchor_generator.num_anchors_per_position),
         anchor_generator=anchor_generator,
         matcher=Matcher(low_threshold=rpn_low, high_threshold=rpn_high, allow_low_quality_matches=True,
@@ -310,12 +304,19 @@ def build_detector(name: str = "resnet50_fpn", *, num_classes: int, norm: str = 
         nms_threshold=settings["rpn_nms_threshold"],
         smooth_l1_beta=settings["rpn_smooth_l1_beta"],
     )
+
+
+def _roi_heads(settings: Dict, channels: int, num_classes: int, group_size: Optional[int]) -> RoIHeads:
+    """The box head and predictor, then (``mask_on``) the mask branch, in this order."""
     resolution = settings["pooler_resolution"]
-    roi_heads = RoIHeads(
+    box_head = BoxHead(in_channels=channels, pooled_size=resolution, hidden=settings["box_head_dim"])
+    predictor = BoxPredictor(hidden=settings["box_head_dim"], num_classes=num_classes)
+    mask = _mask_branch(settings, channels, num_classes, group_size) if settings["mask_on"] else {}
+    return RoIHeads(
         pooler=MultiScaleRoIAlign(output_size=resolution, strides=ROI_LEVEL_STRIDES,
                                   sampling_ratio=settings["pooler_sampling_ratio"], aligned=settings["pooler_aligned"]),
-        box_head=BoxHead(in_channels=channels, pooled_size=resolution, hidden=settings["box_head_dim"]),
-        predictor=BoxPredictor(hidden=settings["box_head_dim"], num_classes=num_classes),
+        box_head=box_head,
+        predictor=predictor,
         matcher=Matcher(low_threshold=settings["roi_iou_threshold"], high_threshold=settings["roi_iou_threshold"],
                         allow_low_quality_matches=False, crowd_ioa_threshold=settings["crowd_ioa_threshold"]),
         box_coder=BoxCoder(ROI_BOX_WEIGHTS),
@@ -326,10 +327,23 @@ def build_detector(name: str = "resnet50_fpn", *, num_classes: int, norm: str = 
         score_threshold=settings["score_threshold"],
         nms_threshold=settings["nms_threshold"],
         detections_per_image=settings["detections_per_image"],
-        **(mask_branch(settings, channels, num_classes, norm, bn_group_size) if settings["mask_on"] else {}),
+        **mask,
     )
-    logger.info("built %s: ResNet-%d, norm %s, freeze_at %d, FPN %d ch, sublinear stages %s", name,
-                settings["depth"], norm, freeze_at, channels, tuple(sublinear_stages) or "none")
-    return FasterRCNN(backbone=backbone, fpn=fpn, rpn=rpn, roi_heads=roi_heads, num_classes=num_classes,
-                      pixel_mean=settings["pixel_mean"], pixel_std=settings["pixel_std"],
-                      size_divisibility=settings["size_divisibility"])
+
+
+def _mask_branch(settings: Dict, in_channels: int, num_classes: int, group_size: Optional[int]) -> Dict[str, nn.Module]:
+    """Mask R-CNN's pooler and head for ``RoIHeads``: RoIAlign at ``mask_pooler_resolution`` on P2-P5 with
+    the box head's level rule, and ``MaskHead``; its norm (``mask_head_norm``) is BN converted to
+    cross-GPU BN (over groups of ``group_size`` ranks, as the backbone's), frozen or plain as asked."""
+    from hpc.cgbn import convert_model
+
+    head_norm = settings["mask_head_norm"]
+    if head_norm is not None and head_norm not in NORMS:
+        raise ValueError(f"mask_head_norm={head_norm!r}; use None or one of {', '.join(NORMS)}")
+    head = MaskHead(in_channels=in_channels, num_classes=num_classes, channels=settings["mask_head_channels"],
+                    num_convs=settings["mask_head_convs"], norm=None if head_norm is None else nn.BatchNorm2d)
+    if head_norm in ("cgbn", "frozen"):
+        head = convert_model(head, mode=head_norm, group_size=group_size if head_norm == "cgbn" else None)
+    pooler = MultiScaleRoIAlign(output_size=settings["mask_pooler_resolution"], strides=ROI_LEVEL_STRIDES,
+                                sampling_ratio=settings["pooler_sampling_ratio"], aligned=settings["pooler_aligned"])
+    return {"mask_pooler": pooler, "mask_head": head}

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LEVEL_NAMES = ("p2", "p3", "p4", "p5", "p6")
-LEVEL_STRIDES = (4, 8, 16, 32, 64)
+from megdet.model.settings import LEVEL_NAMES, LEVEL_STRIDES
 
 
 class FPN(nn.Module):

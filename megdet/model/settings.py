@@ -2,6 +2,9 @@
 written. ``megdet.model.detector.build_detector`` builds from them; ``megdet.config`` checks names
 against them and passes a preset's overrides by the same keys, without importing torch."""
 
+# The FPN's output levels P2-P6 and their strides in pixels: one anchor size per level.
+LEVEL_NAMES = ("p2", "p3", "p4", "p5", "p6")
+LEVEL_STRIDES = (4, 8, 16, 32, 64)
 # ImageNet statistics of RGB in 0..255 (the torchvision checkpoints were trained with these).
 IMAGENET_PIXEL_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_PIXEL_STD = (58.395, 57.12, 57.375)
