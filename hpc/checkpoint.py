@@ -14,7 +14,7 @@ A checkpoint is written to a temporary file in the same folder and renamed, so a
 leaves the previous checkpoint intact and never a truncated one under the final name; a full disk
 is a ``CheckpointError`` that says so. At resume, and when pruning old checkpoints::
 
-    path, state, skipped = latest_loadable(out, required_keys=("model", "optimizer"))  # skips corrupt ones
+    path, state = read(out, required_keys=("model", "optimizer"))  # a file, or a folder's newest that loads
     save(checkpoint_path(out, it), state); prune(out, keep=3)   # never deletes the newest intact one
 """
 from __future__ import annotations
@@ -153,6 +153,17 @@ def latest_loadable(directory: os.PathLike, required_keys=("model",), *, warn: C
                               f"corrupt or incomplete (the newest: {skipped[0][1]}); restore one, or start "
                               "afresh in another output folder")
     return None, None, skipped
+
+
+def read(where: os.PathLike, required_keys=("model",), *, warn: Callable[[str], None] = _warn
+         ) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """(path, state) of the checkpoint ``where`` names: a file (``load``), or a folder's newest one that
+    loads (``latest_loadable``: (None, None) when it holds none). The one way train, eval and show open
+    a checkpoint."""
+    if Path(where).is_dir():
+        path, state, _ = latest_loadable(where, required_keys, warn=warn)
+        return path, state
+    return Path(where), load(where, required_keys)
 
 
 def prune(directory: os.PathLike, keep: int) -> List[Path]:

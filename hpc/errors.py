@@ -1,15 +1,20 @@
-"""Errors caused by the user's input or environment, as opposed to bugs, and the one line that reports them.
+"""Errors caused by the user's input or environment, as opposed to bugs, and the lines that report them.
 
-The command line prints a ``UserError`` as one line on every rank and exits non-zero; anything else
-is a bug and keeps its traceback. Messages name the bad value and the fix.
+The command line prints a ``UserError`` as one line on every rank and exits 2 (``report``); anything else
+is a bug in our code: its traceback, then one line naming the rank that hit it, exit 1 (``report_bug``).
+Messages name the bad value and the fix.
 """
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 from typing import Optional, TextIO
 
+from hpc.launch_env import detect
+
 EXIT_USER_ERROR = 2
+EXIT_BUG = 1  # Python's own status for an uncaught exception
 # The program that names itself in error lines: the entry point sets it ("megdet train") before it runs.
 program = "megdet"
 
@@ -20,9 +25,7 @@ class UserError(Exception):
 
 def rank_label() -> str:
     """" (rank R/N)" when a launcher started several processes, else ""."""
-    from hpc import launch  # hpc.launch imports this module
-
-    started = launch.detect()
+    started = detect()
     return f" (rank {started.rank}/{started.size})" if (started.size or 1) > 1 else ""
 
 
@@ -49,3 +52,17 @@ def write_line(text: str, stream: Optional[TextIO] = None) -> None:
 def report(message: str) -> None:
     """Write ``message`` as this rank's one error line, ``PROGRAM: error (rank R/N): MESSAGE``, on stderr."""
     write_line(f"{program}: error{rank_label()}: {message}")
+
+
+def bug_summary(error: BaseException) -> str:
+    """``TYPE: first line of the message``: a bug named in one line."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def report_bug(error: BaseException) -> None:
+    """Write ``error``'s traceback, then ``PROGRAM: bug (rank R/N): TYPE: MESSAGE ...`` as one line, on
+    stderr: the traceback locates the bug, the line says which rank hit it."""
+    sys.stderr.write("".join(traceback.format_exception(error)))
+    write_line(f"{program}: bug{rank_label()}: {bug_summary(error)}: a bug in megdet, not in your input; "
+               "the traceback above locates it (please report it with that traceback)")

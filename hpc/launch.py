@@ -1,4 +1,5 @@
-"""Which launcher started this process, and does the engine agree with it.
+"""Does the engine agree with the launcher that started this process (``hpc.launch_env.detect``), and
+how many CPUs, threads and loader workers each rank gets.
 
 Every launcher writes the world size it started into each process's environment. A Horovod built
 without MPI that is started by ``mpirun`` or ``srun`` runs every process as a world of size 1,
@@ -8,68 +9,18 @@ an error that names the fix.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from hpc.errors import UserError
+from hpc.launch_env import Launch, detect, env_int
+
+# The launch's API: detect() and Launch live below hpc.errors (hpc.launch_env); callers take them here.
+__all__ = ["Launch", "LaunchError", "detect", "check_world_size", "cpus_per_rank", "threads_per_rank",
+           "loader_workers"]
 
 
 class LaunchError(UserError):
     """The launcher and the communication engine disagree; the message names the fix."""
-
-
-@dataclass(frozen=True)
-class Launch:
-    """What the environment says about how we were started.
-
-    launcher: "horovodrun", "mpirun" (Open MPI or MPICH/Hydra), "srun", "torchrun" or "none".
-    size, rank, local_rank, local_size: as the launcher set them (None when it did not).
-    scheduler: "slurm", "pbs" or None (the batch system around the launcher, if any).
-    """
-
-    launcher: str
-    size: Optional[int]
-    rank: Optional[int]
-    local_rank: Optional[int]
-    local_size: Optional[int]
-    scheduler: Optional[str]
-
-    @property
-    def is_mpi(self) -> bool:
-        """Started by an MPI launcher (mpirun, or srun with Slurm's MPI plugin)."""
-        return self.launcher in ("mpirun", "srun")
-
-
-def _int(env: Mapping[str, str], name: str) -> Optional[int]:
-    """The integer in ``env[name]``; None when absent or not a plain integer (e.g. ``"2(x4)"``)."""
-    try:
-        return int(env[name])
-    except (KeyError, ValueError):
-        return None
-
-
-# (launcher, size, rank, local rank, local size) variables, most specific first. horovodrun sets
-# HOROVOD_* on top of any MPI variables; MPICH's mpirun inside a Slurm job starts its proxies with
-# srun, so the PMI variables must win over SLURM_STEP_NUM_TASKS (which then counts nodes).
-_LAUNCHERS = (
-    ("horovodrun", "HOROVOD_SIZE", "HOROVOD_RANK", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE"),
-    ("mpirun", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
-     "OMPI_COMM_WORLD_LOCAL_SIZE"),
-    ("mpirun", "PMI_SIZE", "PMI_RANK", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-    ("torchrun", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
-    ("srun", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
-)
-
-
-def detect(env: Optional[Mapping[str, str]] = None) -> Launch:
-    """Read the launcher's own variables from ``env`` (default: ``os.environ``)."""
-    env = os.environ if env is None else env
-    scheduler = "slurm" if "SLURM_JOB_ID" in env else "pbs" if "PBS_JOBID" in env else None
-    for launcher, size, rank, local_rank, local_size in _LAUNCHERS:
-        if _int(env, size) is not None:
-            return Launch(launcher, _int(env, size), _int(env, rank), _int(env, local_rank),
-                          _int(env, local_size), scheduler)
-    return Launch("none", None, None, None, None, scheduler)
 
 
 def check_world_size(launch: Launch, engine: str, engine_size: int, mpi_built: Optional[bool] = None) -> None:
@@ -99,7 +50,7 @@ def cpus_per_rank(local_size: int, env: Optional[Mapping[str, str]] = None) -> i
     job scripts set), else the cores this process may run on shared out between the ``local_size``
     ranks of its host."""
     env = os.environ if env is None else env
-    given = _int(env, "SLURM_CPUS_PER_TASK")
+    given = env_int(env, "SLURM_CPUS_PER_TASK")
     if given is not None and given > 0:
         return given
     return max(1, len(os.sched_getaffinity(0)) // max(1, local_size))

@@ -12,7 +12,8 @@ imported (and, for ``bench``, only the chosen benchmark's), so ``megdet --help``
 config error answer without importing torch. Errors in the user's input or environment
 (``hpc.errors.UserError``) are printed as one line on every rank with exit status 2, and so is a
 collective that failed for want of a rank that died, stopped or exited (``hpc.comm.failure_reason``);
-anything else is a bug and keeps its traceback. A command that succeeded on every rank ends with a barrier
+anything else is a bug: its traceback, then one line naming the rank that hit it, exit status 1, and the
+other ranks ended in seconds (``hpc.comm.stop_others``). A command that succeeded on every rank ends with a barrier
 (``hpc.comm.finish``) when it started a communicator.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from hpc import errors
-from hpc.errors import EXIT_USER_ERROR, UserError
+from hpc.errors import EXIT_BUG, EXIT_USER_ERROR, UserError
 
 # name: (module, one-line help)
 COMMANDS: Dict[str, Tuple[str, str]] = {
@@ -89,10 +90,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as error:
         comm = sys.modules.get("hpc.comm")
         reason = comm.failure_reason(error) if comm is not None else None
-        if reason is None:
-            raise
-        errors.report(reason)
-        return EXIT_USER_ERROR
+        if reason is not None:
+            errors.report(reason)
+            return EXIT_USER_ERROR
+        errors.report_bug(error)
+        if comm is not None:
+            comm.stop_others(error)
+        return EXIT_BUG
     comm = sys.modules.get("hpc.comm")
     if comm is not None and status == 0:
         comm.finish()

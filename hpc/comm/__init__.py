@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 
 from hpc import launch as launch_mod
+from hpc import errors
 from hpc.errors import UserError
 from hpc.comm.base import DEFAULT_TIMEOUT_S, ENGINES, OPS, AgreedError, CommError, Communicator, Group, Handle
 from hpc.comm.horovod import HorovodCommunicator
@@ -155,6 +156,15 @@ def finish() -> None:
     if _current is not None:
         _current.barrier()
     shutdown()
+
+
+def stop_others(error: BaseException) -> None:
+    """After a bug on this rank (``error``, reported with its traceback): end the other ranks in seconds,
+    each with a line naming this rank, rather than leave them waiting in a collective. Nothing to do
+    without a watchdog (one process)."""
+    if _current is not None and _current.watchdog is not None:
+        _current.watchdog.stop_others(f"rank {_current.rank} stopped on a bug ({errors.bug_summary(error)}): "
+                                      "ending the run; that rank's traceback locates it")
 
 
 def failure_reason(error: BaseException) -> Optional[str]:

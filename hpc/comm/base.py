@@ -2,9 +2,10 @@
 engine's primitives (``Communicator``), and the differentiable allreduce."""
 from __future__ import annotations
 
+import contextlib
 import pickle
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -200,6 +201,23 @@ class Communicator:
             rank, message = failed[0]
             kind = AgreedError if self._member(group).size == self.size else CommError
             raise kind(message if len(failed) == len(errors) else f"rank {rank}: {message}")
+
+    @contextlib.contextmanager
+    def all_or_none(self, group: Optional[Group] = None) -> Iterator[None]:
+        """Run the block on every member; a ``UserError`` raised in it on any member then raises on every
+        member (``agree``, the lowest failing rank's message), so none goes on to a collective that a
+        failed member will never join. Collective: every member enters the block. A bug (any other
+        exception) leaves at once with its traceback; the watchdog ends the others.
+
+            with comm.all_or_none():
+                dataset = ShardDataset(path)      # a shard missing on one node stops every rank
+        """
+        error = None
+        try:
+            yield
+        except UserError as failure:
+            error = str(failure)
+        self.agree(error, group)
 
     def host_waits(self, tensor: torch.Tensor) -> bool:
         """Whether a finished collective on ``tensor`` has made the host wait for it, so that reading the

@@ -131,6 +131,19 @@ class Watchdog:
         except (OSError, ValueError, subprocess.TimeoutExpired):  # it ended already, or hangs: it goes with us
             pass
 
+    def stop_others(self, message: str) -> None:
+        """End every other rank with ``message`` (one line), as for a rank that died: this rank stops on a
+        bug and exits, and the others would wait in their next collective until its timeout."""
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            self._process.stdin.write("stop " + " ".join(message.split()) + "\n")
+            self._process.stdin.flush()
+            self._process.wait(timeout=10 * self.interval_s)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            pass
+
     def _forget_in_child(self) -> None:
         """In a forked child (a DataLoader worker): let go of the pipes, so that this process's death
         closes them at once, and never say goodbye for it. Their descriptors become /dev/null's rather
@@ -228,6 +241,9 @@ class _WatchdogProcess:
             line, self.stdin_pending = self.stdin_pending.split("\n", 1)
             if line == "bye":
                 self.send_all(b"bye\n")
+                self.leave()
+            if line.startswith("stop "):  # its rank stops on a bug and ends itself: end the others
+                self.send_all(f"fail {line[len('stop '):]}\n".encode())
                 self.leave()
             self.start(json.loads(line))
 

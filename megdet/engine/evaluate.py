@@ -419,27 +419,19 @@ def evaluate_checkpoint(config, checkpoint_path: str, out_dir=None) -> int:
     """``megdet eval CONFIG --checkpoint CKPT``: distributed box AP of a trained model on data.val, each
     rank on its own GPU (``train.device``) under ``train.amp``'s autocast; a checkpoint written on
     any device loads (onto the CPU first, then the model's device)."""
-    from hpc import checkpoint
     from hpc.shards import ShardDataset
     from megdet.engine.banner import run_banner
     from megdet.engine.build import build_model, build_runtime, init_rank, loader_workers, run_dir
+    from megdet.engine.model_checkpoint import read_for
 
     runtime = build_runtime(config)
     comm = init_rank(runtime.device)
-    error, state, dataset = None, None, None
-    try:
+    state, dataset = None, None
+    with comm.all_or_none():
         if not config.data.val:
             raise UserError(f"{config.name} has no data.val: pass data.val=SHARDS_DIR")
         dataset = ShardDataset(config.data.val, with_segmentation=config.model.with_masks)
-        state = checkpoint.load(checkpoint_path, required_keys=("model", "model_name"))
-        if (state["model_name"], state.get("num_classes")) != (config.model.name, config.model.num_classes):
-            raise checkpoint.CheckpointError(
-                f"checkpoint {checkpoint_path} holds a {state['model_name']} with {state.get('num_classes')} "
-                f"classes, but {config.name} builds a {config.model.name} with {config.model.num_classes}: "
-                "evaluate it with the config that trained it")
-    except UserError as failure:
-        error = str(failure)
-    comm.agree(error)
+        _, state = read_for(config, checkpoint_path, ("model",), advice="evaluate it with the config that trained it")
     model = build_model(config, inference=True).to(runtime.device)
     model.load_state_dict(state["model"])
     workers = loader_workers(config, comm)

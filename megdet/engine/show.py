@@ -29,11 +29,7 @@ PANEL_INCHES = 4.0
 def find_run(path: Path):
     """(config, checkpoint state, checkpoint path) of a run folder (its newest checkpoint that loads, as
     ``megdet train --resume`` takes it) or a checkpoint file."""
-    required = ("model", "config")
-    if path.is_dir():
-        file, state, _ = checkpoint.latest_loadable(path, required_keys=required)
-    else:
-        file, state = path, checkpoint.load(path, required_keys=required)
+    file, state = checkpoint.read(path, required_keys=("model", "config"))
     if file is None:
         raise UserError(f"{path} holds no checkpoint (model_*.pt): give a run folder of megdet train or a checkpoint")
     return config_mod.from_document(state["config"], f"the config in {file}"), state, file

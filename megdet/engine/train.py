@@ -55,6 +55,7 @@ from megdet.engine import evaluate as evaluate_mod
 from megdet.engine import show
 from megdet.engine.evaluate import MASK_PREFIX
 from megdet.engine.banner import describe_optimizer, run_banner
+from megdet.engine.model_checkpoint import read_for
 from megdet.engine.build import (Runtime, build_model, build_optimizer, build_runtime, build_schedule, init_rank,
                                  loader_workers, run_dir)
 from megdet.model.detector import check_target_values
@@ -189,35 +190,48 @@ class Trainer:
         self.device = runtime.device
         self.out = run_dir(cfg)
         self.stop = checkpoint.StopSignals()
-        error = None
-        try:
-            cfg.check_world(comm.size, comm.local_size)
-            masks = cfg.model.with_masks
-            self.train_set = ShardDataset(cfg.data.train, with_segmentation=masks, skip_corrupt=cfg.data.skip_corrupt)
-            self.val_set = ShardDataset(cfg.data.val, with_segmentation=masks) if cfg.data.val else None
-            if masks:
-                check_segmentations(self.train_set, cfg.data.train)
-            self.transform = build_transform(cfg, categories=self.train_set.categories, train=True)
-            if resume is None:
-                self._check_fresh_start()
-            if cfg.model.backbone_weights is not None:
-                resolve_weights(cfg.model.backbone_weights)  # a cache that differs between nodes stops every rank
-            if cfg.train.tensorboard:
-                summary_writer_class()
-            if cfg.solver.pmd_kernel == "compiled":
-                check_compiled_kernel(self.device, key="solver.pmd_kernel=compiled",
-                                      fix="solver.pmd_kernel=multi_tensor")
-        except UserError as failure:
-            error = str(failure)
-        comm.agree(error)  # a missing shard on one node stops every rank, not only that one
+        with comm.all_or_none():  # a missing shard on one node stops every rank, not only that one
+            self._check_launch_and_inputs(resume)
+        self._build_model()
+        self._build_optimizer()
+        self.start_iter = 0
+        if resume is not None:
+            self._resume(resume)
+        self._start_sampling_and_outputs()
 
-        torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg).to(self.device)
+    def _check_launch_and_inputs(self, resume: Optional[str]) -> None:
+        """Everything a user gave that this rank can check before building: the launch's size, the shards,
+        the run folder, the weights' cache, TensorBoard, the optimizer's compiled kernel."""
+        cfg = self.cfg
+        cfg.check_world(self.comm.size, self.comm.local_size)
+        masks = cfg.model.with_masks
+        self.train_set = ShardDataset(cfg.data.train, with_segmentation=masks, skip_corrupt=cfg.data.skip_corrupt)
+        self.val_set = ShardDataset(cfg.data.val, with_segmentation=masks) if cfg.data.val else None
+        if masks:
+            check_segmentations(self.train_set, cfg.data.train)
+        self.transform = build_transform(cfg, categories=self.train_set.categories, train=True)
+        if resume is None:
+            self._check_fresh_start()
+        if cfg.model.backbone_weights is not None:
+            resolve_weights(cfg.model.backbone_weights)  # a cache that differs between nodes stops every rank
+        if cfg.train.tensorboard:
+            summary_writer_class()
+        if cfg.solver.pmd_kernel == "compiled":
+            check_compiled_kernel(self.device, key="solver.pmd_kernel=compiled", fix="solver.pmd_kernel=multi_tensor")
+
+    def _build_model(self) -> None:
+        """The detector, initialised alike on every rank (the seed), then each rank's own random stream."""
+        torch.manual_seed(self.cfg.train.seed)
+        self.model = build_model(self.cfg).to(self.device)
         self.model.train()
-        torch.manual_seed(cfg.train.seed + comm.rank)  # the detector's sampling differs between ranks
+        torch.manual_seed(self.cfg.train.seed + self.comm.rank)  # the detector's sampling differs between ranks
+
+    def _build_optimizer(self) -> None:
+        """The optimizer inside the distributed one, the schedule, and the banner that says which run."""
+        cfg, comm = self.cfg, self.comm
         self.workers = loader_workers(cfg, comm)
         optimizer = build_optimizer(cfg, self.model)
-        banner = run_banner(cfg, comm, runtime, workers=self.workers,
+        banner = run_banner(cfg, comm, self.runtime, workers=self.workers,
                             optimizer=describe_optimizer(optimizer, self.device))
         if comm.rank == 0:
             print(banner, flush=True)
@@ -226,11 +240,12 @@ class Trainer:
                                               batch_size=cfg.solver.batch_size, comm=comm,
                                               backward_passes_per_step=self.passes,
                                               compression=cfg.train.grad_compression,
-                                              loss_scaler=LossScaler() if runtime.loss_scaling else None)
+                                              loss_scaler=LossScaler() if self.runtime.loss_scaling else None)
         self.schedule = build_schedule(cfg)
-        self.start_iter = 0
-        if resume is not None:
-            self._resume(resume)
+
+    def _start_sampling_and_outputs(self) -> None:
+        """The sampler from ``start_iter``, the metrics log, and the run's config in its folder."""
+        cfg, comm = self.cfg, self.comm
         self.sampler = DistributedShardSampler(self.train_set.aspect_groups, batch_size=cfg.data.images_per_rank,
                                                rank=comm.rank, world_size=comm.size, seed=cfg.train.seed)
         self.metrics = MetricsLogger(self.out / METRICS_FILE, enabled=comm.rank == 0, resume_from=self.start_iter,
@@ -251,22 +266,16 @@ class Trainer:
         """Continue from the checkpoint ``--resume`` names, or ("auto") from the run folder's newest one
         that loads: rank 0 chooses, skipping truncated or corrupt ones with a warning naming each, and
         tells the others; none there starts afresh. A checkpoint of another model stops every rank."""
-        error, path, state = None, None, None
-        if self.comm.rank == 0:
-            try:
-                path, state = self._load_checked(resume)
-            except UserError as failure:
-                error = str(failure)
-        self.comm.agree(error)
+        path, state = None, None
+        with self.comm.all_or_none():
+            if self.comm.rank == 0:
+                path, state = self._load_checked(self.out if resume == "auto" else Path(resume))
         path = self.comm.broadcast_object(path)
         if path is None:
             return
-        if self.comm.rank != 0:
-            try:
-                _, state = self._load_checked(str(path))
-            except UserError as failure:
-                error = str(failure)
-        self.comm.agree(error)  # a file that a rank on another node cannot read
+        with self.comm.all_or_none():  # a file that a rank on another node cannot read
+            if self.comm.rank != 0:
+                _, state = self._load_checked(path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_iter = int(state["iteration"])
@@ -278,41 +287,26 @@ class Trainer:
         if self.comm.rank == 0:
             print(f"megdet train: resumed from {path} at iteration {self.start_iter}", flush=True)
 
-    def _load_checked(self, resume: str) -> Tuple[Optional[Path], Optional[dict]]:
-        """(path, state) of the checkpoint ``resume`` names ("auto": the newest that loads, or (None, None)),
-        CheckpointError unless it holds this config's model."""
-        required = ("model", "optimizer", "iteration", "model_name")
-        if resume == "auto":
-            path, state, _ = checkpoint.latest_loadable(self.out, required_keys=required, warn=_warn)
-            if path is None:
-                return None, None
-        else:
-            path, state = Path(resume), checkpoint.load(resume, required_keys=required)
-        if (state["model_name"], state["num_classes"]) != (self.cfg.model.name, self.cfg.model.num_classes):
-            raise checkpoint.CheckpointError(
-                f"checkpoint {path} holds a {state['model_name']} with {state['num_classes']} classes, but "
-                f"{self.cfg.name} builds a {self.cfg.model.name} with {self.cfg.model.num_classes}: resume with "
-                "the config that wrote it, or start a new output_dir")
-        return path, state
+    def _load_checked(self, where: Path) -> Tuple[Optional[Path], Optional[dict]]:
+        """(path, state) of the checkpoint at ``where`` (the run folder: its newest that loads, or (None,
+        None)), CheckpointError unless it holds this config's model."""
+        return read_for(self.cfg, where, ("model", "optimizer", "iteration"), warn=_warn,
+                        advice="resume with the config that wrote it, or start a new output_dir")
 
     def save(self, iteration: int) -> Optional[Path]:
         """Checkpoint the state after ``iteration`` steps, then keep the newest ``train.keep_checkpoints``.
         Collective: gathers every rank's random state, and every rank raises if rank 0 could not write it
         (a full disk), the previous checkpoint intact."""
         rng = checkpoint.gather_rng_states(self.comm)
-        path, error = None, None
-        if self.comm.rank == 0:
-            try:
+        path = None
+        with self.comm.all_or_none():
+            if self.comm.rank == 0:
                 path = checkpoint.save(checkpoint.checkpoint_path(self.out, iteration), {
                     "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "iteration": iteration, "model_name": self.cfg.model.name,
-                    "num_classes": self.cfg.model.num_classes, "config": self.cfg.to_dict(), "rng": rng,
+                    "iteration": iteration, **self.cfg.identity.fields(), "config": self.cfg.to_dict(), "rng": rng,
                     "world_size": self.comm.size})
                 if self.cfg.train.keep_checkpoints:
                     checkpoint.prune(self.out, self.cfg.train.keep_checkpoints)
-            except UserError as failure:
-                error = str(failure)
-        self.comm.agree(error)
         return path
 
     def loader(self) -> torch.utils.data.DataLoader:

@@ -70,8 +70,8 @@ class FasterRCNN(nn.Module):
         image_sizes = [(int(image.shape[1]), int(image.shape[2])) for image in images]
         if self.training:
             if targets is None:
-                raise UserError("the detector is in train mode but got no targets; pass targets, or call "
-                                "model.eval() for detections")
+                raise ValueError("the detector is in train mode but got no targets; pass targets, or call "
+                                 "model.eval() for detections")
             self.check_targets(targets, len(images), image_sizes)
             unusable = self.unusable_values(images, targets)
             # labels in 1..K whatever was given, so that a bad one cannot index out of range
@@ -102,65 +102,66 @@ class FasterRCNN(nn.Module):
         return batch
 
     def check_images(self, images: Sequence[torch.Tensor]) -> None:
-        """UserError for anything but a non-empty list of (3, H, W) tensors, uint8 or float, of at least
-        ``size_divisibility`` pixels per side, all on the model's device. In inference, also for float
+        """TypeError or ValueError (the caller broke the model's contract) for anything but a non-empty list
+        of (3, H, W) tensors, uint8 or float, of at least ``size_divisibility`` pixels per side, all on the
+        model's device. In inference, also for float
         images with non-finite pixels, read in one host synchronisation for the batch; in training their
         values are not read (``unusable_values``)."""
         if isinstance(images, torch.Tensor) or len(images) == 0:
-            raise UserError("images must be a non-empty list of Tensor[3, H, W] (one per image), got "
+            raise TypeError("images must be a non-empty list of Tensor[3, H, W] (one per image), got "
                             f"{type(images).__name__}")
         device = self.pixel_mean.device
         for index, image in enumerate(images):
             if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
                 shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-                raise UserError(f"image {index} has shape {shape}; each image must be a Tensor[3, H, W] (RGB)")
+                raise ValueError(f"image {index} has shape {shape}; each image must be a Tensor[3, H, W] (RGB)")
             if image.dtype != torch.uint8 and not image.is_floating_point():
-                raise UserError(f"image {index} has dtype {image.dtype}; give uint8 or float RGB in 0..255")
+                raise TypeError(f"image {index} has dtype {image.dtype}; give uint8 or float RGB in 0..255")
             if image.device != device:
-                raise UserError(f"image {index} is on {image.device} but the model is on {device}; move the "
-                                "images to the model's device")
+                raise ValueError(f"image {index} is on {image.device} but the model is on {device}; move the "
+                                 "images to the model's device")
             if min(image.shape[1:]) < self.size_divisibility:
-                raise UserError(f"image {index} is {image.shape[1]}x{image.shape[2]} pixels, smaller than the "
-                                f"network's stride {self.size_divisibility}; resize it to at least "
-                                f"{self.size_divisibility} pixels per side")
+                raise ValueError(f"image {index} is {image.shape[1]}x{image.shape[2]} pixels, smaller than the "
+                                 f"network's stride {self.size_divisibility}; resize it to at least "
+                                 f"{self.size_divisibility} pixels per side")
         floats = [index for index, image in enumerate(images) if image.is_floating_point()]
         if floats and not self.training:
             finite = torch.stack([torch.isfinite(images[index]).all() for index in floats]).tolist()
             if not all(finite):
                 index = floats[finite.index(False)]
-                raise UserError(f"image {index} contains NaN or infinite pixels; check the decoding and transforms")
+                raise ValueError(f"image {index} contains NaN or infinite pixels; check the decoding and transforms")
 
     def check_targets(self, targets: Sequence[Dict[str, torch.Tensor]], num_images: int,
                       image_sizes: Sequence[Tuple[int, int]] = ()) -> None:
-        """UserError unless there is one target per image with boxes (K, 4) float, labels (K,) int64 and
-        iscrowd (K,) bool (and, with masks, masks (K, H, W) at the image's size) on the model's device.
+        """TypeError or ValueError unless there is one target per image with boxes (K, 4) float, labels (K,)
+        int64 and iscrowd (K,) bool (and, with masks, masks (K, H, W) at the image's size) on the model's device.
         Shapes, dtypes and devices only: the values are the data pipeline's to check
         (``check_target_values``), and reading them here would stall every step."""
         if len(targets) != num_images:
-            raise UserError(f"got {len(targets)} targets for {num_images} images; give one target dict per image")
+            raise ValueError(f"got {len(targets)} targets for {num_images} images; give one target dict per image")
         for index, target in enumerate(targets):
             missing = {"boxes", "labels", "iscrowd"} - set(target)
             if missing:
-                raise UserError(f"target {index} lacks {sorted(missing)}; each target needs boxes, labels, iscrowd")
+                raise ValueError(f"target {index} lacks {sorted(missing)}; each target needs boxes, labels, iscrowd")
             boxes, labels, crowd = target["boxes"], target["labels"], target["iscrowd"]
             count = boxes.shape[:1]
             if boxes.dim() != 2 or boxes.shape[1] != 4 or labels.shape != count or crowd.shape != count:
-                raise UserError(f"target {index}: boxes {tuple(boxes.shape)}, labels {tuple(labels.shape)}, iscrowd "
-                                f"{tuple(crowd.shape)}; need Tensor[K, 4], Tensor[K], Tensor[K]")
+                raise ValueError(f"target {index}: boxes {tuple(boxes.shape)}, labels {tuple(labels.shape)}, iscrowd "
+                                 f"{tuple(crowd.shape)}; need Tensor[K, 4], Tensor[K], Tensor[K]")
             if crowd.dtype != torch.bool or labels.dtype != torch.int64 or not boxes.is_floating_point():
-                raise UserError(f"target {index}: dtypes boxes {boxes.dtype}, labels {labels.dtype}, iscrowd "
+                raise TypeError(f"target {index}: dtypes boxes {boxes.dtype}, labels {labels.dtype}, iscrowd "
                                 f"{crowd.dtype}; need float boxes, int64 labels, bool iscrowd")
             if self.roi_heads.mask_on:
                 masks = target.get("masks")
                 expected = (boxes.shape[0], *image_sizes[index])
                 if masks is None or tuple(masks.shape) != expected:
                     shape = "none" if masks is None else tuple(masks.shape)
-                    raise UserError(f"target {index}: masks {shape}; a Mask R-CNN target needs masks "
-                                    f"Tensor[K, H, W] = {expected}, one per box at the image's size")
+                    raise ValueError(f"target {index}: masks {shape}; a Mask R-CNN target needs masks "
+                                     f"Tensor[K, H, W] = {expected}, one per box at the image's size")
             devices = {boxes.device, labels.device, crowd.device}
             if devices != {self.pixel_mean.device}:
-                raise UserError(f"target {index} is on {', '.join(sorted(map(str, devices)))} but the model is on "
-                                f"{self.pixel_mean.device}; move the targets to the model's device")
+                raise ValueError(f"target {index} is on {', '.join(sorted(map(str, devices)))} but the model is on "
+                                 f"{self.pixel_mean.device}; move the targets to the model's device")
 
     def unusable_values(self, images: Sequence[torch.Tensor],
                         targets: Sequence[Dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -178,8 +179,8 @@ class FasterRCNN(nn.Module):
         """Boxes from input-image pixels to original-image pixels (x by W0/W, y by H0/H); with masks, each
         detection's 28x28 mask pasted into the original image at its box: "masks" bool (D, H0, W0)."""
         if len(original_sizes) != len(image_sizes):
-            raise UserError(f"got {len(original_sizes)} original_sizes for {len(image_sizes)} images; give one "
-                            "(height, width) per image")
+            raise ValueError(f"got {len(original_sizes)} original_sizes for {len(image_sizes)} images; give one "
+                             "(height, width) per image")
         for detection, (height, width), (original_h, original_w) in zip(detections, image_sizes, original_sizes):
             scale = detection["boxes"].new_tensor([original_w / width, original_h / height] * 2)
             detection["boxes"] = detection["boxes"] * scale

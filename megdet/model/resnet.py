@@ -97,7 +97,7 @@ class ResNet(nn.Module):
     def __init__(self, *, depth: int):
         super().__init__()
         if depth not in ARCHITECTURES:
-            raise UserError(f"ResNet depth {depth} is not built; use one of {sorted(ARCHITECTURES)}")
+            raise ValueError(f"ResNet depth {depth} is not built; use one of {sorted(ARCHITECTURES)}")
         block, blocks_per_stage = ARCHITECTURES[depth]
         self.conv1 = nn.Conv2d(3, STEM_CHANNELS, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(STEM_CHANNELS)
