@@ -5,6 +5,7 @@
 #               docs/benchmarks.md) -> COCO evaluation -> the AP table and the path of the plot
 #   make demo-mask  the same with Mask R-CNN's mask branch (shapes_mask_r18_cpu): box and mask AP
 #   make test   the same set-up, then the whole test suite, multi-rank tests included
+#   make test-fast  the inner loop: the suite without slow tests and without those that launch ranks
 VENV := $(CURDIR)/.venv
 export PATH := $(VENV)/bin:$(PATH)
 NP ?= 2
@@ -13,7 +14,7 @@ DEMO_RUN := runs/demo
 MASK_DEMO_DATA := data/shapes128-masks
 MASK_DEMO_RUN := runs/demo-mask
 
-.PHONY: setup demo demo-mask test
+.PHONY: setup demo demo-mask test test-fast
 setup:
 	bash scripts/setup.sh
 
@@ -32,3 +33,6 @@ demo-mask: setup
 
 test: setup
 	python -m pytest -ra $(PYTEST_ARGS)
+
+test-fast: setup
+	python -m pytest -ra -m "not slow and not multirank" $(PYTEST_ARGS)

@@ -28,10 +28,8 @@ from megdet import config, memory_model
 
 DEFAULT_PRESET = "megdet_r50_fpn_bs256_bn32"
 # CPUs per rank where data.num_workers is null (the loader takes the rank's CPUs less one): the training
-# process and 2 loading workers. A worker turns a COCO JPEG into an 800x1333 training tensor in 13.7 ms
-# of one core (73 images/s; `megdet bench loader`, train_sample, docs/benchmarks.md), so 2 workers give
-# about 146 images/s per GPU: 3.6x the ~40 images/s an H200-class GPU trains R50-FPN at in bf16 (an
-# estimate until scripts/gpu_check.sh measures it), 15x LargeDet's 9.4 per V100.
+# process and 2 loading workers, which decode several times the images a GPU trains on per second
+# (docs/benchmarks.md, `megdet bench loader`: the training worker's cost and the job scripts' CPUs).
 DEFAULT_CPUS_PER_RANK = 3
 # The scripts committed in jobs/: every preset of a paper row that gives its GPU count, on those GPUs
 # (paper.gpus), as many per node as the paper's machines have (paper.gpus_per_node) and checked against
@@ -178,20 +176,58 @@ def plan(args) -> batch_scripts.Job:
 
 def paper_scripts() -> Dict[Path, str]:
     """Every committed script (PAPER_JOBS x schedulers): its path in jobs/ and the text ``megdet job`` renders."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
     scripts = {}
     for preset in PAPER_JOBS:
-        gpus = config.load(preset).paper.gpus
         for scheduler in sorted(batch_scripts.SCHEDULERS):
-            job = plan(parser.parse_args(["--scheduler", scheduler, "--gpus", str(gpus), "--config", preset]))
+            job = plan(_paper_args(scheduler, preset))
             scripts[batch_scripts.TEMPLATES.parent / scheduler / job.file_name] = batch_scripts.render(job)
     return scripts
 
 
+def _paper_args(scheduler: str, preset: str) -> argparse.Namespace:
+    """``megdet job``'s arguments for ``preset`` on the paper's GPUs."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["--scheduler", scheduler, "--gpus", str(config.load(preset).paper.gpus),
+                              "--config", preset])
+
+
+def paper_table() -> str:
+    """The Markdown table of the committed scripts (one row per preset of PAPER_JOBS), from the same
+    plan as the scripts: jobs/README.md shows it between TABLE_BEGIN and TABLE_END."""
+    rows = ["| Script (`.sbatch` / `.pbs`) | Paper row | GPUs = nodes x per node | Batch = GPUs x images | BN size | "
+            "LR | Memory per GPU (model) | Paper time |", "|---|---|---|---|---|---|---|---|"]
+    for preset in PAPER_JOBS:
+        job = plan(_paper_args("slurm", preset))
+        cfg = config.load(preset)
+        gpus, per_node = job.gpus, job.gpus_per_node
+        bn = {"frozen": "frozen", "bn": "per GPU"}.get(cfg.model.norm) or str(
+            (cfg.bn_groups.group_size or gpus) * cfg.data.images_per_rank)
+        estimate = memory_model.fit(cfg, cfg.paper.gpu_memory_gb)
+        recomputed = f", {', '.join(estimate.recomputed)} recomputed" if estimate.recomputed else ""
+        rows.append(f"| `{Path(job.file_name).stem}` | {cfg.paper.row} | {gpus} = {gpus // per_node} x {per_node} | "
+                    f"{cfg.solver.batch_size} = {gpus} x {cfg.data.images_per_rank} | {bn} | {cfg.solver.lr:g} | "
+                    f"{estimate.gib:.1f} of {cfg.paper.gpu_memory_gb:g} GB{recomputed} | "
+                    f"{cfg.paper.expected_time or 'not reported'} |")
+    return "\n".join(rows) + "\n"
+
+
+TABLE_BEGIN = "<!-- rendered by `megdet job --regenerate` (megdet.job.paper_table): do not edit by hand -->\n"
+TABLE_END = "<!-- end of the rendered table -->\n"
+README = batch_scripts.TEMPLATES.parent / "README.md"
+
+
+def paper_readme() -> str:
+    """jobs/README.md with its table rendered afresh."""
+    text = README.read_text()
+    head, _, rest = text.partition(TABLE_BEGIN)
+    _, _, tail = rest.partition(TABLE_END)
+    return head + TABLE_BEGIN + paper_table() + TABLE_END + tail
+
+
 def run(args) -> int:
     if args.regenerate:
-        for path, text in paper_scripts().items():
+        for path, text in {**paper_scripts(), README: paper_readme()}.items():
             path.write_text(text)
             print(f"wrote {path}")
         return 0

@@ -28,11 +28,12 @@ import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+MEGDET = [sys.executable, "-m", "megdet.cli"]  # the megdet command of this checkout and interpreter
 LAUNCHERS = ("horovodrun", "mpirun", "torch")
 ENGINE_OF = {"horovodrun": "horovod", "mpirun": "horovod", "torch": "torch", "mpirun-torch": "torch"}
 
@@ -75,7 +76,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _base_env(extra: Optional[Dict[str, str]]) -> Dict[str, str]:
+def base_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """This process's environment without any launcher's or megdet's variables (a launched rank must
+    see only its own launcher's), the checkout first on PYTHONPATH, one compute thread, and ``extra``."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("OMPI_", "PMI_", "HOROVOD_", "SLURM_", "PBS_", "MEGDET_"))
            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -83,6 +86,22 @@ def _base_env(extra: Optional[Dict[str, str]]) -> Dict[str, str]:
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra or {})
     return env
+
+
+def run_megdet(args: Sequence[str], *, nprocs: int = 1, launcher: str = "horovodrun", timeout: float = 600,
+               env: Optional[Dict[str, str]] = None, cwd: Path = REPO, threads: bool = False,
+               **options) -> subprocess.CompletedProcess:
+    """``megdet ARGS`` in a fresh process (``nprocs`` > 1: that many ranks under ``launcher``, skipped
+    when it is missing), in ``base_env(env)``, output captured as text. ``threads``: leave
+    OMP_NUM_THREADS unset (a command that shares the cores out itself)."""
+    argv = [*MEGDET, *args]
+    if nprocs > 1:
+        skip_unless_launcher(launcher)
+        argv = launch_command(launcher, nprocs, argv)
+    environment = base_env(env)
+    if threads:
+        environment.pop("OMP_NUM_THREADS")
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environment, **options)
 
 
 def launch_command(launcher: str, nprocs: int, argv: List[str]) -> List[str]:
@@ -103,7 +122,7 @@ def run_ranks(body: str, nprocs: int, launcher: str, *, timeout: float = 120, in
     skip_unless_launcher(launcher)
     outdir = Path(tempfile.mkdtemp(prefix="megdet-ranks-"))
     argv = [sys.executable, "-m", "tests.multirank", body, str(outdir), json.dumps(kwargs), "1" if init else "0"]
-    env = _base_env({"MEGDET_COMM": ENGINE_OF[launcher], "MEGDET_COMM_TIMEOUT": str(int(timeout)), **(env or {})})
+    env = base_env({"MEGDET_COMM": ENGINE_OF[launcher], "MEGDET_COMM_TIMEOUT": str(int(timeout)), **(env or {})})
     try:
         if launcher == "torch":
             port = free_port()

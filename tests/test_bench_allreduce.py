@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 
 import pytest
 
 from hpc.errors import UserError
 from megdet.bench import allreduce
-from tests.multirank import REPO, skip_unless_launcher
+from tests.multirank import MEGDET, REPO, skip_unless_launcher
 
-BENCH = [sys.executable, "-m", "megdet.cli", "bench", "allreduce"]
+BENCH = [*MEGDET, "bench", "allreduce"]
 
 
 def test_parse_size_reads_binary_suffixes_and_rejects_the_rest():

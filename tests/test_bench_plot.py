@@ -1,8 +1,5 @@
 """``megdet plot`` on benchmark results: allreduce bandwidth, train scaling, projected time to train."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +7,7 @@ from PIL import Image
 
 from megdet.bench import plot as bench_plot
 from megdet.engine import metrics
-from tests.multirank import REPO
+from tests.multirank import run_megdet
 
 SHARES = {"data_share": 0.1, "forward_backward_share": 0.7, "communication_share": 0.15, "optimizer_share": 0.05}
 ROWS = {
@@ -27,10 +24,6 @@ ROWS = {
                 for gpus, batch, hours in ((8, 16, 33.2), (16, 32, None), (128, 256, 4.1), (160, 256, None))],
 }
 
-
-def megdet(*args):
-    return subprocess.run([sys.executable, "-m", "megdet.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def write_results(folder, name, rows):
@@ -50,11 +43,12 @@ def assert_png(path, name):
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_a_results_file_or_its_folder_becomes_a_png_beside_it(tmp_path, name):
     path = write_results(tmp_path / name, name, ROWS[name])
-    done = megdet("plot", str(path))
+    done = run_megdet(["plot", str(path)], timeout=120)
     assert done.returncode == 0, done.stderr
     assert_png(tmp_path / name / f"{name}.png", name)
     assert str(tmp_path / name / f"{name}.png") in done.stdout
-    done = megdet("plot", str(tmp_path / name), "--out", str(tmp_path / "elsewhere.png"))
+    done = run_megdet(["plot", str(tmp_path / name), "--out", str(tmp_path / "elsewhere.png")],
+                      timeout=120)
     assert done.returncode == 0, done.stderr
     assert_png(tmp_path / "elsewhere.png", name)
 
@@ -62,13 +56,13 @@ def test_a_results_file_or_its_folder_becomes_a_png_beside_it(tmp_path, name):
 def test_a_training_run_folder_still_draws_its_metrics(tmp_path):
     metrics.MetricsLogger(tmp_path / metrics.METRICS_FILE, enabled=True).log(1, loss=1.0, lr=0.1)
     write_results(tmp_path, "train", ROWS["train"])
-    done = megdet("plot", str(tmp_path))
+    done = run_megdet(["plot", str(tmp_path)], timeout=120)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / metrics.PLOT_FILE).exists() and not (tmp_path / "train.png").exists()
 
 
 def error_of(*args):
-    done = megdet("plot", *args)
+    done = run_megdet(["plot", *args], timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     return done.stderr
 

@@ -1,48 +1,28 @@
 """`megdet bench train` once at a tiny size (1 rank here, 2 under horovodrun), and its bad inputs.
 Asserts the shape of the results, nothing about speed."""
 import json
-import subprocess
-import sys
 
 import pytest
 
 from megdet.bench import train
-from tests.multirank import REPO, _base_env, launch_command, skip_unless_launcher
+from tests.multirank import run_megdet, skip_unless_launcher
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
-MEGDET = [sys.executable, "-m", "megdet.cli"]
 TINY = ["data.min_sizes=[64]", "data.max_size=64", "data.images_per_rank=2", "data.num_workers=0"]
 STEPS = ["--steps", "2", "--warmup", "1"]
 
 
-def megdet(args, nprocs=1, timeout=300):
-    argv = [*MEGDET, *args]
-    if nprocs > 1:
-        argv = launch_command("horovodrun", nprocs, argv)
-    # OMP_NUM_THREADS from _base_env is dropped: the benchmark shares the cores out itself
-    env = {k: v for k, v in _base_env(None).items() if k != "OMP_NUM_THREADS"}
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    done = megdet(["synth", "--out", str(root / "shapes"), "--train", "16", "--val", "4", "--size", "64"])
-    assert done.returncode == 0, done.stderr
-    done = megdet(["pack", "--coco-json", str(root / "shapes" / "annotations" / "instances_train.json"),
-                   "--images", str(root / "shapes" / "train"), "--out", str(root / "train")])
-    assert done.returncode == 0, done.stderr
-    return root
-
-
 def bench(shards, out, *options, override=None, nprocs=1):
+    """``megdet bench train`` on ``shards`` (the shapes_shards fixture's folder); OMP_NUM_THREADS is left
+    unset: the benchmark shares the cores out itself."""
     overrides = [f"data.train={shards / 'train'}", *TINY, *([override] if override else [])]
-    return megdet(["bench", "train", "shapes_r18_cpu", *overrides, *STEPS, "--out", str(out), *options], nprocs=nprocs)
+    return run_megdet(["bench", "train", "shapes_r18_cpu", *overrides, *STEPS, "--out", str(out), *options],
+                      nprocs=nprocs, timeout=300, threads=True)
 
 
-def test_one_and_two_ranks_give_rows_with_shares_and_efficiency(shards, tmp_path):
+def test_one_and_two_ranks_give_rows_with_shares_and_efficiency(shapes_shards, tmp_path):
     skip_unless_launcher("horovodrun")
-    done = bench(shards, tmp_path / "out", "--ranks", "1,2", "--engine", "horovod")
+    done = bench(shapes_shards, tmp_path / "out", "--ranks", "1,2", "--engine", "horovod")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "train.json").read_text())
     rows = results["rows"]
@@ -66,16 +46,16 @@ def test_one_and_two_ranks_give_rows_with_shares_and_efficiency(shards, tmp_path
     (["--steps", "0"], None, "Invalid --steps: 0"),
     ([], "data.train=/nonexistent/shards", "/nonexistent/shards"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(shards, tmp_path, options, override, message):
-    done = bench(shards, tmp_path / "out", *options, override=override)
+def test_bad_input_is_one_line_and_writes_nothing(shapes_shards, tmp_path, options, override, message):
+    done = bench(shapes_shards, tmp_path / "out", *options, override=override)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "megdet bench: error" in done.stderr and message in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_a_rank_count_the_launcher_did_not_start_is_refused_on_every_rank(shards, tmp_path):
+def test_a_rank_count_the_launcher_did_not_start_is_refused_on_every_rank(shapes_shards, tmp_path):
     skip_unless_launcher("horovodrun")
-    done = bench(shards, tmp_path / "out", "--ranks", "3", nprocs=2)
+    done = bench(shapes_shards, tmp_path / "out", "--ranks", "3", nprocs=2)
     assert done.returncode != 0
     lines = [line for line in (done.stdout + done.stderr).splitlines() if "megdet bench: error" in line]
     assert len(lines) == 2 and all("started 2 ranks but --ranks is 3" in line for line in lines), done.stderr[-2000:]

@@ -5,8 +5,6 @@ world, equal / uneven / one-empty batches, a float64 module, the large-mean stab
 with no communication, and the bad inputs that must fail on every rank without a hang.
 """
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hpc import cgbn
 from hpc import comm as comm_mod
 from hpc.errors import UserError
-from tests.multirank import ENGINE_OF, REPO, expect_ok, run_ranks, skip_unless_launcher
+from tests.multirank import ENGINE_OF, expect_ok, run_megdet, run_ranks, skip_unless_launcher
 
 CHANNELS, HEIGHT, WIDTH = 3, 3, 5
 MOMENTUM = 0.3
@@ -401,8 +399,7 @@ TINY_BENCH = ["--blocks=1", "--channels=4", "--images=2", "--size=8", "--steps=2
 def test_benchmark_runs_once_at_a_tiny_size_on_both_engines(tmp_path):
     """``megdet bench cgbn --ranks 2`` starts horovodrun and torchrun itself; one merged table."""
     skip_unless_launcher("horovodrun")
-    done = subprocess.run([sys.executable, "-m", "megdet.cli", "bench", "cgbn", "--ranks=2",
-                           f"--out={tmp_path}", *TINY_BENCH], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = run_megdet(["bench", "cgbn", "--ranks=2", f"--out={tmp_path}", *TINY_BENCH], timeout=300, threads=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / "cgbn.json").read_text())["rows"]
     assert [(r["engine"], r["variant"]) for r in rows] == [
@@ -419,6 +416,5 @@ def test_benchmark_runs_once_at_a_tiny_size_on_both_engines(tmp_path):
 
 def test_benchmark_needs_two_ranks_and_known_engines():
     for argv, message in ((["--ranks=1"], "Invalid --ranks: 1"), (["--engines=nccl"], "Invalid --engines: 'nccl'")):
-        done = subprocess.run([sys.executable, "-m", "megdet.cli", "bench", "cgbn", *argv], cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
+        done = run_megdet(["bench", "cgbn", *argv], timeout=120)
         assert done.returncode == 2 and message in done.stderr, done.stderr

@@ -6,7 +6,7 @@ import pytest
 
 from hpc.errors import UserError
 from megdet import config
-from tests.multirank import REPO
+from tests.multirank import MEGDET, REPO
 
 SEEDS = REPO.parent / "shared" / "seeds"
 PAPER_PRESETS = [name for name in config.PRESETS if not name.startswith("shapes_")]  # the demos are no paper row
@@ -330,16 +330,15 @@ def test_megdet_train_refuses_a_node_spanning_bn_group_on_every_rank(tmp_path):
     exits 2 before anything is written. The torch engine counts a node's ranks by host name, so each rank
     is given a host name of its own (a sitecustomize on its path) and torchrun's variables."""
     import subprocess
-    import sys
 
-    from tests.multirank import _base_env, free_port
+    from tests.multirank import base_env, free_port
 
     (tmp_path / "sitecustomize.py").write_text(
         "import os, socket\nsocket.gethostname = lambda: 'node' + os.environ['RANK']\n")
     run = tmp_path / "run"
-    argv = [sys.executable, "-m", "megdet.cli", "train", "megdet_r50_fpn_bs256_bn32", "solver.batch_size=8",
-            "model.bn_size=8", f"train.output_dir={run}"]
-    port, env = free_port(), _base_env({"MEGDET_COMM": "torch", "MEGDET_COMM_TIMEOUT": "60"})
+    argv = [*MEGDET, "train", "megdet_r50_fpn_bs256_bn32", "solver.batch_size=8", "model.bn_size=8",
+            f"train.output_dir={run}"]
+    port, env = free_port(), base_env({"MEGDET_COMM": "torch", "MEGDET_COMM_TIMEOUT": "60"})
     env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
     ranks = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**env, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",

@@ -3,16 +3,14 @@ NCCL check. This machine has no GPU, so the CUDA side is checked through what re
 and through scripts/gpu_check.sh on a GPU node."""
 import contextlib
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from hpc import amp, device
 from hpc.errors import UserError
-from tests.multirank import REPO, _base_env, expect_ok, launch_command, run_ranks, skip_unless_launcher
+from tests.multirank import MEGDET, REPO, base_env, expect_ok, launch_command, run_ranks, skip_unless_launcher
 
-MEGDET = [sys.executable, "-m", "megdet.cli"]
 
 
 def test_gpu_index_is_the_local_rank_and_refuses_more_ranks_than_gpus():
@@ -95,7 +93,7 @@ def test_train_device_cuda_without_a_gpu_is_one_line_per_rank_exit_2_and_writes_
     out = tmp_path / "run"
     done = subprocess.run(launch_command("horovodrun", 2, [*MEGDET, "train", "shapes_r18_cpu", "train.device=cuda",
                                                             f"train.output_dir={out}", "data.train=/nonexistent"]),
-                          cwd=REPO, capture_output=True, text=True, timeout=120, env=_base_env({}))
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=base_env({}))
     assert done.returncode != 0
     errors = [line for line in (done.stdout + done.stderr).splitlines() if "megdet train: error" in line]
     assert len(errors) == 2 and all("train.device=cuda but this process sees no GPU" in e for e in errors), \

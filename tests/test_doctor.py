@@ -1,24 +1,22 @@
 """`megdet doctor` under real launchers, and the one-line errors a bad launch gets on every rank."""
 import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from tests.multirank import REPO, _base_env, launch_command, skip_unless_launcher
+from tests.multirank import REPO, base_env, run_megdet, skip_unless_launcher
 
 pytestmark = pytest.mark.multirank
-MEGDET = [sys.executable, "-m", "megdet.cli"]
 
 
-def run(argv, timeout=120, **env):
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_base_env(env))
+def run_script(argv, timeout=120, **env):
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=base_env(env))
 
 
 @pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
 def test_doctor_reports_every_rank_under_a_real_launcher(launcher):
     skip_unless_launcher(launcher)
-    done = run(launch_command(launcher, 3, [*MEGDET, "doctor"]))
+    done = run_megdet(["doctor"], nprocs=3, launcher=launcher, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"world of 3 ranks, engine horovod, launcher {launcher}" in done.stdout
     assert "allreduce over the world and over groups (" in done.stdout and "cpu tensors): ok" in done.stdout
@@ -33,7 +31,8 @@ def one_line_errors(stderr):
 
 def test_local_engine_under_mpirun_is_one_line_per_rank_naming_the_fix():
     skip_unless_launcher("mpirun")
-    done = run(launch_command("mpirun", 2, [*MEGDET, "doctor", "--engine", "local"]), PYTHONUNBUFFERED="1")
+    done = run_megdet(["doctor", "--engine", "local"], nprocs=2, launcher="mpirun", timeout=120,
+                      env={"PYTHONUNBUFFERED": "1"})
     assert done.returncode != 0
     lines = one_line_errors(done.stderr)
     assert sorted(lines) == [
@@ -42,7 +41,7 @@ def test_local_engine_under_mpirun_is_one_line_per_rank_naming_the_fix():
 
 
 def test_unknown_engine_is_one_line_and_exit_2():
-    done = run([*MEGDET, "doctor"], MEGDET_COMM="nccl2")
+    done = run_megdet(["doctor"], timeout=120, env={"MEGDET_COMM": "nccl2"})
     assert done.returncode == 2
     assert one_line_errors(done.stderr) == [
         "megdet doctor: error: unknown communication engine 'nccl2': set MEGDET_COMM to one of horovod, torch, local"]
@@ -57,7 +56,7 @@ def test_horovod_without_pytorch_support_names_the_install(tmp_path):
     (fake / "__init__.py").write_text(textwrap.dedent("""\
         raise ImportError("Extension horovod.torch has not been built: /x/mpi_lib_v2.so not found")
     """))
-    done = run([*MEGDET, "doctor"], MEGDET_COMM="horovod", PYTHONPATH=f"{tmp_path}:{REPO}")
+    done = run_megdet(["doctor"], timeout=120, env={"MEGDET_COMM": "horovod", "PYTHONPATH": f"{tmp_path}:{REPO}"})
     assert done.returncode == 2
     lines = one_line_errors(done.stderr)
     assert len(lines) == 1 and "Horovod with PyTorch support is not importable" in lines[0], done.stderr
@@ -69,7 +68,7 @@ CHECK_BUILD = REPO / "scripts" / "check_horovod_build.sh"
 
 def test_build_check_accepts_the_installed_horovod():
     skip_unless_launcher("horovodrun")
-    done = run(["bash", str(CHECK_BUILD)])
+    done = run_script(["bash", str(CHECK_BUILD)])
     assert done.returncode == 0 and "Horovod has PyTorch, MPI and Gloo" in done.stdout, done.stderr
 
 
@@ -78,7 +77,7 @@ def test_build_check_refuses_a_gloo_only_horovod_and_names_the_fix(tmp_path):
     horovodrun = tmp_path / "horovodrun"
     horovodrun.write_text("#!/bin/sh\nprintf '[X] PyTorch\\n[ ] MPI\\n[X] Gloo\\n'\n")
     horovodrun.chmod(0o755)
-    done = run(["bash", str(CHECK_BUILD)], PATH=f"{tmp_path}:/usr/bin:/bin")
+    done = run_script(["bash", str(CHECK_BUILD)], PATH=f"{tmp_path}:/usr/bin:/bin")
     assert done.returncode == 1
     assert one_line_errors(done.stderr) == [
         "[setup] error: Horovod was built without MPI: delete the cached wheel (~/.cache/megdet/wheels) and "

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from tests.multirank import REPO, _base_env
+from tests.multirank import REPO, base_env
 
 WRITERS = 4
 LINES = 300
@@ -22,7 +22,7 @@ for n in range(%d):
 def test_concurrent_unbuffered_error_lines_stay_whole():
     read, write = os.pipe()
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(rank)], cwd=REPO, stdin=subprocess.PIPE,
-                                stderr=write, env=_base_env({"PYTHONUNBUFFERED": "1"})) for rank in range(WRITERS)]
+                                stderr=write, env=base_env({"PYTHONUNBUFFERED": "1"})) for rank in range(WRITERS)]
     os.close(write)
     for writer in writers:
         writer.stdin.write(b"go")

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests.multirank import _base_env, free_port
-from tests.test_rank_faults import MEGDET, TINY, shards  # noqa: F401  (shards: the module's fixture)
+from tests.multirank import MEGDET, base_env, free_port
+from tests.test_rank_faults import TINY
 
 BUG = "injected: a tensor contract broken on purpose"
 ENDED_WITHIN_S = 60
@@ -44,15 +44,16 @@ def bug_runner(tmp_path, rank: str) -> str:
 
 def test_a_user_error_is_one_line_without_a_traceback(tmp_path):
     done = subprocess.run([*MEGDET, "train", "shapes_r18_cpu", "solver.max_iter=-1"], capture_output=True,
-                          text=True, env=_base_env(None), cwd=tmp_path, timeout=120)
+                          text=True, env=base_env(None), cwd=tmp_path, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["megdet train: error: solver.max_iter=-1 must be positive"]
 
 
-def test_a_bug_keeps_its_traceback_and_is_named_as_a_bug(tmp_path, shards):  # noqa: F811
+def test_a_bug_keeps_its_traceback_and_is_named_as_a_bug(tmp_path, shapes_shards):
     argv = [sys.executable, bug_runner(tmp_path, "0"), "train", "shapes_r18_cpu", *TINY, "solver.batch_size=1",
-            "model.norm=bn", "model.bn_size=null", f"data.train={shards}", f"train.output_dir={tmp_path / 'run'}"]
-    done = subprocess.run(argv, capture_output=True, text=True, env=_base_env(None), cwd=tmp_path, timeout=300)
+            "model.norm=bn", "model.bn_size=null", f"data.train={shapes_shards / 'train'}",
+            f"train.output_dir={tmp_path / 'run'}"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=base_env(None), cwd=tmp_path, timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
     assert "Traceback (most recent call last):" in lines, done.stderr[-3000:]
@@ -62,11 +63,11 @@ def test_a_bug_keeps_its_traceback_and_is_named_as_a_bug(tmp_path, shards):  # n
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_a_bug_on_one_rank_ends_every_rank_naming_it(tmp_path, shards):  # noqa: F811
-    argv = [sys.executable, bug_runner(tmp_path, "1"), "train", "shapes_r18_cpu", *TINY, f"data.train={shards}",
-            f"train.output_dir={tmp_path / 'run'}"]
+def test_a_bug_on_one_rank_ends_every_rank_naming_it(tmp_path, shapes_shards):
+    argv = [sys.executable, bug_runner(tmp_path, "1"), "train", "shapes_r18_cpu", *TINY,
+            f"data.train={shapes_shards / 'train'}", f"train.output_dir={tmp_path / 'run'}"]
     port = str(free_port())
-    env = _base_env({"MEGDET_COMM": "torch", "MEGDET_COMM_TIMEOUT": "600", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+    env = base_env({"MEGDET_COMM": "torch", "MEGDET_COMM_TIMEOUT": "600", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
     procs = [subprocess.Popen(argv, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]

@@ -1,10 +1,7 @@
 """COCO box evaluation: the published cocoapi table, real ground truth fed back, the CLI's errors, and
 the gather of detections over 2 real ranks."""
 import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,9 +9,9 @@ import torch
 
 from hpc.errors import UserError
 from megdet.engine import evaluate
-from tests.multirank import REPO, expect_ok, run_ranks
+from tests.conftest import REALDATA
+from tests.multirank import expect_ok, run_megdet, run_ranks
 
-REALDATA = REPO.parent / "shared" / "realdata"
 COCOAPI = REALDATA / "cocoapi_val2014_100"
 GT = COCOAPI / "instances_val2014_100.json"
 FAKE_BBOX = COCOAPI / "instances_val2014_fakebbox100_results.json"
@@ -42,14 +39,11 @@ def as_printed(metrics):
     return [float(f"{metrics[name] / 100:0.3f}") for name in evaluate.METRIC_NAMES]
 
 
-def megdet(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "megdet.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)}, **kwargs)
-
 
 @needs_cocoapi
 def test_cli_reproduces_the_published_cocoapi_bbox_table(tmp_path):
-    done = megdet("eval", "--gt", str(GT), "--results", str(FAKE_BBOX), "--out", str(tmp_path / "eval"))
+    done = run_megdet(["eval", "--gt", str(GT), "--results", str(FAKE_BBOX), "--out", str(tmp_path / "eval")],
+                      timeout=120)
     assert done.returncode == 0, done.stderr
     published = published_bbox_table()
     printed = [float(n) for n in re.findall(r"\] = (-?\d\.\d{3})", done.stdout)]
@@ -67,7 +61,7 @@ def test_cli_reproduces_the_published_cocoapi_bbox_table(tmp_path):
     (["--gt", str(GT)], "give both --gt"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
-    done = megdet("eval", *args, "--out", str(tmp_path / "eval"))
+    done = run_megdet(["eval", *args, "--out", str(tmp_path / "eval")], timeout=120)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("megdet eval: error: "), done.stderr
     assert message in done.stderr
@@ -162,8 +156,8 @@ def test_two_ranks_give_the_metrics_of_one(tmp_path):
 
 @needs_cocoapi
 def test_cli_reproduces_the_published_cocoapi_segm_table(tmp_path):
-    done = megdet("eval", "--gt", str(GT), "--results", str(FAKE_SEGM), "--iou-type", "segm",
-                  "--out", str(tmp_path / "eval"))
+    done = run_megdet(["eval", "--gt", str(GT), "--results", str(FAKE_SEGM), "--iou-type", "segm",
+                       "--out", str(tmp_path / "eval")], timeout=120)
     assert done.returncode == 0, done.stderr
     published = published_table("segm")
     printed = [float(n) for n in re.findall(r"\] = (-?\d\.\d{3})", done.stdout)]
@@ -175,8 +169,8 @@ def test_cli_reproduces_the_published_cocoapi_segm_table(tmp_path):
 
 @needs_cocoapi
 def test_segm_results_of_boxes_are_a_one_line_error_and_write_nothing(tmp_path):
-    done = megdet("eval", "--gt", str(GT), "--results", str(FAKE_BBOX), "--iou-type", "segm",
-                  "--out", str(tmp_path / "eval"))
+    done = run_megdet(["eval", "--gt", str(GT), "--results", str(FAKE_BBOX), "--iou-type", "segm",
+                       "--out", str(tmp_path / "eval")], timeout=120)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("megdet eval: error: "), done.stderr
     assert f"detection 0 of {FAKE_BBOX} lacks one of image_id, category_id, segmentation, score" in done.stderr

@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-import subprocess
-import sys
 import traceback
 import warnings
 from pathlib import Path
@@ -27,8 +25,9 @@ from hpc.shards import ShardDataset
 from hpc.files import file_sha256
 from hpc.shards.manifest import completion_path, read_manifest
 from megdet import cli
-from tests.multirank import REPO, _base_env
-from tests.test_pack import REALDATA, subset
+from tests.multirank import run_megdet
+from tests.conftest import REALDATA
+from tests.test_pack import subset
 
 SEED = 20260601
 PACK_CASES = 240
@@ -258,8 +257,7 @@ def run_cli(argv: List[str], capfd) -> Tuple[int, str, str]:
 
 
 def run_subprocess(argv: List[str]) -> Tuple[int, str, str]:
-    done = subprocess.run([sys.executable, "-m", "megdet.cli", *argv], cwd=REPO, env=_base_env(None),
-                          capture_output=True, text=True, timeout=240)
+    done = run_megdet(argv, timeout=240)
     return done.returncode, done.stdout, done.stderr
 
 

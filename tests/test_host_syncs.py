@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -33,9 +32,8 @@ from hpc import comm as comm_mod
 from megdet import config as config_mod
 from megdet.engine.build import build_runtime
 from megdet.engine.train import Trainer, to_device
-from tests.multirank import REPO, _base_env
+from tests.multirank import REPO
 
-MEGDET = [sys.executable, "-m", "megdet.cli"]
 STEPS = 3
 TINY = ["data.min_sizes=[64]", "data.max_size=64", "data.images_per_rank=2", "data.num_workers=0",
         "solver.batch_size=2", "model.bn_size=2", "data.val="]
@@ -123,15 +121,9 @@ class HostReads(TorchFunctionMode):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    for args in (["synth", "--out", str(root / "shapes"), "--train", "8", "--val", "1", "--size", "64"],
-                 ["pack", "--coco-json", str(root / "shapes" / "annotations" / "instances_train.json"),
-                  "--images", str(root / "shapes" / "train"), "--out", str(root / "train")]):
-        done = subprocess.run([*MEGDET, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
-                              env=_base_env(None))
-        assert done.returncode == 0, done.stderr
-    return root / "train"
+def shards(shapes_shards):
+    """The session's training shards (tests/conftest.py)."""
+    return shapes_shards / "train"
 
 
 def run_steps(config: str, shards: Path, out: Path, device: str, counting) -> None:

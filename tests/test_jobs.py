@@ -17,17 +17,16 @@ import pytest
 from hpc import batch_scripts
 from megdet import cli, config
 from megdet import memory_model
-from megdet.job import PAPER_JOBS, paper_scripts
-from tests.multirank import _base_env, skip_unless_launcher
+from megdet.job import PAPER_JOBS, README, paper_readme, paper_scripts, paper_table
+from tests.multirank import MEGDET, base_env, skip_unless_launcher
 from tests.slurm import ensure_debian_packages
 
-MEGDET = [sys.executable, "-m", "megdet.cli"]
 SCHEDULERS = sorted(batch_scripts.SCHEDULERS)
 
 
 def job_env(**extra):
     """The test environment with this interpreter's bin folder (megdet, mpirun) first on PATH."""
-    env = _base_env(extra)
+    env = base_env(extra)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
     return env
 
@@ -63,6 +62,15 @@ def test_committed_scripts_equal_a_fresh_render():
     assert committed == set(rendered), "jobs/ holds other scripts than PAPER_JOBS: run 'megdet job --regenerate'"
     stale = [path.name for path, text in rendered.items() if path.read_text() != text]
     assert not stale, f"{stale} differ from a fresh render: run 'megdet job --regenerate' and commit jobs/"
+
+
+def test_the_readme_table_is_rendered_with_the_scripts_and_agrees_with_them():
+    assert README.read_text() == paper_readme(), "jobs/README.md's table is stale: run 'megdet job --regenerate'"
+    rows = {row.split(" | ")[0].strip("|` "): row for row in paper_table().splitlines()[2:]}
+    assert len(rows) == len(PAPER_JOBS)
+    for path, text in paper_scripts().items():
+        used, total = directive(text, r"^#   memory: about ([\d.]+) GB of the ([\d.]+) GB per GPU")
+        assert f"| {used} of {total} GB" in rows[path.stem], (path.name, rows[path.stem])
 
 
 def test_every_committed_script_fits_the_gpu_its_header_names():

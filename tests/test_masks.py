@@ -4,7 +4,6 @@ written here from the definitions (pycocotools rasterisation, a per-sample RoIAl
 bilinear paste, PIL's resize), the head, its loss, RLE encoding, and mask AP of the ground truth."""
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,10 +20,10 @@ from megdet.engine import evaluate
 from megdet.model import mask_head
 from megdet.model.mask_head import (MaskHead, encode_masks, mask_loss, mask_probabilities, mask_targets,
                                     paste_masks)
+from tests.conftest import REALDATA
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 ICEVISION = REALDATA / "icevision_coco6" / "annotations.json"
 MMPOSE = REALDATA / "mmpose_coco4" / "test_coco.json"
 VOC = REALDATA / "padilla_voc100" / "instances_default.json"

@@ -9,30 +9,20 @@ In float32 and for 200 steps: the preset's bf16 kernels round differently on AMD
 100 steps the mask branch was at the edge (mask AP50 66.7 in float32 here and in bf16 on an Intel Xeon);
 at 200 both precisions reach box and mask AP50 100 (mask AP 80-83) on an AMD EPYC."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.multirank import REPO, _base_env, launch_command, skip_unless_launcher
+from tests.conftest import REALDATA
+from tests.multirank import run_megdet, skip_unless_launcher
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 COCO6 = REALDATA / "icevision_coco6"
 # A person with a skateboard in one photo, a motorcycle in the other: three instances with polygons.
 IMAGE_IDS = (404249, 343934)
-MEGDET = [sys.executable, "-m", "megdet.cli"]
 TRAIN = ["model.num_classes=80", "model.mask_on=true", "model.bn_size=2", "data.images_per_rank=1",
          "solver.batch_size=2", "data.min_sizes=[224]", "data.max_size=336", "data.test_min_size=224",
          "data.flip_prob=0.0", "data.num_workers=1", "solver.max_iter=200", "solver.steps=[170, 190]",
          "solver.warmup_iters=15", "train.log_period=10", "train.checkpoint_period=100", "eval.images_per_rank=1",
          "train.amp=none"]
-
-
-def run(argv, nprocs=1, timeout=600):
-    command = MEGDET + argv if nprocs == 1 else launch_command("horovodrun", nprocs, MEGDET + argv)
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=_base_env({"MEGDET_COMM": "torch"} if nprocs > 1 else None))
 
 
 @pytest.mark.slow
@@ -45,11 +35,11 @@ def test_mask_rcnn_overfits_two_real_coco_images_on_two_ranks_with_cgbn(tmp_path
     dataset["annotations"] = [a for a in dataset["annotations"] if a["image_id"] in IMAGE_IDS]
     subset = tmp_path / "two.json"
     subset.write_text(json.dumps(dataset))
-    packed = run(["pack", "--coco-json", str(subset), "--images", str(COCO6 / "images"), "--out", str(tmp_path / "shards")])
+    packed = run_megdet(["pack", "--coco-json", str(subset), "--images", str(COCO6 / "images"), "--out", str(tmp_path / "shards")])
     assert packed.returncode == 0, packed.stderr
     shards, out = tmp_path / "shards", tmp_path / "run"
-    trained = run(["train", "shapes_r18_cpu", *TRAIN, f"data.train={shards}", f"data.val={shards}",
-                   f"train.output_dir={out}"], nprocs=2)
+    trained = run_megdet(["train", "shapes_r18_cpu", *TRAIN, f"data.train={shards}", f"data.val={shards}",
+                          f"train.output_dir={out}"], nprocs=2, env={"MEGDET_COMM": "torch"})
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert "batch norm: cross-GPU BN over groups of 2 ranks (2 images)" in trained.stdout
     metrics = json.loads((out / "metrics.json").read_text())

@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -26,9 +25,9 @@ import megdet.pack
 from hpc.errors import UserError
 from hpc.shards import ShardDataset
 from hpc.shards.manifest import MANIFEST_NAME, read_manifest
-from tests.multirank import REPO, _base_env, launch_command, mpirun_skip_reason, skip_unless_launcher
+from tests.conftest import REALDATA
+from tests.multirank import MEGDET, REPO, base_env, launch_command, mpirun_skip_reason, run_megdet, skip_unless_launcher
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 # name: (annotation file, image folder) under REALDATA
 REAL_SETS = {
     "chess_test": ("roboflow_chess_v23/test/_annotations.coco.json", "roboflow_chess_v23/test"),
@@ -38,7 +37,6 @@ REAL_SETS = {
     "coco4": ("mmpose_coco4/test_coco.json", "mmpose_coco4"),
 }
 SUBPROCESS_TIMEOUT_S = 240
-MEGDET = [sys.executable, "-m", "megdet.cli"]
 
 
 def real_set(name: str) -> Tuple[Path, Path]:
@@ -320,7 +318,7 @@ def test_crash_mid_pack_leaves_no_shard_and_resume_keeps_complete_ones(tmp_path)
     killed = tmp_path / "killed"
     argv = ["pack", "--coco-json", str(ann), "--images", str(images), "--out", str(killed),
             "--shards", "3", "--format", "raw"]
-    proc = subprocess.Popen(MEGDET + argv, cwd=REPO, env=_base_env(None), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(MEGDET + argv, cwd=REPO, env=base_env(None), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
     while not (killed / ".shard-00001-of-00003.h5.partial").exists() and proc.poll() is None:
@@ -352,12 +350,6 @@ def test_crash_mid_pack_leaves_no_shard_and_resume_keeps_complete_ones(tmp_path)
     assert_round_trip(ShardDataset(str(out), verify_checksums=True), coco, images)
 
 
-def run_megdet(argv: List[str], nprocs: Optional[int] = None) -> subprocess.CompletedProcess:
-    command = MEGDET + argv if nprocs is None else launch_command("mpirun", nprocs, MEGDET + argv)
-    return subprocess.run(command, cwd=REPO, env=_base_env(None), capture_output=True, text=True,
-                          timeout=SUBPROCESS_TIMEOUT_S)
-
-
 def rank_errors(result: subprocess.CompletedProcess) -> Dict[int, str]:
     """{rank: message} of the one-line CLI errors in ``result``'s stderr (mpirun may splice the ranks'
     lines together, so messages are split at each "megdet pack: error" rather than at newlines)."""
@@ -371,8 +363,9 @@ def test_mpirun_pack_equals_serial_and_fails_on_every_rank(tmp_path):
         pytest.skip(mpirun_skip_reason())
     ann, images, coco = subset(tmp_path, "voc100", count=40)
     common = ["pack", "--coco-json", str(ann), "--images", str(images), "--shards", "5"]
-    serial = run_megdet([*common, "--out", str(tmp_path / "serial")])
-    parallel = run_megdet([*common, "--out", str(tmp_path / "parallel")], nprocs=2)
+    serial = run_megdet([*common, "--out", str(tmp_path / "serial")], timeout=SUBPROCESS_TIMEOUT_S)
+    parallel = run_megdet([*common, "--out", str(tmp_path / "parallel")],
+                          nprocs=2, launcher="mpirun", timeout=SUBPROCESS_TIMEOUT_S)
     assert serial.returncode == 0 and parallel.returncode == 0, serial.stderr + parallel.stderr
     assert "[rank 1/2] packed" in parallel.stdout
     manifest = read_manifest(tmp_path / "serial")
@@ -387,7 +380,8 @@ def test_mpirun_pack_equals_serial_and_fails_on_every_rank(tmp_path):
     # an image in a shard of rank 1 is missing: both ranks print one line naming it, exit 2, no manifest
     missing = coco["images"][a.shard_of.tolist().index(1)]["file_name"]
     (images / missing).unlink()
-    failed = run_megdet([*common, "--out", str(tmp_path / "failed")], nprocs=2)
+    failed = run_megdet([*common, "--out", str(tmp_path / "failed")],
+                        nprocs=2, launcher="mpirun", timeout=SUBPROCESS_TIMEOUT_S)
     errors = rank_errors(failed)
     assert failed.returncode != 0 and sorted(errors) == [0, 1], failed.stderr
     assert all(missing in line and "does not exist" in line for line in errors.values()), failed.stderr
@@ -395,7 +389,8 @@ def test_mpirun_pack_equals_serial_and_fails_on_every_rank(tmp_path):
 
     # a truncated image in rank 1's shard fails both ranks; rank 0's finished shard is kept for a resume
     (images / missing).write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 64)
-    failed = run_megdet([*common, "--out", str(tmp_path / "failed")], nprocs=2)
+    failed = run_megdet([*common, "--out", str(tmp_path / "failed")],
+                        nprocs=2, launcher="mpirun", timeout=SUBPROCESS_TIMEOUT_S)
     errors = rank_errors(failed)
     assert failed.returncode != 0 and sorted(errors) == [0, 1], failed.stderr
     assert errors[0].startswith("rank 1 failed") and all(missing in line for line in errors.values())
@@ -410,7 +405,7 @@ def test_packers_under_a_launcher_without_mpi_are_refused_on_every_rank(tmp_path
     skip_unless_launcher("horovodrun")
     ann, images, _ = subset(tmp_path, "voc100", count=4)
     argv = ["pack", "--coco-json", str(ann), "--images", str(images), "--out", str(tmp_path / "out")]
-    done = subprocess.run(launch_command("horovodrun", 2, MEGDET + argv), cwd=REPO, env=_base_env(None),
+    done = subprocess.run(launch_command("horovodrun", 2, MEGDET + argv), cwd=REPO, env=base_env(None),
                           capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     errors = rank_errors(subprocess.CompletedProcess(done.args, done.returncode, done.stdout, done.stdout + done.stderr))
     assert done.returncode != 0 and sorted(errors) == [0, 1], done.stdout + done.stderr

@@ -1,14 +1,12 @@
 """The time-to-train model's arithmetic (hpc.perfmodel) and the `megdet bench project` command."""
 import json
-import subprocess
-import sys
 
 import pytest
 
 from hpc import perfmodel
 from megdet import config
 from megdet.bench import project
-from tests.multirank import REPO
+from tests.multirank import run_megdet
 
 GB = 1e9
 
@@ -72,8 +70,7 @@ def test_paper_rows_iterations_match_the_presets():
 
 
 def bench_project(tmp_path, *options):
-    return subprocess.run([sys.executable, "-m", "megdet.cli", "bench", "project", "--out", str(tmp_path),
-                           *options], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return run_megdet(["bench", "project", "--out", str(tmp_path), *options], timeout=120)
 
 
 def test_command_writes_rows_and_inputs(tmp_path):

@@ -1,8 +1,5 @@
 """Metrics JSON lines (rank 0 only, resume-safe) and ``megdet plot``."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,12 +7,8 @@ from PIL import Image
 
 from hpc.errors import UserError
 from megdet.engine import metrics
-from tests.multirank import REPO
+from tests.multirank import run_megdet
 
-
-def megdet(*args):
-    return subprocess.run([sys.executable, "-m", "megdet.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def write_run(run_dir, iterations=40):
@@ -79,7 +72,7 @@ def test_resume_drops_the_lines_after_the_checkpoint(tmp_path):
 
 def test_plot_draws_a_png(tmp_path):
     write_run(tmp_path)
-    done = megdet("plot", str(tmp_path))
+    done = run_megdet(["plot", str(tmp_path)], timeout=120)
     assert done.returncode == 0, done.stderr
     with Image.open(tmp_path / metrics.PLOT_FILE) as png:
         assert png.format == "PNG"
@@ -89,7 +82,7 @@ def test_plot_draws_a_png(tmp_path):
 
 
 def test_missing_empty_or_broken_metrics_are_one_line_errors(tmp_path):
-    done = megdet("plot", str(tmp_path / "nowhere"))
+    done = run_megdet(["plot", str(tmp_path / "nowhere")], timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "no metrics file" in done.stderr and "megdet train" in done.stderr
     (tmp_path / metrics.METRICS_FILE).write_text("")

@@ -14,7 +14,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -25,12 +24,11 @@ import pytest
 
 from hpc import checkpoint
 from hpc.shards import DistributedShardSampler, ShardDataset
-from tests.multirank import _base_env, free_port, launch_command, skip_unless_launcher
+from tests.multirank import MEGDET, base_env, free_port, launch_command, skip_unless_launcher
 from tests.test_faults import largest_size, small_disk
 from tests.test_shards import flip_byte
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
-MEGDET = [sys.executable, "-m", "megdet.cli"]
 TINY = ["data.min_sizes=[64]", "data.max_size=64", "data.images_per_rank=1", "data.num_workers=0",
         "solver.batch_size=2", "model.bn_size=2", "solver.max_iter=30", "solver.steps=[20]", "solver.warmup_iters=2",
         "train.log_period=1", "train.checkpoint_period=1000", "data.val="]
@@ -50,7 +48,7 @@ class Run:
         kind, engine = LAUNCHERS[launcher]
         skip_unless_launcher(kind)
         self.launcher, self.folder = launcher, folder
-        env = _base_env({"MEGDET_COMM": engine, "MEGDET_COMM_TIMEOUT": "600", **env})
+        env = base_env({"MEGDET_COMM": engine, "MEGDET_COMM_TIMEOUT": "600", **env})
         argv = [*MEGDET, "train", "shapes_r18_cpu", *TINY, *args]
         folder.mkdir(parents=True, exist_ok=True)
         if kind == "torch":
@@ -161,15 +159,9 @@ def assert_only_complete_checkpoints(folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fault-shapes")
-    env = _base_env(None)
-    subprocess.run([*MEGDET, "synth", "--out", str(root / "shapes"), "--train", "24", "--val", "4", "--size", "64"],
-                   check=True, capture_output=True, env=env)
-    subprocess.run([*MEGDET, "pack", "--coco-json", str(root / "shapes/annotations/instances_train.json"),
-                    "--images", str(root / "shapes/train"), "--out", str(root / "train")],
-                   check=True, capture_output=True, env=env)
-    return root / "train"
+def shards(shapes_shards):
+    """The session's training shards (tests/conftest.py)."""
+    return shapes_shards / "train"
 
 
 def corrupt_copy(shards: Path, out: Path, rank: int, iteration: int, images_per_rank: int = 1) -> Dict[str, int]:
@@ -306,7 +298,7 @@ def test_a_checkpoint_onto_a_full_disk_stops_every_rank_and_keeps_the_previous_o
 
         def resume_alone(*overrides):
             done = subprocess.run([*MEGDET, "train", "shapes_r18_cpu", *TINY, *args, "model.bn_size=null",
-                                   "solver.batch_size=1", *overrides, "--resume"], env=_base_env(None),
+                                   "solver.batch_size=1", *overrides, "--resume"], env=base_env(None),
                                   capture_output=True, text=True, timeout=300)
             assert done.returncode == 2 and len(error_lines(done.stderr)) == 1, done.stderr[-3000:]
             return error_lines(done.stderr)[0]

@@ -4,14 +4,13 @@ allocation under each launcher, Horovod over MPI, output files per job id, USR1 
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import psutil
 import pytest
 
-from tests.multirank import REPO
+
 from tests.slurm import slurm  # noqa: F401  (the session fixture)
 from tests.test_jobs import job_env, render
 
@@ -91,20 +90,6 @@ def test_usr1_reaches_every_rank_and_the_requeued_job_resumes(slurm, tmp_path): 
     # Both runs append to the same output file (--open-mode=append).
     assert "[job] USR1: stopping the ranks" in out and f"requeueing job {job_id}" in out
     assert f"[job] Slurm job {job_id} (restart 1)" in out and f"(newest file: {checkpoint})" in out
-
-
-@pytest.fixture(scope="module")
-def shapes_shards(tmp_path_factory):
-    """Synthetic shapes packed into train and val shards, 64 pixels."""
-    root = tmp_path_factory.mktemp("slurm-shapes")
-    megdet = [sys.executable, "-m", "megdet.cli"]
-    subprocess.run([*megdet, "synth", "--out", str(root / "shapes"), "--train", "16", "--val", "4", "--size", "64"],
-                   cwd=REPO, check=True, capture_output=True, env=job_env())
-    for split in ("train", "val"):
-        subprocess.run([*megdet, "pack", "--coco-json", str(root / "shapes" / "annotations" / f"instances_{split}.json"),
-                        "--images", str(root / "shapes" / split), "--out", str(root / split)],
-                       cwd=REPO, check=True, capture_output=True, env=job_env())
-    return root
 
 
 def train_command(shards, max_iter, val=True):

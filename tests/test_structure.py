@@ -79,3 +79,69 @@ def test_no_module_name_is_shared_by_hpc_and_megdet():
              for package in PACKAGES}
     shared = names["hpc"] & names["megdet"]
     assert not shared, f"modules named alike in hpc and megdet: {sorted(shared)}"
+
+
+def import_graph() -> dict:
+    """Module -> the project modules it imports anywhere in its file (function-level imports included),
+    from the source alone: ``import a.b``, ``from a import b`` (module b, else a), relative imports."""
+    import ast
+
+    modules = set(all_modules())
+    graph = {}
+    for name in modules:
+        parts = name.split(".")
+        path = REPO.joinpath(*parts)
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        package = parts if path.name == "__init__.py" else parts[:-1]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else node.module
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                           for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in modules:  # import a.b.c imports the package a.b too
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    imported.add(target)
+        graph[name] = imported
+    return graph
+
+
+def find_cycle(graph: dict):
+    """One import cycle of ``graph`` as a list of modules (first repeated last), or None."""
+    state = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt, path + [nxt])
+                if found:
+                    return found
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            found = visit(start, [start])
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle_even_through_imports_inside_functions():
+    graph = import_graph()
+    assert "hpc.errors" in graph["hpc.launch"] and "hpc.launch_env" in graph["hpc.errors"], "the graph sees imports"
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert not any(target.startswith("megdet") for name, targets in graph.items() if name.startswith("hpc")
+                   for target in targets), "hpc imports nothing of megdet"

@@ -1,8 +1,6 @@
 """The synthetic shapes data set: deterministic from the seed, tight boxes, written atomically."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ from pycocotools.coco import COCO
 
 from hpc.errors import UserError
 from megdet.data import synth
-from tests.multirank import REPO
+from tests.multirank import run_megdet
 
 COUNTS = {"train": 12, "val": 4}
 SIZE = 128
@@ -111,14 +109,11 @@ def test_bad_arguments_and_existing_output_are_user_errors(tmp_path):
 
 
 def test_cli_writes_the_data_set_and_reports_errors_in_one_line(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "megdet.cli", "synth", "--out", str(tmp_path / "s"),
-                           "--train", "3", "--val", "2", "--size", "64", "--seed", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    done = run_megdet(["synth", "--out", str(tmp_path / "s"), "--train", "3", "--val", "2", "--size", "64",
+                       "--seed", "1"], timeout=120)
     assert done.returncode == 0, done.stderr
     assert len(json.loads((tmp_path / "s" / "annotations" / "instances_val.json").read_text())["images"]) == 2
-    again = subprocess.run([sys.executable, "-m", "megdet.cli", "synth", "--out", str(tmp_path / "s")],
-                           cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    again = run_megdet(["synth", "--out", str(tmp_path / "s")], timeout=120)
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already exists" in again.stderr
 
 

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
@@ -15,33 +14,12 @@ import torch
 
 from hpc import checkpoint
 from hpc.optim.lamb import CPU_BLOCK_NUMEL
-from tests.multirank import REPO, _base_env, launch_command, skip_unless_launcher
+from tests.multirank import MEGDET, REPO, base_env, launch_command, run_megdet
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
-MEGDET = [sys.executable, "-m", "megdet.cli"]
 TINY = ["data.min_sizes=[64]", "data.max_size=96", "data.test_min_size=64", "data.images_per_rank=2",
         "data.num_workers=0", "solver.batch_size=4", "model.bn_size=4", "solver.max_iter=40", "solver.steps=[30]",
         "solver.warmup_iters=5", "train.log_period=5", "train.checkpoint_period=20", "eval.images_per_rank=4"]
-
-
-def megdet(args, nprocs=1, timeout=600, **env):
-    argv = [*MEGDET, *args]
-    if nprocs > 1:
-        skip_unless_launcher("horovodrun")
-        argv = launch_command("horovodrun", nprocs, argv)
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_base_env(env))
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    done = megdet(["synth", "--out", str(root / "shapes"), "--train", "24", "--val", "8", "--size", "64"])
-    assert done.returncode == 0, done.stderr
-    for split in ("train", "val"):
-        done = megdet(["pack", "--coco-json", str(root / "shapes" / "annotations" / f"instances_{split}.json"),
-                       "--images", str(root / "shapes" / split), "--out", str(root / split)])
-        assert done.returncode == 0, done.stderr
-    return root
 
 
 def tiny_config(shards, out, val=True):
@@ -50,9 +28,9 @@ def tiny_config(shards, out, val=True):
 
 
 @pytest.fixture(scope="module")
-def straight_run(shards):
-    out = shards / "straight"
-    done = megdet(["train", *tiny_config(shards, out)], nprocs=2)
+def straight_run(shapes_shards):
+    out = shapes_shards / "straight"
+    done = run_megdet(["train", *tiny_config(shapes_shards, out)], nprocs=2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out, done
 
@@ -79,15 +57,15 @@ def test_a_run_trains_checkpoints_evaluates_and_plots(straight_run):
     assert (out / "metrics.png").stat().st_size > 10_000
 
 
-def test_accumulated_micro_batches_and_tensorboard_on_one_process(shards):
+def test_accumulated_micro_batches_and_tensorboard_on_one_process(shapes_shards):
     """solver.batch_size=4 from 2 passes of 2 images on one rank (Horovod's backward_passes_per_step
     path is tested in test_distributed_optimizer); the run's TensorBoard events read back."""
     from tests.test_plot import tensorboard_scalars
 
-    out = shards / "accumulated"
-    done = megdet(["train", *tiny_config(shards, out, val=False), "model.bn_size=null", "solver.max_iter=6",
-                   "solver.steps=[4]", "solver.warmup_iters=2", "train.log_period=3", "train.checkpoint_period=6",
-                   "solver.backward_passes_per_step=2", "train.tensorboard=true"])
+    out = shapes_shards / "accumulated"
+    done = run_megdet(["train", *tiny_config(shapes_shards, out, val=False), "model.bn_size=null", "solver.max_iter=6",
+                       "solver.steps=[4]", "solver.warmup_iters=2", "train.log_period=3", "train.checkpoint_period=6",
+                       "solver.backward_passes_per_step=2", "train.tensorboard=true"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "finished 6 iterations on 1 ranks" in done.stdout and f"tensorboard --logdir {out.parent}" in done.stdout
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -95,7 +73,8 @@ def test_accumulated_micro_batches_and_tensorboard_on_one_process(shards):
     scalars = tensorboard_scalars(out)
     assert [step for step, _ in scalars["loss/loss"]] == [3, 6]
     assert scalars["loss/loss"][-1][1] == pytest.approx(lines[-1]["loss"], rel=1e-6)
-    refused = megdet(["train", *tiny_config(shards, shards / "refused", val=False), "solver.backward_passes_per_step=3"])
+    refused = run_megdet(["train", *tiny_config(shapes_shards, shapes_shards / "refused", val=False),
+                          "solver.backward_passes_per_step=3"])
     assert refused.returncode == 2 and "data.images_per_rank=2 x solver.backward_passes_per_step=3" in refused.stderr
 
 
@@ -105,13 +84,13 @@ def _rank_processes(launcher_process):
             if p.name().startswith("python") and "megdet.cli" in p.cmdline()]
 
 
-def test_sigusr1_on_one_rank_checkpoints_and_resume_is_exact(shards, straight_run):
+def test_sigusr1_on_one_rank_checkpoints_and_resume_is_exact(shapes_shards, straight_run):
     """SIGUSR1 reaches one rank only; both stop at the same iteration, checkpoint, exit 75. Resuming
     then gives the same parameters as the straight 40-iteration run."""
-    out = shards / "interrupted"
-    argv = launch_command("horovodrun", 2, [*MEGDET, "train", *tiny_config(shards, out, val=False)])
+    out = shapes_shards / "interrupted"
+    argv = launch_command("horovodrun", 2, [*MEGDET, "train", *tiny_config(shapes_shards, out, val=False)])
     first = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=_base_env({}), start_new_session=True)
+                             env=base_env({}), start_new_session=True)
     deadline = time.time() + 600
     while not (out / "model_0000020.pt").exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -128,7 +107,7 @@ def test_sigusr1_on_one_rank_checkpoints_and_resume_is_exact(shards, straight_ru
     assert 20 <= stopped_iteration < 40
     assert checkpoint.load(stopped_at)["iteration"] == stopped_iteration
 
-    resumed = megdet(["train", *tiny_config(shards, out, val=False), "--resume"], nprocs=2)
+    resumed = run_megdet(["train", *tiny_config(shapes_shards, out, val=False), "--resume"], nprocs=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {stopped_at} at iteration {stopped_iteration}" in resumed.stdout
     straight = checkpoint.load(straight_run[0] / "model_0000040.pt")
@@ -140,13 +119,13 @@ def test_sigusr1_on_one_rank_checkpoints_and_resume_is_exact(shards, straight_ru
     assert metric_iters == sorted(set(metric_iters)), "each iteration once in the metrics after a resume"
 
 
-def test_distributed_evaluation_equals_one_process(shards, straight_run):
+def test_distributed_evaluation_equals_one_process(shapes_shards, straight_run):
     ckpt = str(straight_run[0] / "model_0000040.pt")
     metrics = []
     for nprocs in (1, 2):
-        eval_dir = shards / f"eval{nprocs}"
-        done = megdet(["eval", *tiny_config(shards, straight_run[0]), "--checkpoint", ckpt, "--out", str(eval_dir)],
-                      nprocs=nprocs)
+        eval_dir = shapes_shards / f"eval{nprocs}"
+        done = run_megdet(["eval", *tiny_config(shapes_shards, straight_run[0]), "--checkpoint", ckpt,
+                           "--out", str(eval_dir)], nprocs=nprocs)
         assert done.returncode == 0, done.stderr[-3000:]
         metrics.append(json.loads((eval_dir / "metrics.json").read_text()))
     assert metrics[0] == metrics[1]
@@ -162,9 +141,9 @@ def _error_lines(done, command):
     ("model.bn_size=3", "bn_size=3"),
     ("data.train=/nonexistent/shards", "/nonexistent/shards"),
 ])
-def test_bad_input_is_one_line_on_every_rank_and_writes_nothing(shards, override, message):
-    out = shards / f"bad-{override.split('=')[0]}"
-    done = megdet(["train", *tiny_config(shards, out), override], nprocs=2, timeout=180)
+def test_bad_input_is_one_line_on_every_rank_and_writes_nothing(shapes_shards, override, message):
+    out = shapes_shards / f"bad-{override.split('=')[0]}"
+    done = run_megdet(["train", *tiny_config(shapes_shards, out), override], nprocs=2, timeout=180)
     assert done.returncode != 0
     lines = _error_lines(done, "train")
     assert len(lines) == 2 and all(message in line for line in lines), done.stdout[-2000:] + done.stderr[-2000:]
@@ -172,9 +151,10 @@ def test_bad_input_is_one_line_on_every_rank_and_writes_nothing(shards, override
     assert not out.exists(), "no partial output after a bad input"
 
 
-def test_a_checkpoint_of_another_model_is_refused_by_name(shards, straight_run):
+def test_a_checkpoint_of_another_model_is_refused_by_name(shapes_shards, straight_run):
     ckpt = straight_run[0] / "model_0000040.pt"
-    done = megdet(["eval", *tiny_config(shards, straight_run[0]), "model.name=resnet50_fpn", "--checkpoint", str(ckpt)])
+    done = run_megdet(["eval", *tiny_config(shapes_shards, straight_run[0]), "model.name=resnet50_fpn",
+                       "--checkpoint", str(ckpt)])
     assert done.returncode == 2
     assert _error_lines(done, "eval") == [
         f"megdet eval: error: checkpoint {ckpt} holds a resnet18_fpn with 3 classes, but shapes_r18_cpu builds a "
@@ -186,26 +166,26 @@ def test_mask_training_on_shards_without_segmentations_is_one_line(tmp_path):
     from tests.test_pack import subset
 
     ann, images, _ = subset(tmp_path, "voc100", count=4)
-    done = megdet(["pack", "--coco-json", str(ann), "--images", str(images), "--out", str(tmp_path / "voc")])
+    done = run_megdet(["pack", "--coco-json", str(ann), "--images", str(images), "--out", str(tmp_path / "voc")])
     assert done.returncode == 0, done.stderr
     out = tmp_path / "run"
-    done = megdet(["train", "shapes_r18_cpu", *TINY, "model.num_classes=20", "model.mask_on=true", "model.bn_size=null",
-                   "solver.batch_size=2",
-                   f"data.train={tmp_path / 'voc'}", "data.val=", f"train.output_dir={out}"])
+    done = run_megdet(["train", "shapes_r18_cpu", *TINY, "model.num_classes=20", "model.mask_on=true", "model.bn_size=null",
+                       "solver.batch_size=2",
+                       f"data.train={tmp_path / 'voc'}", "data.val=", f"train.output_dir={out}"])
     assert done.returncode == 2 and len(_error_lines(done, "train")) == 1, done.stderr[-2000:]
     assert "model.mask_on=true but the training shards" in done.stderr and "have no segmentations" in done.stderr
     assert not out.exists()
 
 
-def test_show_draws_the_ground_truth_and_detections_of_a_run(shards, straight_run):
+def test_show_draws_the_ground_truth_and_detections_of_a_run(shapes_shards, straight_run):
     from PIL import Image
 
-    out = shards / "pictures.png"
-    done = megdet(["show", str(straight_run[0]), "--images", "3", "--out", str(out)])
+    out = shapes_shards / "pictures.png"
+    done = run_megdet(["show", str(straight_run[0]), "--images", "3", "--out", str(out)])
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"megdet show: 3 images of {shards / 'val'} with model_0000040.pt's detections: {out}" in done.stdout
+    assert f"megdet show: 3 images of {shapes_shards / 'val'} with model_0000040.pt's detections: {out}" in done.stdout
     width, height = Image.open(out).size
     assert width == 800 and height == 1200, "one row of two panels per image"
     assert "pictures " in straight_run[1].stdout and (straight_run[0] / "show.png").exists()
-    refused = megdet(["show", str(shards / "no-such-run")])
+    refused = run_megdet(["show", str(shapes_shards / "no-such-run")])
     assert refused.returncode == 2 and "does not exist" in refused.stderr, refused.stderr

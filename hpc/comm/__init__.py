@@ -17,7 +17,7 @@ Cross-GPU BN's collectives: ``MEGDET_CGBN_COMM=torch`` under the horovod engine 
 second communicator, torch.distributed on the same ranks (``get_cgbn``), while gradients keep Horovod's
 fused allreduce. CGBN issues two small blocking allreduces per BN layer per step, each of which waits
 for Horovod's background cycle and negotiation; torch.distributed runs them at once in the calling
-thread (docs/benchmarks.md, the demo on 2 CPU ranks: 1.03 s per step with CGBN on Horovod, 0.72 s on torch).
+thread (docs/benchmarks.md: the demo's step under each engine).
 
 Faults: a rank whose process dies or stops ends the run within seconds, every rank printing one line
 that names it (``hpc.comm.watchdog``: beside each rank a watchdog process, with a heartbeat per second

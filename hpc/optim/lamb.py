@@ -27,10 +27,9 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 # Elements per cache block on CPU. A step makes ~12 passes over x, g, m, v and the workspace u; one block
-# of each (float32: 4 MiB, 20 MiB in all) mostly stays in the 32 MiB L3 from one pass to the next (on the
-# project's machine a pass over such blocks costs 1.7-2.7 ms per 25.6 M elements, against ~5 ms from main
-# memory), and a pass over a block (~70 us) is long against a torch op's dispatch (a few us). Blocks of
-# 2^19 and 2^21 elements measured the same within the noise; smaller ones pay more dispatch.
+# of each (float32: 4 MiB, 20 MiB in all) mostly stays in a 32 MiB L3 from one pass to the next, and a
+# pass over a block is long against a torch op's dispatch. The sizes measured: docs/benchmarks.md
+# (`megdet bench optim`, cache blocks).
 CPU_BLOCK_NUMEL = 1 << 20
 
 

@@ -36,7 +36,8 @@ DEFAULT_CYCLE = 200
 # the learning rate of ``hpc.schedule.linear_scaling_rule`` for the real batch.
 DEFAULT_LR = 0.02
 # With ``compiled=True``, CPU tensors of at least this many elements take the compiled kernel: below it,
-# the ~40 us a call of compiled code costs on CPU is more than the fused passes save.
+# what a call of compiled code costs on CPU is more than the fused passes save (docs/benchmarks.md,
+# `megdet bench optim`, cache blocks).
 COMPILED_MIN_NUMEL = 1 << 16
 
 

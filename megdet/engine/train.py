@@ -421,8 +421,8 @@ class Trainer:
         is known on the host and stays there: a CPU tensor, which the engines move on their host
         transport (gloo beside NCCL, Horovod's CPU ops), so the step neither waits for the GPU nor
         stops the host from queueing work ahead of it. It goes through cross-GPU BN's communicator,
-        the one for small latency-bound collectives (torch beside Horovod: 0.37 ms a step on 2 CPU
-        ranks, where Horovod's cycle costs 7.3 ms). One rank alone raises its own error at once."""
+        the one for small latency-bound collectives (its cost beside Horovod's cycle: docs/benchmarks.md,
+        the demo's step under each engine). One rank alone raises its own error at once."""
         if self.comm.size == 1:
             self.comm.agree(error)
             return
