@@ -267,9 +267,10 @@ class Trainer:
         that loads: rank 0 chooses, skipping truncated or corrupt ones with a warning naming each, and
         tells the others; none there starts afresh. A checkpoint of another model stops every rank."""
         path, state = None, None
+        where = self.out if resume == "auto" else Path(resume)
         with self.comm.all_or_none():
-            if self.comm.rank == 0:
-                path, state = self._load_checked(self.out if resume == "auto" else Path(resume))
+            if self.comm.rank == 0 and (resume != "auto" or where.is_dir()):  # no run folder yet: none there
+                path, state = self._load_checked(where)
         path = self.comm.broadcast_object(path)
         if path is None:
             return
