@@ -73,12 +73,13 @@ class Watchdog:
         if failed:
             raise CommError(failed[0])
         self.processes: List[Tuple[str, int]] = [(host, pid) for host, pid, _, _ in table]
-        try:
-            self._process.stdin.write(json.dumps([[host, pid] for host, pid in self.processes] + [table[0][2]]) + "\n")
-            self._expect("ready")
-        except (OSError, CommError) as failure:  # a watchdog process that died meanwhile: a broken pipe
-            error = str(failure)
-        comm.agree(error)
+        with comm.all_or_none():
+            try:
+                self._process.stdin.write(json.dumps([[host, pid] for host, pid in self.processes] + [table[0][2]])
+                                          + "\n")
+                self._expect("ready")
+            except OSError as failure:  # a watchdog process that died meanwhile: a broken pipe
+                raise CommError(str(failure)) from None
         self._reader = threading.Thread(target=self._read, name="hpc-comm-watchdog", daemon=True)
         self._reader.start()
 
