@@ -82,3 +82,51 @@ def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path):
     plain = tmp_path / "plain"
     plain.write_text("x")
     assert os.stat(write_atomic(tmp_path / "atomic", "x")).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+
+
+def test_read_opens_a_file_or_a_folders_newest_that_loads(tmp_path):
+    """``read``, the one way train, eval and show open a checkpoint: a file as ``load``; a folder's newest
+    that loads, skipping a torn one with a warning; (None, None) for a folder that holds none."""
+    older = checkpoint.save(checkpoint.checkpoint_path(tmp_path, 10), {"model": {"w": torch.ones(2)}})
+    torn = checkpoint.checkpoint_path(tmp_path, 20)
+    torn.write_bytes(older.read_bytes()[:100])
+    warnings = []
+    path, state = checkpoint.read(tmp_path, warn=warnings.append)
+    assert path == older and torch.equal(state["model"]["w"], torch.ones(2))
+    assert len(warnings) == 1 and str(torn) in warnings[0]
+    assert checkpoint.read(older)[0] == older
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert checkpoint.read(empty) == (None, None)
+    with pytest.raises(checkpoint.CheckpointError, match=f"checkpoint {older} has no optimizer"):
+        checkpoint.read(older, required_keys=("model", "optimizer"))
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        checkpoint.read(tmp_path / "missing.pt")
+
+
+def test_read_for_names_both_models_when_the_checkpoint_holds_another(tmp_path):
+    from megdet import config as config_mod
+    from megdet.engine.model_checkpoint import read_for
+
+    cfg = config_mod.load("shapes_r18_cpu")
+    path = checkpoint.save(tmp_path / "model.pt", {"model": {}, **cfg.identity.fields()})
+    assert read_for(cfg, path, ("model",), advice="unused")[0] == path
+    other = checkpoint.save(tmp_path / "other.pt", {"model": {}, "model_name": "resnet50_fpn", "num_classes": 80})
+    with pytest.raises(checkpoint.CheckpointError) as failure:
+        read_for(cfg, other, ("model",), advice="evaluate it with the config that trained it")
+    assert str(failure.value) == (
+        f"checkpoint {other} holds a resnet50_fpn with 80 classes, but shapes_r18_cpu builds a resnet18_fpn with "
+        f"{cfg.model.num_classes}: evaluate it with the config that trained it")
+    with pytest.raises(checkpoint.CheckpointError, match="has no model_name: it was not written by megdet train"):
+        read_for(cfg, checkpoint.save(tmp_path / "bare.pt", {"model": {}}), ("model",), advice="x")
+
+
+def test_resume_without_a_run_folder_yet_starts_afresh(tmp_path, megdet, shapes_shards):
+    """``megdet train --resume`` (no value) where the run folder does not exist yet: nothing to resume."""
+    out = tmp_path / "new" / "run"
+    done = megdet(["train", "shapes_r18_cpu", "data.min_sizes=[64]", "data.max_size=64", "data.images_per_rank=1",
+                   "data.num_workers=0", "solver.batch_size=1", "model.norm=bn", "model.bn_size=null",
+                   "solver.max_iter=2", "solver.steps=[1]", "solver.warmup_iters=1", "train.checkpoint_period=1000",
+                   "data.val=", f"data.train={shapes_shards / 'train'}", f"train.output_dir={out}", "--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" not in done.stdout and checkpoint.latest(out).name == "model_0000002.pt"
