@@ -55,9 +55,9 @@ from megdet.engine import evaluate as evaluate_mod
 from megdet.engine import show
 from megdet.engine.evaluate import MASK_PREFIX
 from megdet.engine.banner import describe_optimizer, run_banner
-from megdet.engine.model_checkpoint import read_for
 from megdet.engine.build import (Runtime, build_model, build_optimizer, build_runtime, build_schedule, init_rank,
                                  loader_workers, run_dir)
+from megdet.engine.model_checkpoint import read_for
 from megdet.model.detector import check_target_values
 from megdet.weights import resolve as resolve_weights
 from megdet.engine.metrics import (METRICS_FILE, PLOT_FILE, MetricsLogger, plot_metrics, read_metrics,
@@ -257,6 +257,7 @@ class Trainer:
                       flush=True)
 
     def _check_fresh_start(self) -> None:
+        """UserError when a run without --resume would write into a run folder that holds checkpoints."""
         existing = checkpoint.latest(self.out)
         if existing is not None:
             raise UserError(f"{self.out} already holds checkpoints (latest {existing.name}): pass --resume to "
