@@ -19,7 +19,7 @@ import torch
 from hpc import comm as comm_mod
 from hpc import device as device_mod
 from hpc import launch
-from hpc.comm import Communicator
+from hpc.comm import CommError, Communicator
 
 
 def horovod_features() -> Dict[str, bool]:
@@ -39,11 +39,11 @@ def examine(comm: Communicator) -> List[Dict]:
     expected = comm.size * (comm.size - 1) / 2
     pair = comm.partition(2) if comm.size % 2 == 0 else comm.world
     pair_total = comm.allreduce(torch.ones(1, device=comm.device), group=pair).item()
-    error = None
-    if total != expected or pair_total != pair.size:
-        error = (f"allreduce gave {total} (expected {expected}) and {pair_total} over group {list(pair.ranks)} "
-                 f"(expected {pair.size}): the ranks are not talking to each other correctly")
-    comm.agree(error)
+    with comm.all_or_none():
+        if total != expected or pair_total != pair.size:
+            raise CommError(f"allreduce gave {total} (expected {expected}) and {pair_total} over group "
+                            f"{list(pair.ranks)} (expected {pair.size}): the ranks are not talking to each other "
+                            "correctly")
     started = launch.detect()
     view = {"rank": comm.rank, "size": comm.size, "local_rank": comm.local_rank, "local_size": comm.local_size,
             "host": socket.gethostname(), "engine": comm.engine, "launcher": started.launcher,
