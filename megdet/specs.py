@@ -21,7 +21,7 @@ from hpc.errors import UserError
 from hpc.options import AMP_MODES, COMPRESSIONS, DEVICE_KINDS
 from hpc.schedule import DEFAULT_WARMUP_FACTOR, POLICIES, decay_factors
 from megdet import weights
-from megdet.model.settings import LEVEL_STRIDES, MODEL_NAMES, NORMS
+from megdet.model.settings import DEFAULT_NORM, LEVEL_STRIDES, MODEL_NAMES, NORMS
 from megdet.model.settings import PRESETS as MODEL_PRESETS
 
 OPTIMIZERS = ("sgd", "pmd_lamb", "lamb", "lars")
@@ -60,7 +60,7 @@ class ModelSpec:
 
     name: str = "resnet50_fpn"            # one of megdet.model.settings.MODEL_NAMES
     num_classes: int = 80                 # foreground classes; labels are 1..num_classes
-    norm: str = "bn"                      # one of NORMS; cgbn = cross-GPU batch norm over bn_size images;
+    norm: str = DEFAULT_NORM              # one of NORMS; cgbn = cross-GPU batch norm over bn_size images;
                                           # frozen (fixed statistics and affine) only on backbone_weights
     bn_size: Optional[int] = None         # images per cross-GPU BN group (cgbn only); None: all ranks
     bn_node_local: bool = False           # refuse a launch where a BN group spans nodes (MegDet Sec. 3.3)
@@ -70,8 +70,9 @@ class ModelSpec:
     backbone_weights: Optional[str] = None
     allow_frozen_random: bool = False     # model.norm=frozen without weights: keep BN at its initial values
     sublinear_stages: List[str] = field(default_factory=list)  # stages recomputed in backward (memory)
-    # The detector's own settings, by the keys of megdet.model.settings.DEFAULTS; None (the default):
-    # the value of the named model there, the one place those values are written.
+    # The detector's own settings (megdet.engine.build.model_settings passes each to the keyword of
+    # megdet.model.settings.DEFAULTS of the same name); None (the default): the named model's value there,
+    # the one place those values are written.
     anchor_sizes: Optional[List[int]] = None          # anchor side in pixels on P2..P6
     fpn_channels: Optional[int] = None                # FPN and RPN head width
     rpn_pre_nms_topk: Optional[List[int]] = None      # [train, test] proposals kept per level before NMS
@@ -84,11 +85,6 @@ class ModelSpec:
     mask_head_convs: Optional[int] = None             # how many, before the 2x deconv
     mask_head_norm: Optional[str] = None              # one of NORMS after each of them; null: none
 
-    # The settings above that pass to the detector by its own keys (megdet.model.settings.DEFAULTS).
-    DETECTOR_SETTINGS = ("anchor_sizes", "fpn_channels", "rpn_pre_nms_topk", "rpn_post_nms_topk",
-                         "roi_batch_size_per_image", "roi_positive_fraction", "box_head_dim", "mask_on",
-                         "mask_head_channels", "mask_head_convs", "mask_head_norm")
-
     @property
     def with_masks(self) -> bool:
         """Whether the model has Mask R-CNN's branch: ``mask_on``, else the named model's."""
@@ -99,11 +95,6 @@ class ModelSpec:
         """The mask head's norm: ``mask_head_norm``, else the named model's (None: no norm)."""
         given = self.mask_head_norm
         return given if given is not None else MODEL_PRESETS[self.name]["mask_head_norm"]
-
-    def settings(self) -> Dict[str, Any]:
-        """The detector settings this spec gives (lists as tuples); the others keep the named model's."""
-        return {key: tuple(value) if isinstance(value, list) else value
-                for key in self.DETECTOR_SETTINGS if (value := getattr(self, key)) is not None}
 
     def check(self) -> None:
         choice("model.name", self.name, MODEL_NAMES)
@@ -358,16 +349,10 @@ class EvalSpec:
     """Evaluation: ``eval.*``."""
 
     images_per_rank: int = 1
-    # The detector's inference settings, by the keys of megdet.model.settings.DEFAULTS; None: the model's.
+    # The detector's inference settings (passed as ModelSpec's are); None: the named model's.
     score_threshold: Optional[float] = None  # keep detections scoring above this
     nms_threshold: Optional[float] = None    # per-class NMS IoU
     detections_per_image: Optional[int] = None
-
-    DETECTOR_SETTINGS = ("score_threshold", "nms_threshold", "detections_per_image")
-
-    def settings(self) -> Dict[str, Any]:
-        """The detector's inference settings this spec gives; the others keep the named model's."""
-        return {key: value for key in self.DETECTOR_SETTINGS if (value := getattr(self, key)) is not None}
 
     def check(self) -> None:
         positive("eval.images_per_rank", self.images_per_rank)

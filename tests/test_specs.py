@@ -1,6 +1,7 @@
 """megdet.specs: one torch-free spec per component family, each rule in one ``check()`` that names the
 key and the fix; BN size converted from images to ranks in one place; the mask head's norm following
 the same groups; the memory model finding the mask head by ``mask_on``."""
+import dataclasses
 import subprocess
 import sys
 
@@ -100,3 +101,29 @@ def test_a_checkpoint_identity_names_both_models():
     assert mine.mismatch(CheckpointIdentity("resnet18_fpn", 3), "demo") is None
     assert mine.mismatch(CheckpointIdentity("resnet50_fpn", 80), "demo") == (
         "holds a resnet50_fpn with 80 classes, but demo builds a resnet18_fpn with 3")
+
+
+def test_every_detector_setting_of_the_specs_reaches_the_detector_by_its_own_keyword():
+    from megdet.engine.build import model_settings
+    from megdet.model.settings import DEFAULTS, PRESETS
+
+    keys = {section: {f.name for f in dataclasses.fields(spec)} & set(DEFAULTS)
+            for section, spec in (("model", ModelSpec), ("eval", EvalSpec))}
+    cfg = config.load("shapes_mask_r18_cpu")
+    expected = {}
+    for section, names in keys.items():
+        for key in names:
+            value = PRESETS["mask_rcnn_r50_fpn"][key]
+            value = "frozen" if key == "mask_head_norm" else value
+            setattr(getattr(cfg, section), key, list(value) if isinstance(value, tuple) else value)
+            expected[key] = value
+    assert model_settings(cfg) == expected
+
+
+def test_model_defaults_are_declared_once():
+    import inspect
+
+    from megdet.model import build_detector
+
+    assert inspect.signature(build_detector).parameters["norm"].default == ModelSpec().norm
+    assert inspect.signature(build_detector).parameters["name"].default is inspect.Parameter.empty

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -93,12 +93,23 @@ def build_model(cfg: config_mod.Config, *, inference: bool = False) -> torch.nn.
 
 
 def model_settings(cfg: config_mod.Config, inference: bool = False) -> Dict:
-    """The detector settings that ``cfg.model`` and ``cfg.eval`` give, by the detector's own keys
-    (``megdet.model.settings.DEFAULTS``); the others keep the named model's values."""
-    settings = {**cfg.model.settings(), **cfg.eval.settings()}
-    if cfg.model.with_masks and cfg.model.head_norm is not None:
-        settings["mask_head_norm"] = _layer_norm(cfg.model.head_norm, inference)
-    return settings
+    """The detector settings that ``cfg.model`` and ``cfg.eval`` give, each config key passed to the
+    detector's keyword (``megdet.model.settings.DEFAULTS``) by name here, lists as tuples; a null key is
+    left out and keeps the named model's value. A cross-GPU BN mask head is plain BN for ``inference``."""
+    model, evaluation = cfg.model, cfg.eval
+    given = dict(anchor_sizes=_tuple(model.anchor_sizes), fpn_channels=model.fpn_channels,
+                 rpn_pre_nms_topk=_tuple(model.rpn_pre_nms_topk), rpn_post_nms_topk=_tuple(model.rpn_post_nms_topk),
+                 roi_batch_size_per_image=model.roi_batch_size_per_image,
+                 roi_positive_fraction=model.roi_positive_fraction, box_head_dim=model.box_head_dim,
+                 mask_on=model.mask_on, mask_head_channels=model.mask_head_channels,
+                 mask_head_convs=model.mask_head_convs, mask_head_norm=_layer_norm(model.head_norm, inference),
+                 score_threshold=evaluation.score_threshold, nms_threshold=evaluation.nms_threshold,
+                 detections_per_image=evaluation.detections_per_image)
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def _tuple(values: Optional[List]) -> Optional[Tuple]:
+    return None if values is None else tuple(values)
 
 
 def _layer_norm(norm: Optional[str], inference: bool) -> Optional[str]:

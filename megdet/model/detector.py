@@ -27,7 +27,7 @@ from megdet.model.matching import Matcher
 from megdet.model.resnet import STAGE_MODULES, STAGE_NAMES, ResNet, load_torchvision_checkpoint
 from megdet.model.roi_heads import BoxHead, BoxPredictor, MultiScaleRoIAlign, RoIHeads
 from megdet.model.rpn import RPN, RPNHead
-from megdet.model.settings import DEFAULTS, LEVEL_STRIDES, MODEL_NAMES, NORMS, PRESETS
+from megdet.model.settings import DEFAULT_NORM, DEFAULTS, LEVEL_STRIDES, MODEL_NAMES, NORMS, PRESETS
 from megdet.weights import default_freeze_at, frozen_stage_names
 from megdet.weights import resolve as resolve_weights
 
@@ -214,7 +214,7 @@ def check_target_values(targets: Sequence[Dict[str, torch.Tensor]], num_classes:
                             f"1..{num_classes}; map category ids to contiguous labels 1..num_classes")
 
 
-def build_detector(name: str = "resnet50_fpn", *, num_classes: int, norm: str = "cgbn",
+def build_detector(name: str, *, num_classes: int, norm: str = DEFAULT_NORM,
                    group_size: Optional[int] = None, backbone_weights: Optional[str] = None,
                    freeze_at: Optional[int] = None, sublinear_stages: Sequence[str] = (),
                    **settings) -> FasterRCNN:
@@ -225,7 +225,7 @@ def build_detector(name: str = "resnet50_fpn", *, num_classes: int, norm: str = 
     Args:
         norm: backbone norm layers, "cgbn" (cross-GPU BN over groups of ``group_size`` consecutive ranks,
             None = all; a collective: call on every rank), "frozen" (fixed statistics and affine) or "bn"
-            (per-process). A ``mask_head_norm`` of "cgbn" shares the same groups.
+            (per-process, the default). A ``mask_head_norm`` of "cgbn" shares the same groups.
         backbone_weights: a torchvision-layout ResNet ImageNet checkpoint, a file path or a name of
             ``megdet.weights`` ("torchvision:resnet50", from torch hub's cache); None trains from
             scratch, and then the last norm of each residual branch starts at zero where it trains.

@@ -54,3 +54,4 @@ PRESETS = {
 }
 MODEL_NAMES = tuple(PRESETS)
 NORMS = ("cgbn", "frozen", "bn")
+DEFAULT_NORM = "bn"  # the backbone's norm unless told: per-process BN (model.norm, build_detector's norm)
