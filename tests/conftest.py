@@ -6,7 +6,8 @@
 - ``shapes_shards``: 64-pixel synthetic shapes (24 training, 8 validation images) packed into
   ``ROOT/train`` and ``ROOT/val`` once per session; returns ROOT;
 - ``realdata``: the real COCO-format sets in ``../shared/realdata`` (the test is skipped, naming the
-  folder, where they are not).
+  folder, where they are not); ``REALDATA``, the same folder, for the paths that ``parametrize`` or
+  ``skipif`` need when tests are collected, before any fixture runs.
 
 Tiers: ``make test`` runs everything; ``make test-fast`` (``-m "not slow and not multirank"``) leaves out
 the slow tests and those that launch ranks, for the inner loop.
