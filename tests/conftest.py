@@ -1,11 +1,13 @@
 """Fixtures every test file may ask for by name:
 
-- ``megdet``: the command runner, ``megdet(["train", ...], nprocs=2)`` (``tests.multirank.run_megdet``);
+- ``run_megdet``: the command runner, ``run_megdet(["train", ...], nprocs=2)`` (``tests.multirank.run_megdet``;
+  not named ``megdet``, which would hide the package in a test that also imports it);
 - ``launch_env``: the base environment of a launched process (``tests.multirank.base_env``);
 - ``shapes_shards``: 64-pixel synthetic shapes (24 training, 8 validation images) packed into
   ``ROOT/train`` and ``ROOT/val`` once per session; returns ROOT;
 - ``realdata``: the real COCO-format sets in ``../shared/realdata`` (the test is skipped, naming the
-  folder, where they are not).
+  folder, where they are not); ``REALDATA``, the same folder, for the paths that ``parametrize`` or
+  ``skipif`` need when tests are collected, before any fixture runs.
 
 Tiers: ``make test`` runs everything; ``make test-fast`` (``-m "not slow and not multirank"``) leaves out
 the slow tests and those that launch ranks, for the inner loop.
@@ -16,23 +18,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.multirank import REPO, base_env, run_megdet
+from tests import multirank
 
-REALDATA = REPO.parent / "shared" / "realdata"
+REALDATA = multirank.REPO.parent / "shared" / "realdata"
 
 
 @pytest.fixture(scope="session")
-def megdet():
-    return run_megdet
+def run_megdet():
+    return multirank.run_megdet
 
 
 @pytest.fixture(scope="session")
 def launch_env():
-    return base_env
+    return multirank.base_env
 
 
 @pytest.fixture(scope="session")
-def shapes_shards(tmp_path_factory) -> Path:
+def shapes_shards(tmp_path_factory, run_megdet) -> Path:
     root = tmp_path_factory.mktemp("shapes")
     done = run_megdet(["synth", "--out", str(root / "shapes"), "--train", "24", "--val", "8", "--size", "64"])
     assert done.returncode == 0, done.stderr

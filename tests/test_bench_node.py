@@ -15,7 +15,6 @@ import torch
 from megdet.bench import model as bench_model
 from megdet.bench import node
 from megdet.bench.node import Step
-from tests.multirank import base_env
 
 PYTHON = sys.executable
 # Starts a child that ignores SIGTERM (only SIGKILL ends it), names it, writes to both streams, then hangs.
@@ -91,8 +90,8 @@ def test_a_hung_step_is_stopped_with_its_process_group_and_the_next_step_reads_t
     assert sorted(path.name for path in out.iterdir()) == ["node.json", "node.log", "node.md"]
 
 
-def test_a_check_stopped_by_sigterm_stops_the_step_and_reports(tmp_path):
-    check = subprocess.Popen([PYTHON, "-c", CHECK, str(tmp_path), HANG], env=base_env({}),
+def test_a_check_stopped_by_sigterm_stops_the_step_and_reports(launch_env, tmp_path):
+    check = subprocess.Popen([PYTHON, "-c", CHECK, str(tmp_path), HANG], env=launch_env({}),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pid_file = tmp_path / "child.pid"
     deadline = time.monotonic() + 60

@@ -7,7 +7,6 @@ from PIL import Image
 
 from megdet.bench import plot as bench_plot
 from megdet.engine import metrics
-from tests.multirank import run_megdet
 
 SHARES = {"data_share": 0.1, "forward_backward_share": 0.7, "communication_share": 0.15, "optimizer_share": 0.05}
 ROWS = {
@@ -41,7 +40,7 @@ def assert_png(path, name):
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))
-def test_a_results_file_or_its_folder_becomes_a_png_beside_it(tmp_path, name):
+def test_a_results_file_or_its_folder_becomes_a_png_beside_it(run_megdet, tmp_path, name):
     path = write_results(tmp_path / name, name, ROWS[name])
     done = run_megdet(["plot", str(path)], timeout=120)
     assert done.returncode == 0, done.stderr
@@ -53,7 +52,7 @@ def test_a_results_file_or_its_folder_becomes_a_png_beside_it(tmp_path, name):
     assert_png(tmp_path / "elsewhere.png", name)
 
 
-def test_a_training_run_folder_still_draws_its_metrics(tmp_path):
+def test_a_training_run_folder_still_draws_its_metrics(run_megdet, tmp_path):
     metrics.MetricsLogger(tmp_path / metrics.METRICS_FILE, enabled=True).log(1, loss=1.0, lr=0.1)
     write_results(tmp_path, "train", ROWS["train"])
     done = run_megdet(["plot", str(tmp_path)], timeout=120)
@@ -61,13 +60,17 @@ def test_a_training_run_folder_still_draws_its_metrics(tmp_path):
     assert (tmp_path / metrics.PLOT_FILE).exists() and not (tmp_path / "train.png").exists()
 
 
-def error_of(*args):
-    done = run_megdet(["plot", *args], timeout=120)
-    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    return done.stderr
+@pytest.fixture
+def error_of(run_megdet):
+    """``error_of(*args)``: the one-line error of ``megdet plot ARGS``, which must exit 2."""
+    def error_of(*args):
+        done = run_megdet(["plot", *args], timeout=120)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        return done.stderr
+    return error_of
 
 
-def test_missing_unknown_or_broken_results_are_one_line_errors(tmp_path):
+def test_missing_unknown_or_broken_results_are_one_line_errors(error_of, tmp_path):
     message = error_of(str(tmp_path / "allreduce.json"))
     assert f"no results file {tmp_path / 'allreduce.json'}" in message and "megdet bench allreduce" in message
     message = error_of(str(tmp_path))

@@ -5,22 +5,25 @@ import json
 import pytest
 
 from megdet.bench import train
-from tests.multirank import run_megdet, skip_unless_launcher
+from tests.multirank import skip_unless_launcher
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 TINY = ["data.min_sizes=[64]", "data.max_size=64", "data.images_per_rank=2", "data.num_workers=0"]
 STEPS = ["--steps", "2", "--warmup", "1"]
 
 
-def bench(shards, out, *options, override=None, nprocs=1):
-    """``megdet bench train`` on ``shards`` (the shapes_shards fixture's folder); OMP_NUM_THREADS is left
-    unset: the benchmark shares the cores out itself."""
-    overrides = [f"data.train={shards / 'train'}", *TINY, *([override] if override else [])]
-    return run_megdet(["bench", "train", "shapes_r18_cpu", *overrides, *STEPS, "--out", str(out), *options],
-                      nprocs=nprocs, timeout=300, threads=True)
+@pytest.fixture
+def bench(run_megdet):
+    """``bench(shards, out, *options, override=None, nprocs=1)``: ``megdet bench train`` on ``shards`` (the
+    shapes_shards fixture's folder); OMP_NUM_THREADS is left unset: the benchmark shares the cores out itself."""
+    def bench(shards, out, *options, override=None, nprocs=1):
+        overrides = [f"data.train={shards / 'train'}", *TINY, *([override] if override else [])]
+        return run_megdet(["bench", "train", "shapes_r18_cpu", *overrides, *STEPS, "--out", str(out), *options],
+                          nprocs=nprocs, timeout=300, threads=True)
+    return bench
 
 
-def test_one_and_two_ranks_give_rows_with_shares_and_efficiency(shapes_shards, tmp_path):
+def test_one_and_two_ranks_give_rows_with_shares_and_efficiency(bench, shapes_shards, tmp_path):
     skip_unless_launcher("horovodrun")
     done = bench(shapes_shards, tmp_path / "out", "--ranks", "1,2", "--engine", "horovod")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -46,14 +49,14 @@ def test_one_and_two_ranks_give_rows_with_shares_and_efficiency(shapes_shards, t
     (["--steps", "0"], None, "Invalid --steps: 0"),
     ([], "data.train=/nonexistent/shards", "/nonexistent/shards"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(shapes_shards, tmp_path, options, override, message):
+def test_bad_input_is_one_line_and_writes_nothing(bench, shapes_shards, tmp_path, options, override, message):
     done = bench(shapes_shards, tmp_path / "out", *options, override=override)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "megdet bench: error" in done.stderr and message in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_a_rank_count_the_launcher_did_not_start_is_refused_on_every_rank(shapes_shards, tmp_path):
+def test_a_rank_count_the_launcher_did_not_start_is_refused_on_every_rank(bench, shapes_shards, tmp_path):
     skip_unless_launcher("horovodrun")
     done = bench(shapes_shards, tmp_path / "out", "--ranks", "3", nprocs=2)
     assert done.returncode != 0

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hpc import cgbn
 from hpc import comm as comm_mod
 from hpc.errors import UserError
-from tests.multirank import ENGINE_OF, expect_ok, run_megdet, run_ranks, skip_unless_launcher
+from tests.multirank import ENGINE_OF, expect_ok, run_ranks, skip_unless_launcher
 
 CHANNELS, HEIGHT, WIDTH = 3, 3, 5
 MOMENTUM = 0.3
@@ -396,7 +396,7 @@ TINY_BENCH = ["--blocks=1", "--channels=4", "--images=2", "--size=8", "--steps=2
 
 
 @pytest.mark.multirank
-def test_benchmark_runs_once_at_a_tiny_size_on_both_engines(tmp_path):
+def test_benchmark_runs_once_at_a_tiny_size_on_both_engines(run_megdet, tmp_path):
     """``megdet bench cgbn --ranks 2`` starts horovodrun and torchrun itself; one merged table."""
     skip_unless_launcher("horovodrun")
     done = run_megdet(["bench", "cgbn", "--ranks=2", f"--out={tmp_path}", *TINY_BENCH], timeout=300, threads=True)
@@ -414,7 +414,7 @@ def test_benchmark_runs_once_at_a_tiny_size_on_both_engines(tmp_path):
     assert "| torch | 2 | cpu | CGBN |" in (tmp_path / "cgbn.md").read_text()
 
 
-def test_benchmark_needs_two_ranks_and_known_engines():
+def test_benchmark_needs_two_ranks_and_known_engines(run_megdet):
     for argv, message in ((["--ranks=1"], "Invalid --ranks: 1"), (["--engines=nccl"], "Invalid --engines: 'nccl'")):
         done = run_megdet(["bench", "cgbn", *argv], timeout=120)
         assert done.returncode == 2 and message in done.stderr, done.stderr

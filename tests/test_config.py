@@ -325,20 +325,20 @@ def test_node_local_bn_refuses_a_group_that_spans_nodes():
 
 
 @pytest.mark.multirank
-def test_megdet_train_refuses_a_node_spanning_bn_group_on_every_rank(tmp_path):
+def test_megdet_train_refuses_a_node_spanning_bn_group_on_every_rank(launch_env, tmp_path):
     """Two ranks on two "nodes" of one rank each, one BN group of both: every rank prints the one line and
     exits 2 before anything is written. The torch engine counts a node's ranks by host name, so each rank
     is given a host name of its own (a sitecustomize on its path) and torchrun's variables."""
     import subprocess
 
-    from tests.multirank import base_env, free_port
+    from tests.multirank import free_port
 
     (tmp_path / "sitecustomize.py").write_text(
         "import os, socket\nsocket.gethostname = lambda: 'node' + os.environ['RANK']\n")
     run = tmp_path / "run"
     argv = [*MEGDET, "train", "megdet_r50_fpn_bs256_bn32", "solver.batch_size=8", "model.bn_size=8",
             f"train.output_dir={run}"]
-    port, env = free_port(), base_env({"MEGDET_COMM": "torch", "MEGDET_COMM_TIMEOUT": "60"})
+    port, env = free_port(), launch_env({"MEGDET_COMM": "torch", "MEGDET_COMM_TIMEOUT": "60"})
     env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
     ranks = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**env, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",

@@ -9,7 +9,7 @@ import torch
 
 from hpc import amp, device
 from hpc.errors import UserError
-from tests.multirank import MEGDET, REPO, base_env, expect_ok, launch_command, run_ranks, skip_unless_launcher
+from tests.multirank import MEGDET, REPO, expect_ok, launch_command, run_ranks, skip_unless_launcher
 
 
 
@@ -85,7 +85,7 @@ def test_loss_scaler_halves_on_overflow_grows_after_clean_steps_and_round_trips(
 
 
 @pytest.mark.multirank
-def test_train_device_cuda_without_a_gpu_is_one_line_per_rank_exit_2_and_writes_nothing(tmp_path):
+def test_train_device_cuda_without_a_gpu_is_one_line_per_rank_exit_2_and_writes_nothing(launch_env, tmp_path):
     """Refused before the communicator starts: no rank reaches a collective, nothing is written."""
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -93,7 +93,7 @@ def test_train_device_cuda_without_a_gpu_is_one_line_per_rank_exit_2_and_writes_
     out = tmp_path / "run"
     done = subprocess.run(launch_command("horovodrun", 2, [*MEGDET, "train", "shapes_r18_cpu", "train.device=cuda",
                                                             f"train.output_dir={out}", "data.train=/nonexistent"]),
-                          cwd=REPO, capture_output=True, text=True, timeout=120, env=base_env({}))
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=launch_env({}))
     assert done.returncode != 0
     errors = [line for line in (done.stdout + done.stderr).splitlines() if "megdet train: error" in line]
     assert len(errors) == 2 and all("train.device=cuda but this process sees no GPU" in e for e in errors), \

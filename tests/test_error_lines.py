@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from tests.multirank import REPO, base_env
+from tests.multirank import REPO
 
 WRITERS = 4
 LINES = 300
@@ -19,10 +19,10 @@ for n in range(%d):
 """ % LINES
 
 
-def test_concurrent_unbuffered_error_lines_stay_whole():
+def test_concurrent_unbuffered_error_lines_stay_whole(launch_env):
     read, write = os.pipe()
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(rank)], cwd=REPO, stdin=subprocess.PIPE,
-                                stderr=write, env=base_env({"PYTHONUNBUFFERED": "1"})) for rank in range(WRITERS)]
+                                stderr=write, env=launch_env({"PYTHONUNBUFFERED": "1"})) for rank in range(WRITERS)]
     os.close(write)
     for writer in writers:
         writer.stdin.write(b"go")

@@ -10,7 +10,7 @@ import torch
 from hpc.errors import UserError
 from megdet.engine import evaluate
 from tests.conftest import REALDATA
-from tests.multirank import expect_ok, run_megdet, run_ranks
+from tests.multirank import expect_ok, run_ranks
 
 COCOAPI = REALDATA / "cocoapi_val2014_100"
 GT = COCOAPI / "instances_val2014_100.json"
@@ -41,7 +41,7 @@ def as_printed(metrics):
 
 
 @needs_cocoapi
-def test_cli_reproduces_the_published_cocoapi_bbox_table(tmp_path):
+def test_cli_reproduces_the_published_cocoapi_bbox_table(run_megdet, tmp_path):
     done = run_megdet(["eval", "--gt", str(GT), "--results", str(FAKE_BBOX), "--out", str(tmp_path / "eval")],
                       timeout=120)
     assert done.returncode == 0, done.stderr
@@ -60,7 +60,7 @@ def test_cli_reproduces_the_published_cocoapi_bbox_table(tmp_path):
     (["--gt", str(GT), "--results", "/no/such/dets.json"], "results file /no/such/dets.json does not exist"),
     (["--gt", str(GT)], "give both --gt"),
 ])
-def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
+def test_cli_errors_are_one_line_with_exit_code_2(run_megdet, tmp_path, args, message):
     done = run_megdet(["eval", *args, "--out", str(tmp_path / "eval")], timeout=120)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("megdet eval: error: "), done.stderr
@@ -155,7 +155,7 @@ def test_two_ranks_give_the_metrics_of_one(tmp_path):
 
 
 @needs_cocoapi
-def test_cli_reproduces_the_published_cocoapi_segm_table(tmp_path):
+def test_cli_reproduces_the_published_cocoapi_segm_table(run_megdet, tmp_path):
     done = run_megdet(["eval", "--gt", str(GT), "--results", str(FAKE_SEGM), "--iou-type", "segm",
                        "--out", str(tmp_path / "eval")], timeout=120)
     assert done.returncode == 0, done.stderr
@@ -168,7 +168,7 @@ def test_cli_reproduces_the_published_cocoapi_segm_table(tmp_path):
 
 
 @needs_cocoapi
-def test_segm_results_of_boxes_are_a_one_line_error_and_write_nothing(tmp_path):
+def test_segm_results_of_boxes_are_a_one_line_error_and_write_nothing(run_megdet, tmp_path):
     done = run_megdet(["eval", "--gt", str(GT), "--results", str(FAKE_BBOX), "--iou-type", "segm",
                        "--out", str(tmp_path / "eval")], timeout=120)
     assert done.returncode == 2

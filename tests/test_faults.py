@@ -29,7 +29,7 @@ from hpc.errors import UserError
 from hpc.shards import CorruptRecordError, ShardDataset
 from hpc.shards.manifest import MANIFEST_NAME, read_manifest
 from hpc.shards.writer import LOCK_NAME, pack_lock
-from tests.multirank import REPO, base_env, launch_command, mpirun_skip_reason
+from tests.multirank import REPO, launch_command, mpirun_skip_reason
 from tests.test_pack import MEGDET, SUBPROCESS_TIMEOUT_S, assert_round_trip, pack, rank_errors, subset
 from tests.test_shards import flip_byte
 
@@ -53,9 +53,13 @@ def small_disk(folder: Path, size: str = SMALL_DISK) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
-def start_megdet(argv: List[str]) -> subprocess.Popen:
-    return subprocess.Popen(MEGDET + argv, cwd=REPO, env=base_env(None), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+@pytest.fixture
+def start_megdet(launch_env):
+    """``start_megdet(argv)``: ``megdet ARGV`` started in its own session, output piped."""
+    def start_megdet(argv: List[str]) -> subprocess.Popen:
+        return subprocess.Popen(MEGDET + argv, cwd=REPO, env=launch_env(None), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return start_megdet
 
 
 def wait_for(condition, what: str, proc: subprocess.Popen) -> None:
@@ -90,7 +94,7 @@ def listing(folder: Path) -> dict:
 
 # ---- 1. two packers on one folder ----
 
-def test_a_second_packer_on_the_same_folder_stops_at_once_and_the_first_finishes(tmp_path):
+def test_a_second_packer_on_the_same_folder_stops_at_once_and_the_first_finishes(launch_env, start_megdet, tmp_path):
     ann, images, coco = subset(tmp_path, "voc100", count=30)
     out = tmp_path / "shards"
     argv = ["pack", "--coco-json", str(ann), "--images", str(images), "--out", str(out), "--shards", "3"]
@@ -101,7 +105,7 @@ def test_a_second_packer_on_the_same_folder_stops_at_once_and_the_first_finishes
         os.kill(first.pid, signal.SIGSTOP)
         before = listing(out)
         started = time.monotonic()
-        second = subprocess.run(MEGDET + argv, cwd=REPO, env=base_env(None), capture_output=True, text=True,
+        second = subprocess.run(MEGDET + argv, cwd=REPO, env=launch_env(None), capture_output=True, text=True,
                                 timeout=SUBPROCESS_TIMEOUT_S)
         refused_in = time.monotonic() - started
         assert second.returncode == 2, second.stderr
@@ -125,7 +129,7 @@ def test_a_second_packer_on_the_same_folder_stops_at_once_and_the_first_finishes
 
 
 @pytest.mark.multirank
-def test_mpirun_pack_on_a_locked_folder_stops_every_rank_before_any_writes(tmp_path):
+def test_mpirun_pack_on_a_locked_folder_stops_every_rank_before_any_writes(launch_env, tmp_path):
     if mpirun_skip_reason():
         pytest.skip(mpirun_skip_reason())
     ann, images, _ = subset(tmp_path, "voc100", count=8)
@@ -133,14 +137,14 @@ def test_mpirun_pack_on_a_locked_folder_stops_every_rank_before_any_writes(tmp_p
     argv = ["pack", "--coco-json", str(ann), "--images", str(images), "--out", str(out), "--shards", "2"]
     out.mkdir()
     with pack_lock(out):  # this test process is the other job
-        refused = subprocess.run(launch_command("mpirun", 2, MEGDET + argv), cwd=REPO, env=base_env(None),
+        refused = subprocess.run(launch_command("mpirun", 2, MEGDET + argv), cwd=REPO, env=launch_env(None),
                                  capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
         errors = rank_errors(refused)
         assert refused.returncode != 0 and sorted(errors) == [0, 1], refused.stderr
         assert all(f"pid {os.getpid()} on" in line and "is being packed" in line for line in errors.values())
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME], "a rank wrote into a locked folder"
     # the same job, once the folder is free: rank 0 holds the lock and rank 1 packs beside it
-    packed = subprocess.run(launch_command("mpirun", 2, MEGDET + argv), cwd=REPO, env=base_env(None),
+    packed = subprocess.run(launch_command("mpirun", 2, MEGDET + argv), cwd=REPO, env=launch_env(None),
                             capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert packed.returncode == 0 and "[rank 1/2] packed" in packed.stdout, packed.stderr
     assert read_manifest(out)["num_images"] == 8 and not (out / LOCK_NAME).exists()
@@ -148,13 +152,13 @@ def test_mpirun_pack_on_a_locked_folder_stops_every_rank_before_any_writes(tmp_p
 
 # ---- 2. a full disk ----
 
-def test_pack_onto_a_full_disk_fails_in_one_line_and_leaves_only_complete_shards(tmp_path):
+def test_pack_onto_a_full_disk_fails_in_one_line_and_leaves_only_complete_shards(launch_env, tmp_path):
     ann, images, coco = subset(tmp_path, "voc100", count=30)  # 2.5 MiB of JPEGs: shard 0 fits, shard 1 does not
     with small_disk(tmp_path / "disk") as disk:
         out = disk / "shards"
         argv = ["pack", "--coco-json", str(ann), "--images", str(images), "--out", str(out), "--shards", "2"]
         started = time.monotonic()
-        full = subprocess.run(MEGDET + argv, cwd=REPO, env=base_env(None), capture_output=True, text=True,
+        full = subprocess.run(MEGDET + argv, cwd=REPO, env=launch_env(None), capture_output=True, text=True,
                               timeout=SUBPROCESS_TIMEOUT_S)
         print(f"full disk: exit {full.returncode} after {time.monotonic() - started:.2f} s: {full.stderr.strip()}")
         assert full.returncode == 2, full.stderr
@@ -199,11 +203,11 @@ checkpoint.save(checkpoint.checkpoint_path(sys.argv[1], 200), state)
 """
 
 
-def test_a_checkpoint_killed_mid_write_is_never_the_latest(tmp_path):
+def test_a_checkpoint_killed_mid_write_is_never_the_latest(launch_env, tmp_path):
     previous = checkpoint.save(checkpoint.checkpoint_path(tmp_path, 100), {"model": {"w": torch.ones(10)},
                                                                          "iteration": 100})
     writer = subprocess.Popen([sys.executable, "-c", WRITE_LARGE_CHECKPOINT, str(tmp_path)], cwd=REPO,
-                              env=base_env(None), start_new_session=True)
+                              env=launch_env(None), start_new_session=True)
     temporary = str(tmp_path / ".model_0000200.pt.*.tmp")
     try:
         wait_for(lambda: largest_size(temporary) > 2**20, "the checkpoint was being written", writer)

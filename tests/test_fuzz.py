@@ -25,7 +25,6 @@ from hpc.shards import ShardDataset
 from hpc.files import file_sha256
 from hpc.shards.manifest import completion_path, read_manifest
 from megdet import cli
-from tests.multirank import run_megdet
 from tests.conftest import REALDATA
 from tests.test_pack import subset
 
@@ -256,9 +255,13 @@ def run_cli(argv: List[str], capfd) -> Tuple[int, str, str]:
     return status, out, err
 
 
-def run_subprocess(argv: List[str]) -> Tuple[int, str, str]:
-    done = run_megdet(argv, timeout=240)
-    return done.returncode, done.stdout, done.stderr
+@pytest.fixture
+def run_subprocess(run_megdet):
+    """``run_subprocess(argv)``: (exit status, stdout, stderr) of ``megdet ARGV`` in a fresh process."""
+    def run_subprocess(argv: List[str]) -> Tuple[int, str, str]:
+        done = run_megdet(argv, timeout=240)
+        return done.returncode, done.stdout, done.stderr
+    return run_subprocess
 
 
 def check_outcome(command: str, case: str, status: int, err: str) -> None:
@@ -318,7 +321,7 @@ def pack_case(number: int, sources, tmp_path: Path) -> Tuple[str, List[str], Opt
 
 
 @pytest.mark.slow
-def test_fuzzed_annotation_files_pack_or_fail_in_one_line(tmp_path, capfd):
+def test_fuzzed_annotation_files_pack_or_fail_in_one_line(run_subprocess, tmp_path, capfd):
     sources = pack_sources(tmp_path)
     outcomes = {0: 0, 2: 0}
     for number in range(PACK_CASES):
@@ -366,7 +369,7 @@ def eval_case(number: int, sources, tmp_path: Path) -> Tuple[str, List[str]]:
 
 
 @pytest.mark.slow
-def test_fuzzed_ground_truth_and_results_evaluate_or_fail_in_one_line(tmp_path, capfd):
+def test_fuzzed_ground_truth_and_results_evaluate_or_fail_in_one_line(run_subprocess, tmp_path, capfd):
     sources = eval_sources(tmp_path)
     outcomes = {0: 0, 2: 0}
     for number in range(EVAL_CASES):

@@ -5,15 +5,15 @@ import subprocess
 
 import pytest
 
-from tests.multirank import REPO, base_env, skip_unless_launcher
+from tests.multirank import REPO, skip_unless_launcher
 
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_gpu_check_cpu_mode_passes_every_step(tmp_path):
+def test_gpu_check_cpu_mode_passes_every_step(launch_env, tmp_path):
     skip_unless_launcher("horovodrun")  # set-up done (make test runs it first)
     done = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu", "--out", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=900, env=base_env({}))
+                          capture_output=True, text=True, timeout=900, env=launch_env({}))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     rows = {row["step"]: row for row in json.loads((tmp_path / "node.json").read_text())["rows"]}
     assert list(rows) == ["doctor", "step", "step-defaults", "amp", "cgbn", "train"]

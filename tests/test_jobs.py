@@ -18,17 +18,21 @@ from hpc import batch_scripts
 from megdet import cli, config
 from megdet import memory_model
 from megdet.job import PAPER_JOBS, README, paper_readme, paper_scripts, paper_table
-from tests.multirank import MEGDET, base_env, skip_unless_launcher
+from tests.multirank import MEGDET, skip_unless_launcher
 from tests.slurm import ensure_debian_packages
 
 SCHEDULERS = sorted(batch_scripts.SCHEDULERS)
 
 
-def job_env(**extra):
-    """The test environment with this interpreter's bin folder (megdet, mpirun) first on PATH."""
-    env = base_env(extra)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
-    return env
+@pytest.fixture
+def job_env(launch_env):
+    """``job_env(**extra)``: the launch environment with this interpreter's bin folder (megdet, mpirun)
+    first on PATH."""
+    def job_env(**extra):
+        env = launch_env(extra)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
+        return env
+    return job_env
 
 
 def megdet_job(*options):
@@ -249,7 +253,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, options, says
     assert not out.exists()
 
 
-def test_the_megdet_process_exits_2_and_writes_nothing(tmp_path):
+def test_the_megdet_process_exits_2_and_writes_nothing(job_env, tmp_path):
     out = tmp_path / "job.sh"
     done = subprocess.run([*MEGDET, "job", "--scheduler", "slurm", "--gpus", "12", "--gpus-per-node", "8", "-o",
                            str(out)], capture_output=True, text=True, timeout=120, env=job_env())
@@ -267,17 +271,21 @@ def test_time_limits():
 
 # -- PBS, emulated ----------------------------------------------------------------------------------------
 
-def run_pbs(script, folder, hosts, timeout=120, **kwargs):
-    """``bash script`` as PBS would start it: PBS_NODEFILE with ``hosts``, PBS_JOBID, PBS_O_WORKDIR."""
-    nodefile = folder / "nodefile"
-    nodefile.write_text("".join(f"{host}\n" for host in hosts))
-    env = job_env(PBS_NODEFILE=str(nodefile), PBS_JOBID="4242.pbs-emulated", PBS_O_WORKDIR=str(folder))
-    return subprocess.Popen(["bash", str(script)], cwd="/", env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
+@pytest.fixture
+def run_pbs(job_env):
+    """``run_pbs(script, folder, hosts, **popen_options)``: ``bash script`` as PBS would start it:
+    PBS_NODEFILE with ``hosts``, PBS_JOBID, PBS_O_WORKDIR."""
+    def run_pbs(script, folder, hosts, **kwargs):
+        nodefile = folder / "nodefile"
+        nodefile.write_text("".join(f"{host}\n" for host in hosts))
+        env = job_env(PBS_NODEFILE=str(nodefile), PBS_JOBID="4242.pbs-emulated", PBS_O_WORKDIR=str(folder))
+        return subprocess.Popen(["bash", str(script)], cwd="/", env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, **kwargs)
+    return run_pbs
 
 
 @pytest.mark.multirank
-def test_pbs_script_runs_two_ranks_and_stages_the_shards_under_emulated_pbs(tmp_path):
+def test_pbs_script_runs_two_ranks_and_stages_the_shards_under_emulated_pbs(run_pbs, tmp_path):
     skip_unless_launcher("mpirun")
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -296,7 +304,7 @@ def test_pbs_script_runs_two_ranks_and_stages_the_shards_under_emulated_pbs(tmp_
     assert (local / "train-00000.h5").read_bytes() == b"shard"
 
 
-def test_pbs_script_refuses_an_allocation_of_other_nodes_before_launching(tmp_path):
+def test_pbs_script_refuses_an_allocation_of_other_nodes_before_launching(run_pbs, tmp_path):
     _, script = render(tmp_path, "--scheduler", "pbs", "--gpus", "2", "--cpu", "--cpus-per-rank", "1", "--config",
                        "shapes_r18_cpu", "--command", "touch launched")
     proc = run_pbs(script, tmp_path, ["node1", "node1", "node2", "node2"])
@@ -307,7 +315,7 @@ def test_pbs_script_refuses_an_allocation_of_other_nodes_before_launching(tmp_pa
 
 
 @pytest.mark.multirank
-def test_pbs_script_forwards_usr1_to_every_rank(tmp_path):
+def test_pbs_script_forwards_usr1_to_every_rank(run_pbs, tmp_path):
     """The same trap as under Slurm; qrerun (the PBS requeue) does not exist here, so only the forward."""
     skip_unless_launcher("mpirun")
     _, script = render(tmp_path, "--scheduler", "pbs", "--gpus", "2", "--cpu", "--cpus-per-rank", "1", "--config",

@@ -12,10 +12,8 @@ import json
 
 import pytest
 
-from tests.conftest import REALDATA
-from tests.multirank import run_megdet, skip_unless_launcher
+from tests.multirank import skip_unless_launcher
 
-COCO6 = REALDATA / "icevision_coco6"
 # A person with a skateboard in one photo, a motorcycle in the other: three instances with polygons.
 IMAGE_IDS = (404249, 343934)
 TRAIN = ["model.num_classes=80", "model.mask_on=true", "model.bn_size=2", "data.images_per_rank=1",
@@ -27,15 +25,18 @@ TRAIN = ["model.num_classes=80", "model.mask_on=true", "model.bn_size=2", "data.
 
 @pytest.mark.slow
 @pytest.mark.multirank
-@pytest.mark.skipif(not COCO6.is_dir(), reason=f"real data not found at {COCO6} (the shared realdata folder)")
-def test_mask_rcnn_overfits_two_real_coco_images_on_two_ranks_with_cgbn(tmp_path):
+def test_mask_rcnn_overfits_two_real_coco_images_on_two_ranks_with_cgbn(run_megdet, realdata, tmp_path):
+    coco6 = realdata / "icevision_coco6"
+    if not coco6.is_dir():
+        pytest.skip(f"real data not found at {coco6} (the shared realdata folder)")
     skip_unless_launcher("horovodrun")
-    dataset = json.loads((COCO6 / "annotations.json").read_text())
+    dataset = json.loads((coco6 / "annotations.json").read_text())
     dataset["images"] = [image for image in dataset["images"] if image["id"] in IMAGE_IDS]
     dataset["annotations"] = [a for a in dataset["annotations"] if a["image_id"] in IMAGE_IDS]
     subset = tmp_path / "two.json"
     subset.write_text(json.dumps(dataset))
-    packed = run_megdet(["pack", "--coco-json", str(subset), "--images", str(COCO6 / "images"), "--out", str(tmp_path / "shards")])
+    packed = run_megdet(["pack", "--coco-json", str(subset), "--images", str(coco6 / "images"),
+                         "--out", str(tmp_path / "shards")])
     assert packed.returncode == 0, packed.stderr
     shards, out = tmp_path / "shards", tmp_path / "run"
     trained = run_megdet(["train", "shapes_r18_cpu", *TRAIN, f"data.train={shards}", f"data.val={shards}",

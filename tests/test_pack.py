@@ -26,7 +26,7 @@ from hpc.errors import UserError
 from hpc.shards import ShardDataset
 from hpc.shards.manifest import MANIFEST_NAME, read_manifest
 from tests.conftest import REALDATA
-from tests.multirank import MEGDET, REPO, base_env, launch_command, mpirun_skip_reason, run_megdet, skip_unless_launcher
+from tests.multirank import MEGDET, REPO, launch_command, mpirun_skip_reason, skip_unless_launcher
 
 # name: (annotation file, image folder) under REALDATA
 REAL_SETS = {
@@ -297,7 +297,7 @@ def test_bad_images_name_the_image_or_are_skipped_and_counted(tmp_path):
         pack("--coco-json", ann, "--images", images, "--out", out, "--shard-size", "1 GiBi")
 
 
-def test_crash_mid_pack_leaves_no_shard_and_resume_keeps_complete_ones(tmp_path):
+def test_crash_mid_pack_leaves_no_shard_and_resume_keeps_complete_ones(launch_env, tmp_path):
     ann, images, coco = subset(tmp_path, "chess_valid", count=9)
     out = tmp_path / "shards"
     pack("--coco-json", ann, "--images", images, "--out", tmp_path / "clean", "--shards", "3")
@@ -318,7 +318,7 @@ def test_crash_mid_pack_leaves_no_shard_and_resume_keeps_complete_ones(tmp_path)
     killed = tmp_path / "killed"
     argv = ["pack", "--coco-json", str(ann), "--images", str(images), "--out", str(killed),
             "--shards", "3", "--format", "raw"]
-    proc = subprocess.Popen(MEGDET + argv, cwd=REPO, env=base_env(None), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(MEGDET + argv, cwd=REPO, env=launch_env(None), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
     while not (killed / ".shard-00001-of-00003.h5.partial").exists() and proc.poll() is None:
@@ -358,7 +358,7 @@ def rank_errors(result: subprocess.CompletedProcess) -> Dict[int, str]:
 
 
 @pytest.mark.multirank
-def test_mpirun_pack_equals_serial_and_fails_on_every_rank(tmp_path):
+def test_mpirun_pack_equals_serial_and_fails_on_every_rank(run_megdet, tmp_path):
     if mpirun_skip_reason():
         pytest.skip(mpirun_skip_reason())
     ann, images, coco = subset(tmp_path, "voc100", count=40)
@@ -399,13 +399,13 @@ def test_mpirun_pack_equals_serial_and_fails_on_every_rank(tmp_path):
 
 
 @pytest.mark.multirank
-def test_packers_under_a_launcher_without_mpi_are_refused_on_every_rank(tmp_path):
+def test_packers_under_a_launcher_without_mpi_are_refused_on_every_rank(launch_env, tmp_path):
     """horovodrun (or torchrun, srun without MPI) would start N packers of the whole split into one
     folder; each rank refuses, naming mpirun, and nothing is written."""
     skip_unless_launcher("horovodrun")
     ann, images, _ = subset(tmp_path, "voc100", count=4)
     argv = ["pack", "--coco-json", str(ann), "--images", str(images), "--out", str(tmp_path / "out")]
-    done = subprocess.run(launch_command("horovodrun", 2, MEGDET + argv), cwd=REPO, env=base_env(None),
+    done = subprocess.run(launch_command("horovodrun", 2, MEGDET + argv), cwd=REPO, env=launch_env(None),
                           capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     errors = rank_errors(subprocess.CompletedProcess(done.args, done.returncode, done.stdout, done.stdout + done.stderr))
     assert done.returncode != 0 and sorted(errors) == [0, 1], done.stdout + done.stderr

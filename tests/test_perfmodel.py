@@ -6,7 +6,6 @@ import pytest
 from hpc import perfmodel
 from megdet import config
 from megdet.bench import project
-from tests.multirank import run_megdet
 
 GB = 1e9
 
@@ -69,11 +68,15 @@ def test_paper_rows_iterations_match_the_presets():
         assert rows, name
 
 
-def bench_project(tmp_path, *options):
-    return run_megdet(["bench", "project", "--out", str(tmp_path), *options], timeout=120)
+@pytest.fixture
+def bench_project(run_megdet):
+    """``bench_project(out, *options)``: ``megdet bench project --out OUT OPTIONS``."""
+    def bench_project(out, *options):
+        return run_megdet(["bench", "project", "--out", str(out), *options], timeout=120)
+    return bench_project
 
 
-def test_command_writes_rows_and_inputs(tmp_path):
+def test_command_writes_rows_and_inputs(bench_project, tmp_path):
     done = bench_project(tmp_path, "--gpus", "8,160", "--step-time", "0.5", "--bandwidth", "10")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "project.md").read_text().startswith("| gpus |")
@@ -87,7 +90,7 @@ def test_command_writes_rows_and_inputs(tmp_path):
     assert {row["gpus"] for row in result["rows"]} == {8, 160}
 
 
-def test_command_reads_train_and_allreduce_results(tmp_path):
+def test_command_reads_train_and_allreduce_results(bench_project, tmp_path):
     train = tmp_path / "train.json"
     train.write_text(json.dumps({"rows": [{"ranks": 2, "seconds_per_step": 9.0, "images_per_rank": 2},
                                           {"ranks": 1, "seconds_per_step": 0.8, "images_per_rank": 4}]}))
@@ -115,7 +118,7 @@ def test_command_reads_train_and_allreduce_results(tmp_path):
     (["--latency-us", "-1"], "-1"),
     (["--gpus", "12", "--batch", "100"], "100"),
 ])
-def test_bad_input_is_one_line(tmp_path, options, bad):
+def test_bad_input_is_one_line(bench_project, tmp_path, options, bad):
     done = bench_project(tmp_path, *options)
     assert done.returncode != 0
     assert len(done.stderr.strip().splitlines()) == 1 and bad in done.stderr

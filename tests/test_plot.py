@@ -7,7 +7,6 @@ from PIL import Image
 
 from hpc.errors import UserError
 from megdet.engine import metrics
-from tests.multirank import run_megdet
 
 
 
@@ -70,7 +69,7 @@ def test_resume_drops_the_lines_after_the_checkpoint(tmp_path):
     assert iterations == list(range(1, 11)) + [10] + list(range(11, 21)) + [20] + list(range(21, 27))
 
 
-def test_plot_draws_a_png(tmp_path):
+def test_plot_draws_a_png(run_megdet, tmp_path):
     write_run(tmp_path)
     done = run_megdet(["plot", str(tmp_path)], timeout=120)
     assert done.returncode == 0, done.stderr
@@ -81,7 +80,7 @@ def test_plot_draws_a_png(tmp_path):
     assert str(tmp_path / metrics.PLOT_FILE) in done.stdout
 
 
-def test_missing_empty_or_broken_metrics_are_one_line_errors(tmp_path):
+def test_missing_empty_or_broken_metrics_are_one_line_errors(run_megdet, tmp_path):
     done = run_megdet(["plot", str(tmp_path / "nowhere")], timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "no metrics file" in done.stderr and "megdet train" in done.stderr

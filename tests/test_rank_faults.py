@@ -8,6 +8,7 @@ One launch per launcher and fault, on 64-pixel synthetic shapes, one image per r
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import pytest
 
 from hpc import checkpoint
 from hpc.shards import DistributedShardSampler, ShardDataset
-from tests.multirank import MEGDET, base_env, free_port, launch_command, skip_unless_launcher
+from tests.multirank import MEGDET, free_port, launch_command, skip_unless_launcher
 from tests.test_faults import largest_size, small_disk
 from tests.test_shards import flip_byte
 
@@ -42,13 +43,14 @@ HOST = socket.gethostname()
 
 
 class Run:
-    """``megdet train`` on 2 ranks under a launcher; its processes, and their output in files."""
+    """``megdet train`` on 2 ranks under a launcher, in ``launch_env(env)`` (the fixture's function); its
+    processes, and their output in files."""
 
-    def __init__(self, launcher: str, args: List[str], folder: Path, **env: str):
+    def __init__(self, launch_env, launcher: str, args: List[str], folder: Path, **env: str):
         kind, engine = LAUNCHERS[launcher]
         skip_unless_launcher(kind)
         self.launcher, self.folder = launcher, folder
-        env = base_env({"MEGDET_COMM": engine, "MEGDET_COMM_TIMEOUT": "600", **env})
+        env = launch_env({"MEGDET_COMM": engine, "MEGDET_COMM_TIMEOUT": "600", **env})
         argv = [*MEGDET, "train", "shapes_r18_cpu", *TINY, *args]
         folder.mkdir(parents=True, exist_ok=True)
         if kind == "torch":
@@ -158,6 +160,12 @@ def assert_only_complete_checkpoints(folder: Path) -> None:
         checkpoint.check_integrity(path)
 
 
+@pytest.fixture(scope="session")
+def start_run(launch_env):
+    """``start_run(launcher, args, folder, **env)``: a ``Run`` in the launch environment."""
+    return functools.partial(Run, launch_env)
+
+
 @pytest.fixture(scope="module")
 def shards(shapes_shards):
     """The session's training shards (tests/conftest.py)."""
@@ -191,8 +199,8 @@ def metrics_lines(folder: Path) -> List[dict]:
 
 @pytest.mark.parametrize("launcher, signum", [("horovodrun", signal.SIGKILL), ("mpirun", signal.SIGSEGV),
                                               ("torch", signal.SIGKILL)])
-def test_a_rank_that_dies_mid_step_ends_every_process_at_once_naming_it(shards, tmp_path, launcher, signum):
-    run = Run(launcher, [f"data.train={shards}", f"train.output_dir={tmp_path / 'run'}"], tmp_path)
+def test_a_rank_that_dies_mid_step_ends_every_process_at_once_naming_it(start_run, shards, tmp_path, launcher, signum):
+    run = start_run(launcher, [f"data.train={shards}", f"train.output_dir={tmp_path / 'run'}"], tmp_path)
     run.wait_for(lambda: metrics_lines(tmp_path / "run"), "the first step")
     took = run.kill(1, signum)
     output = run.output()
@@ -211,7 +219,8 @@ def test_a_rank_that_dies_mid_step_ends_every_process_at_once_naming_it(shards, 
     assert not list((tmp_path / "run").glob("model_*.pt")), "no checkpoint was due"
 
 
-def test_rank_zero_killed_while_it_writes_a_checkpoint_leaves_the_previous_one_and_resume_goes_on(shards, tmp_path):
+def test_rank_zero_killed_while_it_writes_a_checkpoint_leaves_the_previous_one_and_resume_goes_on(
+        start_run, shards, tmp_path):
     """The demo's launch (the torch engine under horovodrun). SIGKILL of rank 0 in the middle of writing
     checkpoint 3 leaves checkpoint 2 the latest, complete. The resume that follows meets checkpoint 2
     truncated (as a disk that failed would leave it): it skips it with a warning naming it, continues
@@ -220,7 +229,7 @@ def test_rank_zero_killed_while_it_writes_a_checkpoint_leaves_the_previous_one_a
     out = tmp_path / "run"
     args = [f"train.output_dir={out}", "train.checkpoint_period=1", "train.keep_checkpoints=2", "solver.max_iter=4",
             "solver.steps=[3]", "data.images_per_rank=2", "solver.batch_size=4", "model.bn_size=4"]
-    run = Run("horovodrun-torch", [*args, f"data.train={shards}"], tmp_path / "first")
+    run = start_run("horovodrun-torch", [*args, f"data.train={shards}"], tmp_path / "first")
     torn = out / ".model_0000003.pt.*.tmp"
     run.wait_for(lambda: largest_size(str(torn)) > 2**23, "checkpoint 3 half-written")
     took = run.kill(0, signal.SIGKILL)
@@ -237,7 +246,7 @@ def test_rank_zero_killed_while_it_writes_a_checkpoint_leaves_the_previous_one_a
     latest = out / "model_0000002.pt"
     os.truncate(latest, latest.stat().st_size // 3)
     corrupt = corrupt_copy(shards, tmp_path / "corrupt", rank=1, iteration=2, images_per_rank=2)
-    resumed = Run("horovodrun-torch", [*args, f"data.train={tmp_path / 'corrupt'}", "data.skip_corrupt=true",
+    resumed = start_run("horovodrun-torch", [*args, f"data.train={tmp_path / 'corrupt'}", "data.skip_corrupt=true",
                                        "--resume"], tmp_path / "second")
     took = resumed.finish()
     output = resumed.output()
@@ -254,8 +263,8 @@ def test_rank_zero_killed_while_it_writes_a_checkpoint_leaves_the_previous_one_a
 # ---- 2. a rank hangs ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("launcher", ["horovodrun", "torch"])
-def test_a_stopped_rank_ends_the_run_after_the_stall_timeout_naming_it(shards, tmp_path, launcher):
-    run = Run(launcher, [f"data.train={shards}", f"train.output_dir={tmp_path / 'run'}"], tmp_path,
+def test_a_stopped_rank_ends_the_run_after_the_stall_timeout_naming_it(start_run, shards, tmp_path, launcher):
+    run = start_run(launcher, [f"data.train={shards}", f"train.output_dir={tmp_path / 'run'}"], tmp_path,
               MEGDET_STALL_TIMEOUT=str(STALL_TIMEOUT_S))
     run.wait_for(lambda: metrics_lines(tmp_path / "run"), "the first step")
     took = run.kill(1, signal.SIGSTOP)
@@ -273,14 +282,15 @@ def test_a_stopped_rank_ends_the_run_after_the_stall_timeout_naming_it(shards, t
 
 # ---- 3. a full disk under a checkpoint ---------------------------------------------------------------
 
-def test_a_checkpoint_onto_a_full_disk_stops_every_rank_and_keeps_the_previous_one(shards, tmp_path):
+def test_a_checkpoint_onto_a_full_disk_stops_every_rank_and_keeps_the_previous_one(
+        launch_env, start_run, shards, tmp_path):
     """Rank 0's second checkpoint does not fit: every rank stops with the one line (the torch launcher,
     where nothing kills the others for them), the first checkpoint intact. A --resume of another model
     is refused by name; one that finds no checkpoint it can load says so."""
     with small_disk(tmp_path / "disk", size="1g") as disk:
         out = disk / "run"
         args = [f"data.train={shards}", f"train.output_dir={out}", "train.checkpoint_period=1"]
-        run = Run("torch", args, tmp_path / "logs")
+        run = start_run("torch", args, tmp_path / "logs")
         run.wait_for(lambda: (out / "model_0000001.pt").exists(), "the first checkpoint")
         used = sum(p.stat().st_size for p in out.iterdir())
         subprocess.run(["mount", "-o", f"remount,size={used + 2**25}", str(disk)], check=True)  # 32 MiB left
@@ -298,7 +308,7 @@ def test_a_checkpoint_onto_a_full_disk_stops_every_rank_and_keeps_the_previous_o
 
         def resume_alone(*overrides):
             done = subprocess.run([*MEGDET, "train", "shapes_r18_cpu", *TINY, *args, "model.bn_size=null",
-                                   "solver.batch_size=1", *overrides, "--resume"], env=base_env(None),
+                                   "solver.batch_size=1", *overrides, "--resume"], env=launch_env(None),
                                   capture_output=True, text=True, timeout=300)
             assert done.returncode == 2 and len(error_lines(done.stderr)) == 1, done.stderr[-3000:]
             return error_lines(done.stderr)[0]
@@ -315,11 +325,11 @@ def test_a_checkpoint_onto_a_full_disk_stops_every_rank_and_keeps_the_previous_o
 
 # ---- 4. a corrupt record in a shard ------------------------------------------------------------------
 
-def test_a_corrupt_record_stops_every_rank_naming_shard_record_and_image(shards, tmp_path):
+def test_a_corrupt_record_stops_every_rank_naming_shard_record_and_image(start_run, shards, tmp_path):
     """Rank 1 reads it in its DataLoader worker at the first step; every rank stops before the forward
     pass, each with the one line."""
     corrupt = corrupt_copy(shards, tmp_path / "corrupt", rank=1, iteration=0)
-    run = Run("horovodrun", [f"data.train={tmp_path / 'corrupt'}", f"train.output_dir={tmp_path / 'run'}",
+    run = start_run("horovodrun", [f"data.train={tmp_path / 'corrupt'}", f"train.output_dir={tmp_path / 'run'}",
                              "data.num_workers=1"], tmp_path)
     took = run.finish()
     output = run.output()

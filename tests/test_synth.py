@@ -9,7 +9,6 @@ from pycocotools.coco import COCO
 
 from hpc.errors import UserError
 from megdet.data import synth
-from tests.multirank import run_megdet
 
 COUNTS = {"train": 12, "val": 4}
 SIZE = 128
@@ -108,7 +107,7 @@ def test_bad_arguments_and_existing_output_are_user_errors(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["taken"] and os.listdir(tmp_path / "taken") == ["keep.txt"]
 
 
-def test_cli_writes_the_data_set_and_reports_errors_in_one_line(tmp_path):
+def test_cli_writes_the_data_set_and_reports_errors_in_one_line(run_megdet, tmp_path):
     done = run_megdet(["synth", "--out", str(tmp_path / "s"), "--train", "3", "--val", "2", "--size", "64",
                        "--seed", "1"], timeout=120)
     assert done.returncode == 0, done.stderr

@@ -14,7 +14,7 @@ import torch
 
 from hpc import checkpoint
 from hpc.optim.lamb import CPU_BLOCK_NUMEL
-from tests.multirank import MEGDET, REPO, base_env, launch_command, run_megdet
+from tests.multirank import MEGDET, REPO, launch_command
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 TINY = ["data.min_sizes=[64]", "data.max_size=96", "data.test_min_size=64", "data.images_per_rank=2",
@@ -28,7 +28,7 @@ def tiny_config(shards, out, val=True):
 
 
 @pytest.fixture(scope="module")
-def straight_run(shapes_shards):
+def straight_run(run_megdet, shapes_shards):
     out = shapes_shards / "straight"
     done = run_megdet(["train", *tiny_config(shapes_shards, out)], nprocs=2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -57,7 +57,7 @@ def test_a_run_trains_checkpoints_evaluates_and_plots(straight_run):
     assert (out / "metrics.png").stat().st_size > 10_000
 
 
-def test_accumulated_micro_batches_and_tensorboard_on_one_process(shapes_shards):
+def test_accumulated_micro_batches_and_tensorboard_on_one_process(run_megdet, shapes_shards):
     """solver.batch_size=4 from 2 passes of 2 images on one rank (Horovod's backward_passes_per_step
     path is tested in test_distributed_optimizer); the run's TensorBoard events read back."""
     from tests.test_plot import tensorboard_scalars
@@ -84,13 +84,13 @@ def _rank_processes(launcher_process):
             if p.name().startswith("python") and "megdet.cli" in p.cmdline()]
 
 
-def test_sigusr1_on_one_rank_checkpoints_and_resume_is_exact(shapes_shards, straight_run):
+def test_sigusr1_on_one_rank_checkpoints_and_resume_is_exact(launch_env, run_megdet, shapes_shards, straight_run):
     """SIGUSR1 reaches one rank only; both stop at the same iteration, checkpoint, exit 75. Resuming
     then gives the same parameters as the straight 40-iteration run."""
     out = shapes_shards / "interrupted"
     argv = launch_command("horovodrun", 2, [*MEGDET, "train", *tiny_config(shapes_shards, out, val=False)])
     first = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=base_env({}), start_new_session=True)
+                             env=launch_env({}), start_new_session=True)
     deadline = time.time() + 600
     while not (out / "model_0000020.pt").exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -119,7 +119,7 @@ def test_sigusr1_on_one_rank_checkpoints_and_resume_is_exact(shapes_shards, stra
     assert metric_iters == sorted(set(metric_iters)), "each iteration once in the metrics after a resume"
 
 
-def test_distributed_evaluation_equals_one_process(shapes_shards, straight_run):
+def test_distributed_evaluation_equals_one_process(run_megdet, shapes_shards, straight_run):
     ckpt = str(straight_run[0] / "model_0000040.pt")
     metrics = []
     for nprocs in (1, 2):
@@ -141,7 +141,7 @@ def _error_lines(done, command):
     ("model.bn_size=3", "bn_size=3"),
     ("data.train=/nonexistent/shards", "/nonexistent/shards"),
 ])
-def test_bad_input_is_one_line_on_every_rank_and_writes_nothing(shapes_shards, override, message):
+def test_bad_input_is_one_line_on_every_rank_and_writes_nothing(run_megdet, shapes_shards, override, message):
     out = shapes_shards / f"bad-{override.split('=')[0]}"
     done = run_megdet(["train", *tiny_config(shapes_shards, out), override], nprocs=2, timeout=180)
     assert done.returncode != 0
@@ -151,7 +151,7 @@ def test_bad_input_is_one_line_on_every_rank_and_writes_nothing(shapes_shards, o
     assert not out.exists(), "no partial output after a bad input"
 
 
-def test_a_checkpoint_of_another_model_is_refused_by_name(shapes_shards, straight_run):
+def test_a_checkpoint_of_another_model_is_refused_by_name(run_megdet, shapes_shards, straight_run):
     ckpt = straight_run[0] / "model_0000040.pt"
     done = run_megdet(["eval", *tiny_config(shapes_shards, straight_run[0]), "model.name=resnet50_fpn",
                        "--checkpoint", str(ckpt)])
@@ -161,7 +161,7 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(shapes_shards, straigh
         "resnet50_fpn with 3: evaluate it with the config that trained it"]
 
 
-def test_mask_training_on_shards_without_segmentations_is_one_line(tmp_path):
+def test_mask_training_on_shards_without_segmentations_is_one_line(run_megdet, tmp_path):
     """VOC's annotations carry no masks: model.mask_on refuses them before training, naming the fix."""
     from tests.test_pack import subset
 
@@ -177,7 +177,7 @@ def test_mask_training_on_shards_without_segmentations_is_one_line(tmp_path):
     assert not out.exists()
 
 
-def test_show_draws_the_ground_truth_and_detections_of_a_run(shapes_shards, straight_run):
+def test_show_draws_the_ground_truth_and_detections_of_a_run(run_megdet, shapes_shards, straight_run):
     from PIL import Image
 
     out = shapes_shards / "pictures.png"

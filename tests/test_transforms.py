@@ -10,11 +10,18 @@ from PIL import Image
 from hpc.errors import UserError
 from megdet import config
 from megdet.data.transforms import DetectionTransform, build_transform, collate, resized_shape
-from tests.multirank import REPO
 
-REALDATA = REPO.parent / "shared" / "realdata"
-ICEVISION = REALDATA / "icevision_coco6"
-CHESS = REALDATA / "roboflow_chess_v23" / "valid"
+
+@pytest.fixture(scope="module")
+def icevision(realdata):
+    """COCO's icevision_coco6 folder (6 photos): annotations.json and images/."""
+    return realdata / "icevision_coco6"
+
+
+@pytest.fixture(scope="module")
+def chess(realdata):
+    """The chess set's validation folder: _annotations.coco.json beside its photos."""
+    return realdata / "roboflow_chess_v23" / "valid"
 
 
 def coco_records(annotation_file, image_dir, downscale=1.0, limit=None):
@@ -45,9 +52,9 @@ def test_resized_shape_follows_resize_shortest_edge():
     assert resized_shape(1371, 2048, 800, 1333) == (800, 1195)  # 2048 * 800/1371 = 1195.04
 
 
-def test_real_photos_boxes_labels_and_a_downscaled_copy_agree():
-    full, categories = coco_records(CHESS / "_annotations.coco.json", CHESS, limit=2)
-    half, _ = coco_records(CHESS / "_annotations.coco.json", CHESS, downscale=0.5, limit=2)
+def test_real_photos_boxes_labels_and_a_downscaled_copy_agree(chess):
+    full, categories = coco_records(chess / "_annotations.coco.json", chess, limit=2)
+    half, _ = coco_records(chess / "_annotations.coco.json", chess, downscale=0.5, limit=2)
     category_ids = [c["id"] for c in categories]
     assert category_ids[0] == 0, "the chess set has a category id 0: label 1"
     transform = DetectionTransform(min_sizes=(600,), max_size=1000, flip_prob=0.0, category_ids=category_ids)
@@ -83,8 +90,8 @@ def test_flip_moves_pixels_and_boxes_together():
     assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (240, 320, 40, 100)
 
 
-def test_random_sizes_and_flips_come_from_the_rng():
-    records, categories = coco_records(ICEVISION / "annotations.json", ICEVISION / "images")
+def test_random_sizes_and_flips_come_from_the_rng(icevision):
+    records, categories = coco_records(icevision / "annotations.json", icevision / "images")
     record = next(r for r in records if len(r["boxes"]))
     transform = DetectionTransform(min_sizes=(320, 480), max_size=1333, flip_prob=0.5,
                                    category_ids=[c["id"] for c in categories])
@@ -106,8 +113,8 @@ def test_random_sizes_and_flips_come_from_the_rng():
     assert torch.equal(again.image, draws[3].image) and torch.equal(again.target["boxes"], draws[3].target["boxes"])
 
 
-def test_crowds_are_kept_flagged_and_images_without_annotations_are_empty():
-    records, categories = coco_records(ICEVISION / "annotations.json", ICEVISION / "images")
+def test_crowds_are_kept_flagged_and_images_without_annotations_are_empty(icevision):
+    records, categories = coco_records(icevision / "annotations.json", icevision / "images")
     transform = DetectionTransform(min_sizes=(400,), max_size=666, flip_prob=0.0,
                                    category_ids=[c["id"] for c in categories])
     samples = [transform(r) for r in records]

@@ -117,8 +117,8 @@ def check_compiled_kernel(device: torch.device, key: str = "compiled=True", fix:
 def compiled_tensor_step() -> Callable[..., None]:
     """``pmd_lamb_tensor_step`` through ``torch.compile`` (Inductor, which builds C++ with the system
     compiler on CPU), made once per process. Sizes are symbolic, so all tensors of a dtype share one
-    compilation; it happens at the first call (seconds when Inductor's on-disk cache has it, about a
-    minute on 2 busy cores when not)."""
+    compilation; it happens at the first call, shorter when Inductor's on-disk cache has it (its time:
+    docs/benchmarks.md, the compiled kernel's first call)."""
     return torch.compile(pmd_lamb_tensor_step, dynamic=True, fullgraph=True)
 
 
