@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megdet.model.settings import LEVEL_NAMES, LEVEL_STRIDES
+from megdet.model.settings import LEVEL_NAMES
 
 
 class FPN(nn.Module):
