@@ -121,12 +121,12 @@ def test_read_for_names_both_models_when_the_checkpoint_holds_another(tmp_path):
         read_for(cfg, checkpoint.save(tmp_path / "bare.pt", {"model": {}}), ("model",), advice="x")
 
 
-def test_resume_without_a_run_folder_yet_starts_afresh(tmp_path, megdet, shapes_shards):
+def test_resume_without_a_run_folder_yet_starts_afresh(tmp_path, run_megdet, shapes_shards):
     """``megdet train --resume`` (no value) where the run folder does not exist yet: nothing to resume."""
     out = tmp_path / "new" / "run"
-    done = megdet(["train", "shapes_r18_cpu", "data.min_sizes=[64]", "data.max_size=64", "data.images_per_rank=1",
-                   "data.num_workers=0", "solver.batch_size=1", "model.norm=bn", "model.bn_size=null",
-                   "solver.max_iter=2", "solver.steps=[1]", "solver.warmup_iters=1", "train.checkpoint_period=1000",
-                   "data.val=", f"data.train={shapes_shards / 'train'}", f"train.output_dir={out}", "--resume"])
+    done = run_megdet(["train", "shapes_r18_cpu", "data.min_sizes=[64]", "data.max_size=64", "data.images_per_rank=1",
+                       "data.num_workers=0", "solver.batch_size=1", "model.norm=bn", "model.bn_size=null",
+                       "solver.max_iter=2", "solver.steps=[1]", "solver.warmup_iters=1", "train.checkpoint_period=1000",
+                       "data.val=", f"data.train={shapes_shards / 'train'}", f"train.output_dir={out}", "--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" not in done.stdout and checkpoint.latest(out).name == "model_0000002.pt"
