@@ -3,8 +3,10 @@
 - ``run_megdet``: the command runner, ``run_megdet(["train", ...], nprocs=2)`` (``tests.multirank.run_megdet``;
   not named ``megdet``, which would hide the package in a test that also imports it);
 - ``launch_env``: the base environment of a launched process (``tests.multirank.base_env``);
+- ``job_env``: the same with this interpreter's bin folder first on PATH, for batch scripts;
 - ``shapes_shards``: 64-pixel synthetic shapes (24 training, 8 validation images) packed into
   ``ROOT/train`` and ``ROOT/val`` once per session; returns ROOT;
+- ``slurm``: a real one-node Slurm started on first use (``tests.slurm``);
 - ``realdata``: the real COCO-format sets in ``../shared/realdata`` (the test is skipped, naming the
   folder, where they are not); ``REALDATA``, the same folder, for the paths that ``parametrize`` or
   ``skipif`` need when tests are collected, before any fixture runs.
@@ -14,11 +16,14 @@ the slow tests and those that launch ranks, for the inner loop.
 """
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests import multirank
+from tests.slurm import slurm  # noqa: F401  (the session fixture: a one-node Slurm, started on first use)
 
 REALDATA = multirank.REPO.parent / "shared" / "realdata"
 
@@ -31,6 +36,17 @@ def run_megdet():
 @pytest.fixture(scope="session")
 def launch_env():
     return multirank.base_env
+
+
+@pytest.fixture(scope="session")
+def job_env(launch_env):
+    """``job_env(**extra)``: the launch environment with this interpreter's bin folder (megdet, mpirun)
+    first on PATH, for batch jobs that find the commands by name."""
+    def job_env(**extra):
+        env = launch_env(extra)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
+        return env
+    return job_env
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """A real one-node Slurm on this machine, for the tests, and Debian packages installed on demand.
 
-    from tests.slurm import slurm  # the session fixture; the first use installs and starts Slurm
-    def test_x(slurm):
+    def test_x(slurm):  # the session fixture (registered in conftest); its first use installs and starts Slurm
         job = slurm.submit(script, cwd=folder)
         assert slurm.wait(job).state == "COMPLETED"
 

@@ -24,17 +24,6 @@ from tests.slurm import ensure_debian_packages
 SCHEDULERS = sorted(batch_scripts.SCHEDULERS)
 
 
-@pytest.fixture
-def job_env(launch_env):
-    """``job_env(**extra)``: the launch environment with this interpreter's bin folder (megdet, mpirun)
-    first on PATH."""
-    def job_env(**extra):
-        env = launch_env(extra)
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
-        return env
-    return job_env
-
-
 def megdet_job(*options):
     """``megdet job OPTIONS`` through the command line's own entry point, in this process (fast)."""
     out, err = io.StringIO(), io.StringIO()

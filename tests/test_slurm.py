@@ -10,9 +10,7 @@ import time
 import psutil
 import pytest
 
-
-from tests.slurm import slurm  # noqa: F401  (the session fixture)
-from tests.test_jobs import job_env, render
+from tests.test_jobs import render
 
 pytestmark = pytest.mark.multirank
 
@@ -40,7 +38,7 @@ def output_of(tmp_path, job_id):
 
 
 @pytest.mark.parametrize("launcher", ["mpirun", "srun", "horovodrun"])
-def test_a_rendered_job_runs_two_ranks_under_sbatch(slurm, tmp_path, launcher):  # noqa: F811
+def test_a_rendered_job_runs_two_ranks_under_sbatch(slurm, job_env, tmp_path, launcher):
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "train-00000.h5").write_bytes(b"shard")
@@ -60,7 +58,7 @@ def test_a_rendered_job_runs_two_ranks_under_sbatch(slurm, tmp_path, launcher): 
     assert "[job] exit status 0" in out
 
 
-def test_usr1_reaches_every_rank_and_the_requeued_job_resumes(slurm, tmp_path):  # noqa: F811
+def test_usr1_reaches_every_rank_and_the_requeued_job_resumes(slurm, job_env, tmp_path):
     """USR1 as ``--signal=B:USR1@120`` delivers it (to the batch shell only: ``scancel --batch``) reaches
     both ranks through the script and mpirun; the script requeues the job; the second run (restart 1)
     resumes from the checkpoint the first one wrote."""
@@ -98,11 +96,11 @@ def train_command(shards, max_iter, val=True):
             'train.output_dir="$RUN_DIR" "${RESUME_ARGS[@]}"')
 
 
-def submit_training(slurm, tmp_path, shards, max_iter):
+def submit_training(slurm, env, tmp_path, shards, max_iter):
     """Submit a CPU job that trains ``max_iter`` iterations without evaluation; return its id once the
     first metrics line is written (the ranks are in the training loop)."""
     job_id = slurm.submit(render_cpu_job(tmp_path, train_command(shards, max_iter, val=False)), cwd=tmp_path,
-                          env=job_env())
+                          env=env)
     metrics = tmp_path / "runs" / "shapes_r18_cpu" / "metrics.jsonl"
     deadline = time.monotonic() + JOB_WAIT_S
     while not (metrics.exists() and metrics.read_text().strip()):
@@ -113,7 +111,7 @@ def submit_training(slurm, tmp_path, shards, max_iter):
     return job_id
 
 
-def test_a_rendered_job_trains_on_two_ranks_under_sbatch(slurm, tmp_path, shapes_shards):  # noqa: F811
+def test_a_rendered_job_trains_on_two_ranks_under_sbatch(slurm, job_env, tmp_path, shapes_shards):
     job_id = slurm.submit(render_cpu_job(tmp_path, train_command(shapes_shards, 6)), cwd=tmp_path, env=job_env())
     info = slurm.wait(job_id, timeout=JOB_WAIT_S)
     out, err = output_of(tmp_path, job_id)
@@ -122,10 +120,10 @@ def test_a_rendered_job_trains_on_two_ranks_under_sbatch(slurm, tmp_path, shapes
     assert "Average Precision  (AP) @[ IoU=0.50      | area=   all | maxDets=100 ]" in out
 
 
-def test_usr1_checkpoints_the_training_and_the_requeued_job_finishes_it(slurm, tmp_path, shapes_shards):  # noqa: F811
+def test_usr1_checkpoints_the_training_and_the_requeued_job_finishes_it(slurm, job_env, tmp_path, shapes_shards):
     """The real cycle: training runs, USR1 before the time limit, every rank stops at one iteration and
     rank 0 checkpoints (exit 75), the script requeues the job, the second run resumes and finishes."""
-    job_id = submit_training(slurm, tmp_path, shapes_shards, 60)
+    job_id = submit_training(slurm, job_env(), tmp_path, shapes_shards, 60)
     slurm.command(["scancel", "--batch", "--signal=USR1", job_id])
     info = slurm.wait(job_id, timeout=3 * JOB_WAIT_S)
     out, err = output_of(tmp_path, job_id)
@@ -135,10 +133,10 @@ def test_usr1_checkpoints_the_training_and_the_requeued_job_finishes_it(slurm, t
     assert "megdet train: resumed from" in out and "megdet train: finished 60 iterations on 2 ranks" in out, out + err
 
 
-def test_a_rank_killed_inside_a_job_fails_the_job_at_once(slurm, tmp_path, shapes_shards):  # noqa: F811
+def test_a_rank_killed_inside_a_job_fails_the_job_at_once(slurm, job_env, tmp_path, shapes_shards):
     """SIGKILL of rank 1 of a training job (mpirun in the allocation): the job ends FAILED within seconds,
     its output naming the rank that died."""
-    job_id = submit_training(slurm, tmp_path, shapes_shards, 60)
+    job_id = submit_training(slurm, job_env(), tmp_path, shapes_shards, 60)
     [rank1] = [p for p in psutil.process_iter() if _is_rank(p, tmp_path, 1)]
     killed = time.monotonic()
     os.kill(rank1.pid, signal.SIGKILL)

@@ -1,5 +1,6 @@
 """The shape of the code: every module imports alone (no import cycles), ``hpc`` never imports
 ``megdet``, and the command line answers without importing torch where it needs none."""
+import ast
 import subprocess
 import sys
 import textwrap
@@ -84,8 +85,6 @@ def test_no_module_name_is_shared_by_hpc_and_megdet():
 def import_graph() -> dict:
     """Module -> the project modules it imports anywhere in its file (function-level imports included),
     from the source alone: ``import a.b``, ``from a import b`` (module b, else a), relative imports."""
-    import ast
-
     modules = set(all_modules())
     graph = {}
     for name in modules:
@@ -145,3 +144,33 @@ def test_no_import_cycle_even_through_imports_inside_functions():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert not any(target.startswith("megdet") for name, targets in graph.items() if name.startswith("hpc")
                    for target in targets), "hpc imports nothing of megdet"
+
+
+def fixtures_defined_in(path):
+    """Names of the functions in a test module decorated with ``pytest.fixture`` (with or without
+    arguments)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef):
+            for decorator in node.decorator_list:
+                target = decorator.func if isinstance(decorator, ast.Call) else decorator
+                if ast.unparse(target) in ("pytest.fixture", "fixture"):
+                    names.add(node.name)
+    return names
+
+
+def test_fixtures_are_asked_for_by_name_never_imported_from_another_test_module():
+    """A fixture imported into a test module and called is an error at run time only (pytest refuses a
+    direct call), and only in the tests that reach the call: the shared ones live in conftest.py."""
+    tests = REPO / "tests"
+    fixtures = {f"tests.{path.stem}": fixtures_defined_in(path) for path in tests.glob("*.py")}
+    assert "job_env" in fixtures["tests.conftest"] and "slurm" in fixtures["tests.slurm"], "the scan finds fixtures"
+    imported = []
+    for path in sorted(tests.glob("*.py")):
+        if path.name == "conftest.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in fixtures:
+                imported += [f"{path.name}: {alias.name} from {node.module}" for alias in node.names
+                             if alias.name in fixtures[node.module]]
+    assert not imported, "fixtures imported instead of asked for (move them to conftest.py): " + "; ".join(imported)
