@@ -32,6 +32,7 @@ from hpc.errors import UserError
 TEMPLATES = Path(__file__).resolve().parents[1] / "jobs" / "templates"
 SCHEDULERS = {"slurm": "sbatch", "pbs": "pbs"}  # scheduler: file suffix
 LAUNCHERS = ("mpirun", "srun", "horovodrun")
+ENGINES = ("horovod", "torch")
 _TIME = re.compile(r"^(\d+):([0-5]\d):([0-5]\d)$")
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
 
@@ -67,6 +68,9 @@ class Job:
     command: shell words after the launcher, run on every rank; it may use ``$DATA`` (the shards folder,
         staged or not, when ``data`` is set), ``$RUN_DIR`` and ``"${RESUME_ARGS[@]}"`` (``--resume
         CHECKPOINT`` when the run folder holds a checkpoint, else nothing).
+    engine: what averages the gradients: "horovod" (Horovod's fused allreduce; cross-GPU BN on
+        torch.distributed) or "torch" (torch.distributed for both, ``MEGDET_COMM=torch``; rank 0's
+        address from the launcher: srun's first node, or mpirun's ranks through mpi4py).
     cpu: the ranks compute on CPUs: request no GPUs; ``gpus`` then counts CPU ranks.
     stage_to: copy ``data`` to this node-local folder on every node (one copy per node) before launch.
     header: comment lines for the top of the script.
@@ -82,6 +86,7 @@ class Job:
     run_dir: str
     header: Sequence[str] = ()
     launcher: str = "mpirun"
+    engine: str = "horovod"
     time: str = "24:00:00"
     cpus_per_rank: int = 1
     cpu: bool = False
@@ -96,6 +101,11 @@ class Job:
             raise JobError(f"unknown scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if self.launcher not in LAUNCHERS:
             raise JobError(f"unknown launcher {self.launcher!r}: choose one of {', '.join(LAUNCHERS)}")
+        if self.engine not in ENGINES:
+            raise JobError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        if self.engine == "torch" and self.launcher == "horovodrun":
+            raise JobError("engine torch cannot start under horovodrun (it takes rank 0's address from srun or "
+                           "mpirun): use --launcher srun or mpirun, or --engine horovod")
         if self.launcher == "srun" and self.scheduler != "slurm":
             raise JobError(f"launcher srun needs Slurm, not {self.scheduler}: use --launcher mpirun or horovodrun")
         check_nodes(self.gpus, self.gpus_per_node)
@@ -180,6 +190,9 @@ def _values(job: Job) -> Dict[str, str]:
                 "# Each rank computes on its GPU; its CPUs run the data-loading workers: one OpenMP thread.\n"
                 "export OMP_NUM_THREADS=1"),
         "HOST_SLOTS": host_slots,
+        "ENGINE": "" if job.engine == "horovod" else (
+            "# Gradients and cross-GPU BN over torch.distributed (NCCL on GPUs, Gloo on CPUs); the ranks meet at\n"
+            f"# rank 0's address, which {job.launcher} gives them.\nexport MEGDET_COMM=torch"),
         "DATA": f"DATA={_quote(job.data)}" if job.data else "",
         "STAGE": _stage(job),
         "RUN_DIR": _quote(job.run_dir),

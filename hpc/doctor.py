@@ -7,11 +7,18 @@
 
 Each rank takes its device first (``--device``, default auto: its GPU when it sees one), so the two
 allreduces (over the world and over groups of two ranks) run where training will: NCCL on GPUs.
+
+Across nodes it also says, per rank, the interface and address that lead to rank 0's host (where the
+ranks meet) and the address the torch engine's Gloo advertises, and times an allreduce of
+``TIMED_MIB`` MiB over the world and over each node's ranks (the median of ``TIMED_REPEATS``): a
+node-local group far faster than the world is what node-local cross-GPU BN groups rely on.
 """
 from __future__ import annotations
 
 import platform
 import socket
+import statistics
+import time
 from typing import Dict, List
 
 import torch
@@ -20,6 +27,10 @@ from hpc import comm as comm_mod
 from hpc import device as device_mod
 from hpc import launch
 from hpc.comm import CommError, Communicator
+from hpc.comm.rendezvous import advertised_address, route_to
+
+TIMED_MIB = 4
+TIMED_REPEATS = 5
 
 
 def horovod_features() -> Dict[str, bool]:
@@ -45,13 +56,45 @@ def examine(comm: Communicator) -> List[Dict]:
                             f"{list(pair.ranks)} (expected {pair.size}): the ranks are not talking to each other "
                             "correctly")
     started = launch.detect()
-    view = {"rank": comm.rank, "size": comm.size, "local_rank": comm.local_rank, "local_size": comm.local_size,
+    rank0_host = comm.broadcast_object(socket.gethostname() if comm.rank == 0 else None)
+    interface, address = route_to(rank0_host)
+    view = {"rank0_host": rank0_host, "route": {"interface": interface, "address": address},
+            "gloo": dict(zip(("interface", "address"), _advertised())), "timings": _timed_allreduces(comm),
+            "rank": comm.rank, "size": comm.size, "local_rank": comm.local_rank, "local_size": comm.local_size,
             "host": socket.gethostname(), "engine": comm.engine, "launcher": started.launcher,
             "scheduler": started.scheduler, "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.is_available(), "horovod_built": horovod_features(),
             "device": device_mod.describe(comm.device), "transport": getattr(comm, "backend", comm.engine)}
     views = comm.allgather_object(view)
     return views if comm.rank == 0 else None
+
+
+def _advertised():
+    try:
+        return advertised_address()
+    except CommError as error:  # GLOO_SOCKET_IFNAME naming no interface: say so in the table
+        return None, str(error)
+
+
+def _timed_allreduces(comm: Communicator) -> Dict[str, float]:
+    """Median milliseconds of an allreduce of TIMED_MIB MiB over the world and over this rank's node
+    ("node HOST"). Collective: every rank makes every node's group, in the same order."""
+    hosts = comm.allgather_object(socket.gethostname())
+    groups = {host: comm.new_group([r for r, h in enumerate(hosts) if h == host]) for host in dict.fromkeys(hosts)}
+    payload = torch.ones(TIMED_MIB * 2**20 // 4, device=comm.device)
+    timings = {}
+    for name, group in [("world", comm.world)] + [(f"node {host}", group) for host, group in groups.items()]:
+        if comm.rank not in group.ranks:
+            continue
+        times = []
+        for _ in range(TIMED_REPEATS + 1):  # the first warms the connections up
+            start = time.perf_counter()
+            comm.allreduce(payload, group=group)
+            if comm.device.type == "cuda":
+                torch.cuda.synchronize(comm.device)
+            times.append(1000 * (time.perf_counter() - start))
+        timings[name] = statistics.median(times[1:])
+    return timings
 
 
 def format_report(views: List[Dict]) -> str:
@@ -65,9 +108,21 @@ def format_report(views: List[Dict]) -> str:
               for v in views]
     lines.append(f"allreduce over the world and over groups ({first['transport']}, {first['device']['device']} "
                  "tensors): ok")
+    hosts = list(dict.fromkeys(v["host"] for v in views))
+    lines.append(f"{len(hosts)} node{'s' if len(hosts) > 1 else ''}: " + "; ".join(
+        f"{host} ranks {', '.join(str(v['rank']) for v in views if v['host'] == host)}" for host in hosts))
+    lines.append(f"network (rank 0's host {first['rank0_host']}):")
+    for v in views:
+        route, gloo = v["route"], v["gloo"]
+        lines.append(f"  rank {v['rank']} on {v['host']}: reaches {first['rank0_host']} via "
+                     f"{route['interface'] or '?'} {route['address'] or 'no route'}; Gloo address "
+                     f"{gloo['address']}" + (f" ({gloo['interface']})" if gloo["interface"] else ""))
+    timed = {"world": first["timings"]["world"]}
+    for host in hosts:
+        timed[f"node {host}"] = next(v["timings"][f"node {host}"] for v in views if v["host"] == host)
+    lines.append(f"allreduce of {TIMED_MIB} MiB, median of {TIMED_REPEATS}: " +
+                 ", ".join(f"{name} {ms:.1f} ms" for name, ms in timed.items()))
     return "\n".join(lines)
-
-
 
 
 def _device_words(view: Dict[str, str]) -> str:

@@ -53,13 +53,16 @@ PAPER_JOBS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", choices=sorted(batch_scripts.SCHEDULERS), help="batch system of the script")
-    parser.add_argument("--gpus", type=int, help="GPUs (= ranks) in all")
-    parser.add_argument("--gpus-per-node", type=int,
+    parser.add_argument("--gpus", "--ranks", dest="gpus", type=int, help="GPUs (= ranks) in all (--ranks with --cpu)")
+    parser.add_argument("--gpus-per-node", "--ranks-per-node", dest="gpus_per_node", type=int,
                         help="GPUs (= ranks) per node (default: the preset's paper setting, at most --gpus)")
     parser.add_argument("--config", default=DEFAULT_PRESET, metavar="PRESET",
                         help=f"preset name or YAML file to train (default {DEFAULT_PRESET})")
     parser.add_argument("--launcher", choices=batch_scripts.LAUNCHERS, default="mpirun",
                         help="what starts the ranks (default mpirun; srun needs an MPI with Slurm's PMI2)")
+    parser.add_argument("--engine", choices=batch_scripts.ENGINES, default="horovod",
+                        help="what averages the gradients: horovod (default; cross-GPU BN on torch.distributed) "
+                        "or torch (torch.distributed for both; under srun or mpirun)")
     parser.add_argument("--time", default="24:00:00", help="time limit HH:MM:SS (default 24:00:00)")
     parser.add_argument("--partition", "--queue", dest="queue", help="Slurm partition / PBS queue")
     parser.add_argument("--account", help="account to charge")
@@ -101,7 +104,8 @@ def _command_line(args, gpus_per_node: int) -> str:
     words = ["megdet", "job", "--scheduler", args.scheduler, "--gpus", str(args.gpus),
              "--gpus-per-node", str(gpus_per_node), "--config", args.config]
     queue_flag = "--partition" if args.scheduler == "slurm" else "--queue"
-    for flag, value, default in (("--launcher", args.launcher, "mpirun"), ("--time", args.time, "24:00:00"),
+    for flag, value, default in (("--launcher", args.launcher, "mpirun"), ("--engine", args.engine, "horovod"),
+                                 ("--time", args.time, "24:00:00"),
                                  (queue_flag, args.queue, None), ("--account", args.account, None),
                                  ("--gpu-memory", args.gpu_memory, None),
                                  ("--data", args.data, None), ("--stage-to-local", args.stage_to_local, None),
@@ -156,7 +160,7 @@ def plan(args) -> batch_scripts.Job:
     job = batch_scripts.Job(
         scheduler=args.scheduler, name=f"{cfg.name}-{gpus}{'cpu' if args.cpu else 'gpu'}", gpus=gpus,
         gpus_per_node=gpus_per_node, command=command, run_dir=cfg.train.output_dir, launcher=args.launcher,
-        time=args.time, cpu=args.cpu,
+        engine=args.engine, time=args.time, cpu=args.cpu,
         cpus_per_rank=args.cpus_per_rank if args.cpus_per_rank is not None else (
             DEFAULT_CPUS_PER_RANK if cfg.data.num_workers is None else cfg.data.num_workers + 1),
         queue=args.queue, account=args.account, data=data, stage_to=args.stage_to_local,

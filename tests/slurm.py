@@ -90,9 +90,12 @@ class Slurm:
     def start(self) -> None:
         self._start_munge()
         self._write_conf()
-        for daemon in ("slurmctld", "slurmd"):
-            self._run_daemon(daemon, [daemon, "-f", str(self.conf)])
-        self._wait_node_idle()
+        self._run_daemon("slurmctld", ["slurmctld", "-f", str(self.conf)])
+        self._start_slurmds()
+        self._wait_nodes_idle()
+
+    def _start_slurmds(self) -> None:
+        self._run_daemon("slurmd", ["slurmd", "-f", str(self.conf)])
 
     def _start_munge(self) -> None:
         munge = pwd.getpwnam("munge")
@@ -112,12 +115,10 @@ class Slurm:
                                     f"--seed-file={run_dir / 'munged.seed'}"])
 
     def _write_conf(self) -> None:
-        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 // 2
         for name in ("state", "spool"):
             (self.folder / name).mkdir()
         self.conf.write_text(f"""\
 ClusterName=megdet-test
-SlurmctldHost={self.node}
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 SlurmUser=root
@@ -134,14 +135,21 @@ ReturnToService=2
 SchedulerParameters=sched_interval=2
 MinJobAge=900
 StateSaveLocation={self.folder / 'state'}
-SlurmdSpoolDir={self.folder / 'spool'}
 SlurmctldPidFile={self.pid_files['slurmctld']}
-SlurmdPidFile={self.pid_files['slurmd']}
 SlurmctldLogFile={self.folder / 'slurmctld.log'}
+{self._conf_nodes()}""")
+
+    def _conf_nodes(self) -> str:
+        """The slurm.conf lines that place the controller and the nodes: here, both on this host."""
+        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 // 2
+        return f"""\
+SlurmctldHost={self.node}
+SlurmdSpoolDir={self.folder / 'spool'}
+SlurmdPidFile={self.pid_files['slurmd']}
 SlurmdLogFile={self.folder / 'slurmd.log'}
 NodeName={self.node} CPUs={self.cpus} RealMemory={memory_mb} State=UNKNOWN
 PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
-""")
+"""
 
     def _run_daemon(self, name: str, argv: Sequence[str]) -> None:
         """Start a daemon that forks into the background; wait for its pid file."""
@@ -153,16 +161,15 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             raise RuntimeError(f"{name} did not start (exit {done.returncode}): {done.stderr.strip()[-500:]}"
                                f"{self._log_tail(name)}")
 
-    def _wait_node_idle(self) -> None:
+    def _wait_nodes_idle(self) -> None:
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
-        state = ""
+        states = []
         while time.monotonic() < deadline:
-            done = self.command(["sinfo", "--noheader", "--format=%T"], check=False)
-            state = done.stdout.strip()
-            if state.startswith("idle"):
+            states = self.command(["sinfo", "--noheader", "--Node", "--format=%T"], check=False).stdout.split()
+            if states and all(state.startswith("idle") for state in states):
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"node {self.node} is not idle after {DAEMON_START_TIMEOUT} s (state {state!r})"
+        raise RuntimeError(f"the nodes are not idle after {DAEMON_START_TIMEOUT} s (states {states})"
                            f"{self._log_tail('slurmctld')}{self._log_tail('slurmd')}")
 
     def _pid(self, name: str) -> Optional[int]:
@@ -173,12 +180,13 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         return pid if Path(f"/proc/{pid}").exists() else None
 
     def _log_tail(self, name: str) -> str:
-        log = self.folder / ("munge/munged.log" if name == "munged" else f"{name}.log")
+        log = self.folder / ("munge/munged.log" if name == "munged" else f"{name.replace(':', '-')}.log")
         return f"\n{name} log:\n{log.read_text()[-1500:]}" if log.exists() else ""
 
     def stop(self) -> None:
         """Stop the daemons this object started (slurmd first, munged last), by their pid files."""
-        for name in ("slurmd", "slurmctld", "munged"):
+        order = ("slurmd", "slurmctld", "munged")  # a node's slurmd is "slurmd:NODE"
+        for name in sorted(self.pid_files, key=lambda name: order.index(name.split(":")[0])):
             pid = self._pid(name)
             if pid is None:
                 continue

@@ -38,7 +38,7 @@ def straight_run(run_megdet, shapes_shards):
 def test_a_run_trains_checkpoints_evaluates_and_plots(straight_run):
     out, done = straight_run
     assert "finished 40 iterations on 2 ranks" in done.stdout
-    banner = done.stdout[done.stdout.index("megdet train: world of 2 ranks on 1 node(s) (2 per node), launcher horovodrun"):]
+    banner = done.stdout[done.stdout.index("megdet train: world of 2 ranks on 1 node (2 per node), launcher horovodrun"):]
     for line in ("  engines: gradients horovod", "  devices: CPU", "  amp: bf16 autocast; channels-last activations",
                  "  ops: pure-PyTorch nms/roi_align",
                  f"  optimizer: PMDLAMB: multi-tensor kernel, cache blocks of {CPU_BLOCK_NUMEL:,} elements",

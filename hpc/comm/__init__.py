@@ -48,6 +48,7 @@ from hpc.errors import UserError
 from hpc.comm.base import DEFAULT_TIMEOUT_S, ENGINES, OPS, AgreedError, CommError, Communicator, Group, Handle
 from hpc.comm.horovod import HorovodCommunicator
 from hpc.comm.local import LocalCommunicator
+from hpc.comm.rendezvous import DEFAULT_RENDEZVOUS_TIMEOUT_S
 from hpc.comm.torchdist import TorchCommunicator
 from hpc.comm.watchdog import DEFAULT_STALL_TIMEOUT_S, Watchdog
 
@@ -65,7 +66,8 @@ def init(engine: Optional[str] = None, timeout_s: Optional[float] = None,
 
     engine: "horovod", "torch" or "local"; default ``$MEGDET_COMM``, else "horovod" when a launcher
     started more than one process, else "local". timeout_s: default ``$MEGDET_COMM_TIMEOUT`` or 600.
-    Several ranks also start the watchdog, stall timeout ``$MEGDET_STALL_TIMEOUT`` or 60 s.
+    Several ranks also start the watchdog, stall timeout ``$MEGDET_STALL_TIMEOUT`` or 60 s. The torch
+    engine's ranks wait ``$MEGDET_RENDEZVOUS_TIMEOUT`` or 300 s for each other (``rendezvous.meet``).
     cgbn_engine: the engine of cross-GPU BN (``get_cgbn``), ``engine`` itself or "torch" beside
     "horovod" (ignored by "local": one process has nothing to send); default ``$MEGDET_CGBN_COMM``,
     else ``engine``. device: where this rank computes (``hpc.device.select``, called first): the torch
@@ -85,6 +87,7 @@ def init(engine: Optional[str] = None, timeout_s: Optional[float] = None,
                         f"{engine!r}, or 'torch' beside 'horovod'")
     timeout_s = float(timeout_s or _seconds("MEGDET_COMM_TIMEOUT", DEFAULT_TIMEOUT_S))
     stall_timeout_s = _seconds("MEGDET_STALL_TIMEOUT", DEFAULT_STALL_TIMEOUT_S)
+    meet_s = _seconds("MEGDET_RENDEZVOUS_TIMEOUT", DEFAULT_RENDEZVOUS_TIMEOUT_S)
     if engine == "local":
         comm: Communicator = LocalCommunicator(device)
         launch_mod.check_world_size(launch, engine, comm.size)
@@ -94,18 +97,18 @@ def init(engine: Optional[str] = None, timeout_s: Optional[float] = None,
     elif launch.launcher == "horovodrun":
         # horovodrun exports no rendezvous address for torch.distributed: Horovod hands one out, then stops.
         bootstrap = HorovodCommunicator(timeout_s, stall_timeout_s=stall_timeout_s)
-        comm = TorchCommunicator(launch, timeout_s, device, via=bootstrap)
+        comm = TorchCommunicator(launch, timeout_s, device, via=bootstrap, rendezvous_timeout_s=meet_s)
         bootstrap.shutdown()
         launch_mod.check_world_size(launch, engine, comm.size)
     else:
-        comm = TorchCommunicator(launch, timeout_s, device)
+        comm = TorchCommunicator(launch, timeout_s, device, rendezvous_timeout_s=meet_s)
         launch_mod.check_world_size(launch, engine, comm.size)
     comm.timeout_s = timeout_s
     if comm.size > 1:
         comm.watchdog = Watchdog(comm, stall_timeout_s)
     _current = comm
     if cgbn_engine != engine and engine == "horovod":
-        _cgbn = TorchCommunicator(launch, timeout_s, device, via=comm)
+        _cgbn = TorchCommunicator(launch, timeout_s, device, via=comm, rendezvous_timeout_s=meet_s)
     return comm
 
 

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from typing import Any, List, NamedTuple, Optional
 
 import torch
 
 from hpc import launch as launch_mod
 from hpc.comm.base import CommError, Communicator, Group, Handle
-from hpc.comm.rendezvous import free_address, torch_rendezvous
+from hpc.comm import rendezvous
 
 
 BACKENDS = ("nccl", "gloo")
@@ -36,10 +35,13 @@ class TorchCommunicator(Communicator):
     engine = "torch"
 
     def __init__(self, launch: launch_mod.Launch, timeout_s: float, device: torch.device = torch.device("cpu"),
-                 via: Optional[Communicator] = None):
+                 via: Optional[Communicator] = None,
+                 rendezvous_timeout_s: float = rendezvous.DEFAULT_RENDEZVOUS_TIMEOUT_S):
         """device: this rank's device (``hpc.device.select``, already current). via: an engine already
         running on the same ranks, which hands out rank 0's address (the rendezvous under horovodrun);
-        None: the launcher's variables."""
+        None: the launcher's variables. rendezvous_timeout_s: how long the ranks wait for each other
+        before the process group starts (``rendezvous.meet``); ``peers`` then holds every rank's host,
+        address and interface."""
         import torch.distributed as dist
 
         self.dist = dist
@@ -47,21 +49,19 @@ class TorchCommunicator(Communicator):
         if self.backend not in BACKENDS or (self.backend == "nccl" and device.type != "cuda"):
             raise CommError(f"MEGDET_TORCH_BACKEND={self.backend!r} cannot run on {device}: use "
                             f"{'nccl or gloo' if device.type == 'cuda' else 'gloo'}, or unset it")
-        rank, size, address = torch_rendezvous(launch) if via is None else \
-            (via.rank, via.size, via.broadcast_object(free_address() if via.rank == 0 else None))
+        rank, size, address = rendezvous.torch_rendezvous(launch) if via is None else \
+            (via.rank, via.size, via.broadcast_object(rendezvous.free_address() if via.rank == 0 else None))
         self._timeout = datetime.timedelta(seconds=timeout_s)
         # device_id (an indexed torch.device) only under NCCL, where it makes the communicator start
         # now and new groups split from it; gloo takes no device
         eager = {"device_id": torch.device("cuda", torch.cuda.current_device() if device.index is None
                                            else device.index)} if self.backend == "nccl" else {}
-        dist.init_process_group(self.backend, init_method=address, rank=rank, world_size=size,
-                                timeout=self._timeout, **eager)
+        store, self.peers = rendezvous.meet(address, rank, size, rendezvous_timeout_s)
+        dist.init_process_group(self.backend, store=store, rank=rank, world_size=size, timeout=self._timeout, **eager)
         world = dist.group.WORLD
         world = _Handles(world, dist.new_group(backend="gloo", timeout=self._timeout) if self.backend == "nccl"
                          else world)
-        hosts = [None] * size
-        dist.all_gather_object(hosts, socket.gethostname(), group=world.host)
-        local = [r for r, host in enumerate(hosts) if host == hosts[rank]]
+        local = [r for r, peer in enumerate(self.peers) if peer["host"] == self.peers[rank]["host"]]
         super().__init__(rank, size, local.index(rank), len(local), world, device)
         self._ops = {"sum": dist.ReduceOp.SUM, "average": dist.ReduceOp.SUM}
 

@@ -2,6 +2,7 @@
 launcher, the devices, mixed precision, the kernels, the BN groups and Horovod's build.
 
     megdet train: world of 16 ranks on 2 nodes (8 per node), launcher srun under slurm
+      nodes: gpu01 ranks 0-7; gpu02 ranks 8-15
       engines: gradients horovod; cross-GPU BN torch
       devices: 8x NVIDIA H200 per node (139.8 GiB, compute 9.0), one per rank
       amp: bf16 autocast; channels-last activations
@@ -39,6 +40,13 @@ def describe_norm(cfg: config_mod.Config, world_size: int, local_size: int) -> s
     return f"cross-GPU BN over groups of {ranks} ranks ({ranks * cfg.data.images_per_rank} images), {where}"
 
 
+def _span(ranks) -> str:
+    """"0-3" for consecutive ranks, else "0, 2, 4"."""
+    if ranks == list(range(ranks[0], ranks[-1] + 1)) and len(ranks) > 1:
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ", ".join(map(str, ranks))
+
+
 def describe_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> str:
     """The optimizer and the kernel its step runs on ``device``, in words."""
     if hasattr(optimizer, "kernel"):
@@ -67,8 +75,11 @@ def run_banner(cfg: config_mod.Config, comm: comm_mod.Communicator, runtime: Run
     else:
         devices = f"CPU, {first['cores']} cores per process"
     features = horovod_features()
-    lines = [f"megdet {command}: world of {comm.size} ranks on {len(per_host)} node(s) "
+    ranks_of = {host: [r for r, (h, _) in enumerate(views) if h == host] for host in per_host}
+    lines = [f"megdet {command}: world of {comm.size} ranks on {len(per_host)} node{'s' if len(per_host) > 1 else ''} "
              f"({max(per_host.values())} per node), launcher {started.launcher}{scheduler}",
+             *([f"  nodes: " + "; ".join(f"{host} ranks {_span(ranks)}" for host, ranks in ranks_of.items())]
+               if len(per_host) > 1 else []),
              f"  engines: gradients {main.engine}" + ("" if cgbn is main else f"; cross-GPU BN {cgbn.engine}")
              + (f" ({main.backend})" if main.engine == "torch" else ""),
              f"  devices: {devices}",

@@ -30,6 +30,7 @@ launcher) make every rank stop at the same iteration, checkpoint, and exit with 
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -389,6 +390,8 @@ class Trainer:
             tick = now
             done = iteration + 1
             progress.update(1)
+            if iteration == self.start_iter:
+                self.check_replicas(done)
 
             stop_requested = False
             if done % cfg.train.log_period == 0 or done == cfg.solver.max_iter:
@@ -415,6 +418,22 @@ class Trainer:
                 return checkpoint.EXIT_PREEMPTED
         progress.close()
         return self._finish(cfg.solver.max_iter)
+
+    def check_replicas(self, iteration: int) -> None:
+        """Once per run, after its first step: every rank must hold the same parameters, bit for bit (a
+        rank with other code, data or seed, or a gradient it did not average, shows here). Rank 0 says so
+        with the digest; a difference is a bug, raised on every rank. Collective."""
+        digest = hashlib.sha256()
+        for parameter in self.model.parameters():
+            digest.update(parameter.detach().cpu().numpy().tobytes())
+        digests = self.comm.allgather_object(digest.hexdigest())
+        differ = [rank for rank, value in enumerate(digests) if value != digests[0]]
+        if differ:
+            raise RuntimeError(f"after iteration {iteration} the parameters of rank(s) {differ} differ from rank "
+                               f"0's (sha256 {digests[0][:12]}): the replicas have diverged")
+        if self.comm.rank == 0:
+            print(f"megdet train: parameters after iteration {iteration} identical on all {self.comm.size} ranks "
+                  f"(sha256 {digests[0][:12]})", flush=True)
 
     def agree_on_data(self, error: Optional[str]) -> None:
         """Raise ``error`` (this rank's data error for the coming step, or None) on every rank if any rank
