@@ -49,6 +49,15 @@ def write_line(text: str, stream: Optional[TextIO] = None) -> None:
         data = data[os.write(fd, data):]
 
 
+def flush_streams() -> None:
+    """Flush stdout and stderr, ignoring streams that are closed or gone (before an ``os._exit``)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
 def report(message: str) -> None:
     """Write ``message`` as this rank's one error line, ``PROGRAM: error (rank R/N): MESSAGE``, on stderr."""
     write_line(f"{program}: error{rank_label()}: {message}")

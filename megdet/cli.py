@@ -13,17 +13,19 @@ config error answer without importing torch. Errors in the user's input or envir
 (``hpc.errors.UserError``) are printed as one line on every rank with exit status 2, and so is a
 collective that failed for want of a rank that died, stopped or exited (``hpc.comm.failure_reason``);
 anything else is a bug: its traceback, then one line naming the rank that hit it, exit status 1, and the
-other ranks ended in seconds (``hpc.comm.stop_others``). A command that succeeded on every rank ends with a barrier
-(``hpc.comm.finish``) when it started a communicator.
+other ranks ended in seconds (``hpc.comm.stop_others``), as they are after a ``UserError`` that one rank
+met alone. A command that succeeded on every rank ends with a barrier (``hpc.comm.finish``) when it
+started a communicator.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from hpc import errors
+from hpc import errors, launch_env
 from hpc.errors import EXIT_BUG, EXIT_USER_ERROR, UserError
 
 # name: (module, one-line help)
@@ -86,6 +88,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 comm.finish()  # every rank prints it before any exits: a launcher stops the rest at the first exit
             except Exception:  # a rank gone meanwhile (the watchdog names it): this rank's line is out already
                 pass
+        elif comm is not None:
+            comm.stop_others(error)  # this rank's alone: the others would wait for it in their next collective
+            if (launch_env.detect().size or 1) > 1:
+                # An exit in order would also wait in MPI_Finalize's barrier for ranks that wait for this one:
+                # leaving at once is a failure the launcher sees, and it stops the job.
+                errors.flush_streams()
+                os._exit(EXIT_USER_ERROR)
         return EXIT_USER_ERROR
     except Exception as error:
         comm = sys.modules.get("hpc.comm")

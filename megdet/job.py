@@ -125,8 +125,9 @@ def plan(args) -> batch_scripts.Job:
     gpus_per_node = min(cfg.paper.gpus_per_node, gpus) if args.gpus_per_node is None else args.gpus_per_node
     batch_scripts.check_nodes(gpus, gpus_per_node)
     if batch % gpus:
-        raise UserError(f"the batch of {args.config} ({batch} images) does not split over {gpus} GPUs: ask for a "
-                        f"divisor of {batch} GPUs (the paper used {cfg.paper.gpus})")
+        unit = "CPU ranks" if args.cpu else "GPUs"
+        raise UserError(f"the batch of {args.config} ({batch} images) does not split over {gpus} {unit}: ask for a "
+                        f"divisor of {batch} {unit} (the paper used {cfg.paper.gpus} GPUs)")
     preset_images = cfg.data.images_per_rank
     overrides = [] if batch // gpus == preset_images else [f"data.images_per_rank={batch // gpus}"]
     if args.node_local_bn and not cfg.model.bn_node_local:

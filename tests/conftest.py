@@ -7,6 +7,8 @@
 - ``shapes_shards``: 64-pixel synthetic shapes (24 training, 8 validation images) packed into
   ``ROOT/train`` and ``ROOT/val`` once per session; returns ROOT;
 - ``slurm``: a real one-node Slurm started on first use (``tests.slurm``);
+- ``vcluster``: a real 3-node Slurm cluster in network namespaces, started on first use, taken down at
+  the end of the session (``tests.vcluster``; skipped, naming why, where it cannot run);
 - ``realdata``: the real COCO-format sets in ``../shared/realdata`` (the test is skipped, naming the
   folder, where they are not); ``REALDATA``, the same folder, for the paths that ``parametrize`` or
   ``skipif`` need when tests are collected, before any fixture runs.
@@ -17,13 +19,17 @@ the slow tests and those that launch ranks, for the inner loop.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests import multirank
-from tests.slurm import slurm  # noqa: F401  (the session fixture: a one-node Slurm, started on first use)
+from tests import vcluster as vcluster_mod
+from tests import slurm as slurm_mod
 
 REALDATA = multirank.REPO.parent / "shared" / "realdata"
 
@@ -59,6 +65,37 @@ def shapes_shards(tmp_path_factory, run_megdet) -> Path:
                            "--images", str(root / "shapes" / split), "--out", str(root / split)])
         assert done.returncode == 0, done.stderr
     return root
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running one-node Slurm (installed first when root and missing); stopped after the session."""
+    reason = slurm_mod.ensure_debian_packages(slurm_mod.SLURM_PACKAGES, slurm_mod.SLURM_COMMANDS)
+    if reason:
+        pytest.skip(f"no Slurm here: {reason}")
+    cluster = slurm_mod.Slurm(Path(tempfile.mkdtemp(prefix="megdet-slurm-")))
+    try:
+        cluster.start()
+    except (RuntimeError, KeyError, OSError, subprocess.SubprocessError) as error:
+        cluster.stop()
+        pytest.skip(f"Slurm daemons did not come up here: {error}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def vcluster():
+    try:
+        cluster = vcluster_mod.start_session_cluster(nodes=3, cpus=4)
+    except vcluster_mod.ClusterError as error:
+        pytest.skip(f"no virtual cluster here: {error}")
+    try:
+        yield cluster
+    finally:
+        cluster.down()
 
 
 @pytest.fixture(scope="session")

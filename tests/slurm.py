@@ -1,6 +1,6 @@
 """A real one-node Slurm on this machine, for the tests, and Debian packages installed on demand.
 
-    def test_x(slurm):  # the session fixture (registered in conftest); its first use installs and starts Slurm
+    def test_x(slurm):  # the session fixture (conftest.py); its first use installs and starts Slurm
         job = slurm.submit(script, cwd=folder)
         assert slurm.wait(job).state == "COMPLETED"
 
@@ -20,13 +20,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence
-
-import pytest
+from typing import Dict, Optional, Sequence
 
 SLURM_PACKAGES = ("slurm-wlm", "munge")
 SLURM_COMMANDS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "srun")
@@ -204,10 +201,10 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
         return done
 
-    def submit(self, script: Path, cwd: Path, env: Optional[Dict[str, str]] = None) -> str:
-        """``sbatch`` the script from ``cwd`` with environment ``env``; the job id."""
-        done = subprocess.run(["sbatch", "--parsable", str(script)], cwd=cwd, capture_output=True, text=True,
-                              timeout=60, env={**(env or os.environ), "SLURM_CONF": str(self.conf)})
+    def submit(self, script: Path, cwd: Path, env: Optional[Dict[str, str]] = None, options: Sequence[str] = ()) -> str:
+        """``sbatch OPTIONS SCRIPT`` from ``cwd`` with environment ``env``; the job id."""
+        done = subprocess.run(["sbatch", "--parsable", *options, str(script)], cwd=cwd, capture_output=True,
+                              text=True, timeout=60, env={**(env or os.environ), "SLURM_CONF": str(self.conf)})
         if done.returncode != 0:
             raise RuntimeError(f"sbatch {script} failed ({done.returncode}): {done.stderr.strip()}")
         return done.stdout.strip().split(";")[0]
@@ -227,25 +224,6 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             if info.state in until:
                 return info
             if time.monotonic() > deadline:
-                pytest.fail(f"job {job_id} still {info.state} after {timeout:.0f} s (waiting for "
+                raise TimeoutError(f"job {job_id} still {info.state} after {timeout:.0f} s (waiting for "
                             f"{'/'.join(until)}){self._log_tail('slurmctld')}{self._log_tail('slurmd')}")
             time.sleep(poll_s)
-
-
-@pytest.fixture(scope="session")
-def slurm() -> Iterator[Slurm]:
-    """A running one-node Slurm (installed first when root and missing); stopped after the session."""
-    reason = ensure_debian_packages(SLURM_PACKAGES, SLURM_COMMANDS)
-    if reason:
-        pytest.skip(f"no Slurm here: {reason}")
-    cluster = Slurm(Path(tempfile.mkdtemp(prefix="megdet-slurm-")))
-    try:
-        cluster.start()
-    except (RuntimeError, KeyError, OSError, subprocess.SubprocessError) as error:
-        cluster.stop()
-        pytest.skip(f"Slurm daemons did not come up here: {error}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(cluster.folder, ignore_errors=True)

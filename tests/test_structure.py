@@ -164,7 +164,7 @@ def test_fixtures_are_asked_for_by_name_never_imported_from_another_test_module(
     direct call), and only in the tests that reach the call: the shared ones live in conftest.py."""
     tests = REPO / "tests"
     fixtures = {f"tests.{path.stem}": fixtures_defined_in(path) for path in tests.glob("*.py")}
-    assert "job_env" in fixtures["tests.conftest"] and "slurm" in fixtures["tests.slurm"], "the scan finds fixtures"
+    assert {"job_env", "slurm"} <= fixtures["tests.conftest"], "the scan finds fixtures"
     imported = []
     for path in sorted(tests.glob("*.py")):
         if path.name == "conftest.py":

@@ -13,7 +13,7 @@ Layout (cluster index I, nodes k = 1..N): a bridge ``mdvcIbr`` in this host's na
 10.77.I.254/24 (where the nodes reach ``slurmctld``), and per node a namespace ``megdet-vcI-vnodek``
 joined to the bridge by a veth pair (``mdvcInk`` here, ``eth0`` inside) at 10.77.I.k. Each slurmd runs
 in a private mount and UTS namespace entered into its network namespace: ``/etc/hosts`` there is the
-cluster's hosts file (every node's name), its hostname is the node's, and ``NODE_LOCAL`` (the same path
+node's own copy of the cluster's hosts file (every node's name), its hostname is the node's, and ``NODE_LOCAL`` (the same path
 on every node, like a node's local scratch disk) is bound to that node's own folder. The jobs slurmd
 starts inherit all three. The file system is otherwise shared, as a cluster's is.
 
@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from tests.slurm import SLURM_COMMANDS, SLURM_PACKAGES, Slurm, ensure_debian_packages
 
@@ -99,7 +99,8 @@ class VirtualCluster(Slurm):
         self.nodes = [Node(f"vnode{k}", str(self.subnet[k]), NAMESPACE.format(index=index, node=f"vnode{k}"),
                            f"mdvc{index}n{k}") for k in range(1, nodes + 1)]
         self.node = self.nodes[0].name
-        self.hosts_file = self.folder / "hosts"
+        self.hosts_text = "".join([f"127.0.0.1 localhost\n{self.head_address} {socket.gethostname()} vc-head\n",
+                                   *(f"{node.address} {node.name}\n" for node in self.nodes)])
         self.node_local = self.folder / "node-local"   # the same path on every node, its own folder on each
         self.pid_files.pop("slurmd")
         self.pid_files.update({f"slurmd:{node.name}": self.folder / f"slurmd-{node.name}.pid" for node in self.nodes})
@@ -152,7 +153,6 @@ class VirtualCluster(Slurm):
         ip("link", "add", self.bridge, "type", "bridge")
         ip("addr", "add", f"{self.head_address}/{self.subnet.prefixlen}", "dev", self.bridge)
         ip("link", "set", self.bridge, "up")
-        hosts = ["127.0.0.1 localhost", f"{self.head_address} {socket.gethostname()} vc-head"]
         for node in self.nodes:
             ip("netns", "add", node.namespace)
             ip("link", "add", node.link, "type", "veth", "peer", "name", "eth0", "netns", node.namespace)
@@ -161,8 +161,7 @@ class VirtualCluster(Slurm):
             ip("-n", node.namespace, "link", "set", "eth0", "up")
             ip("-n", node.namespace, "link", "set", "lo", "up")
             (self.folder / "nodes" / node.name / "local").mkdir(parents=True)
-            hosts.append(f"{node.address} {node.name}")
-        self.hosts_file.write_text("\n".join(hosts) + "\n")
+            self.set_hosts(node.name, self.hosts_text)
         self.node_local.mkdir()
 
     def down(self) -> None:
@@ -172,10 +171,12 @@ class VirtualCluster(Slurm):
             if node.namespace in namespaces():
                 self.kill_node(node.name)
                 ip("netns", "delete", node.namespace)
-            if ip("link", "show", node.link, check=False).returncode == 0:
-                ip("link", "delete", node.link)
-        if ip("link", "show", self.bridge, check=False).returncode == 0:
-            ip("link", "delete", self.bridge)
+            ip("link", "delete", node.link, check=False)  # its namespace's deletion may have taken it already
+        ip("link", "delete", self.bridge, check=False)
+        left = [name for name in [n.link for n in self.nodes] + [self.bridge]
+                if ip("link", "show", name, check=False).returncode == 0]
+        if left:
+            raise ClusterError(f"links {', '.join(left)} are still there after 'ip link delete': remove them by hand")
         shutil.rmtree(self.folder, ignore_errors=True)
 
     # -- Slurm's side (tests.slurm.Slurm calls these) -------------------------------------------------
@@ -205,9 +206,36 @@ class VirtualCluster(Slurm):
         node = self.by_name(name)
         enter = ('mount --bind "$0" /etc/hosts && mount --bind "$1" "$2" && hostname "$3" && '
                  'exec nsenter --net="/run/netns/$4" "${@:5}"')
-        return ["unshare", "--mount", "--uts", "--propagation", "private", "bash", "-c", enter, str(self.hosts_file),
-                str(self.folder / "nodes" / node.name / "local"), str(self.node_local), node.name, node.namespace,
-                *argv]
+        return ["unshare", "--mount", "--uts", "--propagation", "private", "bash", "-c", enter,
+                str(self.hosts_file(name)), str(self.folder / "nodes" / node.name / "local"), str(self.node_local),
+                node.name, node.namespace, *argv]
+
+    def hosts_file(self, name: str) -> Path:
+        return self.folder / "nodes" / name / "hosts"
+
+    def set_hosts(self, name: str, text: str) -> None:
+        """Node ``name``'s /etc/hosts, rewritten in place (the file its processes have bound keeps its
+        inode, so they see the change): a test breaks or restores one node's name resolution."""
+        with open(self.hosts_file(name), "w") as hosts:
+            hosts.write(text)
+
+    def revive(self, name: str, timeout_s: float = 60) -> None:
+        """Start node ``name``'s slurmd again (after ``kill_node``), with its link up and its hosts file
+        whole, and wait until Slurm hears from it (ReturnToService=2 takes a DOWN node back)."""
+        self.set_link(name, up=True)
+        self.set_hosts(name, self.hosts_text)
+        if not alive(self._pid(f"slurmd:{name}")):
+            self._run_daemon(f"slurmd:{name}", self.on_node(name, ["slurmd", "-f", str(self.conf), "-N", name]))
+        deadline = time.monotonic() + timeout_s
+        while not self._responding(name):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{name} is {self.node_states().get(name)} {timeout_s:g} s after its slurmd "
+                                   f"restarted{self._log_tail('slurmd:' + name)}")
+            time.sleep(0.5)
+
+    def _responding(self, name: str) -> bool:
+        state = self.node_states().get(name, "down*")
+        return not state.endswith("*") and not state.startswith(("down", "drain", "fail"))
 
     def exec(self, name: str, argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(self.on_node(name, argv), env=self.env, **kwargs)
@@ -279,17 +307,15 @@ def free_index() -> int:
                        f"{ROOT}/{PREFIX}*")
 
 
-def session_cluster(nodes: int = 3, cpus: int = 4) -> Iterator[VirtualCluster]:
-    """A cluster of its own for this test session (another session may run beside it); down at the end."""
+def start_session_cluster(nodes: int = 3, cpus: int = 4) -> VirtualCluster:
+    """A cluster of its own for this test session (another session may run beside it), up; the caller
+    takes it down. Clusters of sessions that crashed are removed first."""
     with open(ROOT / "megdet-vcluster.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)   # held until the cluster is up: its folder and namespaces claim the index
         remove_stale_test_clusters()
         cluster = VirtualCluster(free_index(), nodes=nodes, cpus=cpus)
         cluster.up()
-    try:
-        yield cluster
-    finally:
-        cluster.down()
+    return cluster
 
 
 # -- the command line (scripts/vcluster.sh) ----------------------------------------------------------------

@@ -162,12 +162,19 @@ def finish() -> None:
 
 
 def stop_others(error: BaseException) -> None:
-    """After a bug on this rank (``error``, reported with its traceback): end the other ranks in seconds,
-    each with a line naming this rank, rather than leave them waiting in a collective. Nothing to do
-    without a watchdog (one process)."""
-    if _current is not None and _current.watchdog is not None:
-        _current.watchdog.stop_others(f"rank {_current.rank} stopped on a bug ({errors.bug_summary(error)}): "
-                                      "ending the run; that rank's traceback locates it")
+    """After this rank failed alone (a bug, reported with its traceback, or a ``UserError`` the other
+    ranks have not agreed on): end them in seconds, each with a line naming this rank and carrying the
+    error's words, rather than leave them waiting in a collective until MEGDET_COMM_TIMEOUT (a launcher
+    that stops the job at the first exit may cut this rank's own line: theirs still explains it).
+    Nothing to do without a watchdog (one process)."""
+    if _current is None or _current.watchdog is None:
+        return
+    if isinstance(error, UserError):
+        line = f"rank {_current.rank} stopped on bad input: {error}"
+    else:
+        line = (f"rank {_current.rank} stopped on a bug ({errors.bug_summary(error)}): ending the run; that rank's "
+                "traceback locates it")
+    _current.watchdog.stop_others(line)
 
 
 def failure_reason(error: BaseException) -> Optional[str]:

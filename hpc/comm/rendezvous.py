@@ -40,6 +40,11 @@ def torch_rendezvous(launch: launch_mod.Launch) -> Tuple[int, int, str]:
     env = os.environ
     if "MASTER_ADDR" in env and launch.size is not None and launch.rank is not None:
         return launch.rank, launch.size, f"tcp://{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
+    if launch.launcher == "srun" or _srun_started_the_ranks(env):
+        nodes = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_STEP_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+        port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        return launch.rank, launch.size, f"tcp://{nodes[0]}:{port}"
     if launch.launcher == "mpirun":
         try:
             from mpi4py import MPI
@@ -48,16 +53,19 @@ def torch_rendezvous(launch: launch_mod.Launch) -> Tuple[int, int, str]:
         world = MPI.COMM_WORLD
         address = free_address() if world.Get_rank() == 0 else None
         return world.Get_rank(), world.Get_size(), world.bcast(address, root=0)
-    if launch.launcher == "srun":
-        nodes = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_STEP_NODELIST"]],
-                               capture_output=True, text=True, check=True).stdout.split()
-        port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
-        return launch.rank, launch.size, f"tcp://{nodes[0]}:{port}"
     if launch.launcher == "none":
         raise CommError("the torch engine needs a launcher: use torchrun, mpirun or srun "
                         "(or MEGDET_COMM=local for one process)")
     raise CommError(f"the torch engine cannot rendezvous under {launch.launcher}: use torchrun, mpirun, "
                     "srun or horovodrun, or MEGDET_COMM=horovod")
+
+
+def _srun_started_the_ranks(env) -> bool:
+    """srun (with an MPI plugin, which adds PMI variables) started one task per rank: rank 0's host is
+    the step's first node, and no MPI start is needed to learn it. Under mpirun inside an allocation,
+    srun starts one proxy per node instead, and its task count is the node count."""
+    return (launch_mod.env_int(env, "SLURM_STEP_NUM_TASKS") == launch_mod.env_int(env, "PMI_SIZE") is not None
+            and env.get("SLURM_PROCID") == env.get("PMI_RANK"))
 
 
 def free_address() -> str:

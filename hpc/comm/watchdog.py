@@ -104,11 +104,7 @@ class Watchdog:
                 rank, _, who = rest.partition(" ")
                 self._gone[int(rank)] = who
             elif word == "fail":
-                for stream in (sys.stdout, sys.stderr):
-                    try:
-                        stream.flush()
-                    except (OSError, ValueError):
-                        pass
+                errors.flush_streams()
                 errors.report(rest)
                 os._exit(EXIT_PEER_FAILED)
 
