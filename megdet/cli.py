@@ -35,7 +35,8 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "job": ("megdet.job", "write a Slurm or PBS script that trains a preset on N GPUs (checked, resumable)"),
     "synth": ("megdet.data.synth", "write a synthetic COCO data set of shapes (JPEG + instances json), from a seed"),
     "train": ("megdet.commands.train", "train a detector from a preset (under horovodrun, mpirun, srun or alone)"),
-    "eval": ("megdet.commands.eval", "COCO box or mask AP of a trained model on shards, or of a results file (pycocotools)"),
+    "eval": ("megdet.commands.eval", "COCO box or mask AP of a trained model on shards, or of a results file (pycocotools); "
+             "the Open Images challenge mAP@0.5 of a results CSV (--metric open-images)"),
     "plot": ("megdet.commands.plot", "draw a run's loss, learning rate, throughput and AP curves, or a benchmark's results, to PNG"),
     "pack": ("megdet.pack", "pack a COCO split into HDF5 shards (alone or under mpirun); export it back"),
     "show": ("megdet.commands.show", "draw validation images with their ground truth and a trained model's detections (boxes, classes, scores, masks) into one PNG"),

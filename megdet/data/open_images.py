@@ -1,0 +1,439 @@
+"""The Open Images files of the detection challenge -> validated arrays, and the class hierarchy.
+
+    hierarchy = read_hierarchy("bbox_labels_600_hierarchy.json", "class-descriptions-boxable.csv")
+    truth = read_ground_truth("validation-annotations-bbox.csv",
+                              "validation-annotations-human-imagelabels-boxable.csv", hierarchy)
+    detections = read_detections("detections.csv", truth, hierarchy)
+
+Files (CSV with a header line unless said otherwise; only the columns named here are read, in any order):
+  boxes         ImageID, LabelName, XMin, XMax, YMin, YMax (normalised to [0, 1]), IsGroupOf (0 or 1)
+  image labels  ImageID, LabelName, Confidence (1: verified present, 0: verified absent)
+  classes       LabelName, DisplayName; no header (class-descriptions-boxable.csv)
+  hierarchy     JSON {"LabelName": ..., "Subcategory": [{"LabelName": ..., "Subcategory": [...]}, ...]}
+  detections    ImageID, LabelName, Score (in [0, 1]), XMin, XMax, YMin, YMax
+Boxes are kept as float64 [N, 4] (xmin, ymin, xmax, ymax), normalised. Images are numbered in the
+sorted order of their ImageIDs over the boxes and image-label files (the images that have ground
+truth); classes in the order of the classes file. Every problem in a file is a ``UserError`` that names
+the file, the line and the fix.
+
+The hierarchy's top node (Open Images' "Entity") stands above all classes and is not one of them. A
+label may sit under several parents (the official 600-class hierarchy has 45 such labels): the
+hierarchy is a directed acyclic graph, and a cycle is refused. "Part" lists (the parts of an object:
+a human's face) are not kinds of it and expand nothing, as in the TF Object Detection API's expansion.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import gc
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from hpc.errors import UserError
+
+BOX_COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax", "IsGroupOf")
+IMAGE_LABEL_COLUMNS = ("ImageID", "LabelName", "Confidence")
+DETECTION_COLUMNS = ("ImageID", "LabelName", "Score", "XMin", "XMax", "YMin", "YMax")
+CORNERS = ("XMin", "YMin", "XMax", "YMax")  # the column of each box coordinate, in array order
+CHUNK_ROWS = 1 << 19  # rows turned into arrays at a time: bounds the memory of reading a 4M-row file
+
+
+class ClassHierarchy:
+    """The classes, in index order, and their is-a hierarchy (a directed acyclic graph).
+
+    names: LabelName per class ("/m/01g317"). parents: the direct parents of each class, as class
+    indices (the hierarchy's top node excluded). ``up`` lists each class with all its ancestors,
+    ``down`` each class with all its descendants: the expansions of a positive and of a negative label.
+    """
+
+    def __init__(self, names: Sequence[str], parents: Sequence[Sequence[int]],
+                 display_names: Optional[Sequence[str]] = None):
+        self.names = tuple(names)
+        self.display_names = tuple(display_names) if display_names is not None else self.names
+        self.index: Dict[str, int] = {name: i for i, name in enumerate(self.names)}
+        if len(self.index) != len(self.names) or len(self.display_names) != len(self.names) \
+                or len(parents) != len(self.names):
+            raise ValueError(f"Invalid classes: {len(self.names)} names ({len(self.index)} distinct), "
+                             f"{len(self.display_names)} display names, {len(parents)} parent lists")
+        self.parents = tuple(tuple(sorted(set(int(p) for p in ps))) for ps in parents)
+        if any(p < 0 or p >= len(self.names) for ps in self.parents for p in ps):
+            raise ValueError(f"Invalid parents: class indices must be in 0..{len(self.names) - 1}")
+        cycle = find_cycle(self.parents)
+        if cycle is not None:
+            raise ValueError("Invalid hierarchy: a cycle " + " > ".join(self.names[c] for c in cycle))
+        children: List[List[int]] = [[] for _ in self.names]
+        for child, ps in enumerate(self.parents):
+            for parent in ps:
+                children[parent].append(child)
+        self.up = Expansion.of(reachable(self.parents))
+        self.down = Expansion.of(reachable(children))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """Class c -> c followed by the classes it expands to, as flat arrays: members[offsets[c]:offsets[c + 1]]."""
+
+    offsets: np.ndarray  # int64 [C + 1]
+    members: np.ndarray  # int64 [offsets[-1]]
+
+    @classmethod
+    def of(cls, extra: Sequence[Sequence[int]]) -> "Expansion":
+        lists = [[c, *sorted(more)] for c, more in enumerate(extra)]
+        offsets = np.zeros(len(lists) + 1, np.int64)
+        offsets[1:] = np.cumsum([len(members) for members in lists])
+        return cls(offsets, np.array([c for members in lists for c in members], np.int64))
+
+    def expand(self, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(rows int64 [N'], labels int64 [N']): each of ``labels`` (int [N]) followed by the classes it
+        expands to; ``rows`` says which input each output came from."""
+        labels = np.asarray(labels, np.int64)
+        counts = self.offsets[labels + 1] - self.offsets[labels]
+        rows = np.repeat(np.arange(len(labels)), counts)
+        # position of each output within its input's list: 0, 1, ..., counts[i] - 1
+        within = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+        return rows, self.members[self.offsets[labels][rows] + within]
+
+
+def find_cycle(successors: Sequence[Sequence[int]]) -> Optional[List[int]]:
+    """One cycle of the directed graph node -> ``successors[node]`` as [a, b, ..., a], or None."""
+    state = [0] * len(successors)  # 0: not seen, 1: on the current path, 2: done
+    for start in range(len(successors)):
+        if state[start]:
+            continue
+        path, pending = [start], [iter(successors[start])]
+        state[start] = 1
+        while path:
+            node = next(pending[-1], None)
+            if node is None:
+                state[path.pop()] = 2
+                pending.pop()
+            elif state[node] == 1:
+                return path[path.index(node):] + [node]
+            elif state[node] == 0:
+                state[node] = 1
+                path.append(node)
+                pending.append(iter(successors[node]))
+    return None
+
+
+def reachable(successors: Sequence[Sequence[int]]) -> List[set]:
+    """For each node of an acyclic graph, the set of nodes reachable from it (itself excluded)."""
+    reach: List[Optional[set]] = [None] * len(successors)
+    for start in range(len(successors)):
+        stack = [start]
+        while stack:
+            node = stack[-1]
+            waiting = [s for s in successors[node] if reach[s] is None]
+            if waiting:
+                stack.extend(waiting)
+                continue
+            reach[node] = set(successors[node]).union(*(reach[s] for s in successors[node]))
+            stack.pop()
+    return reach
+
+
+@dataclass(frozen=True)
+class BoxTable:
+    """Ground-truth boxes of many images, one row each."""
+
+    image: np.ndarray     # int64 [N]: image index
+    label: np.ndarray     # int64 [N]: class index
+    boxes: np.ndarray     # float64 [N, 4]: xmin, ymin, xmax, ymax, normalised
+    group_of: np.ndarray  # bool [N]: the box covers a group of objects of its class
+
+
+@dataclass(frozen=True)
+class ImageLabelTable:
+    """Verified image-level labels of many images, one row each."""
+
+    image: np.ndarray     # int64 [L]
+    label: np.ndarray     # int64 [L]
+    positive: np.ndarray  # bool [L]: True: the class is in the image, False: it is not
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """The ground truth of the evaluated images: ``image_ids[i]`` is image i of the tables."""
+
+    image_ids: Tuple[str, ...]
+    boxes: BoxTable
+    image_labels: ImageLabelTable
+
+
+@dataclass(frozen=True)
+class DetectionTable:
+    """Detections of many images, one row each."""
+
+    image: np.ndarray   # int64 [D]
+    label: np.ndarray   # int64 [D]
+    boxes: np.ndarray   # float64 [D, 4]: xmin, ymin, xmax, ymax, normalised
+    scores: np.ndarray  # float64 [D]
+
+
+def read_classes(path) -> Tuple[List[str], List[str]]:
+    """(LabelNames, DisplayNames) of a class descriptions file (two columns, no header)."""
+    names: List[str] = []
+    displays: List[str] = []
+    first_line: Dict[str, int] = {}
+    with _reading(path, "classes") as reader:
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != 2 or not row[0].strip():
+                raise UserError(f"classes file {path} line {reader.line_num}: {len(row)} fields "
+                                f"({','.join(row)[:80]!r}) where LabelName,DisplayName are expected: give "
+                                "class-descriptions-boxable.csv (two columns, no header)")
+            name = row[0].strip()
+            if name in first_line:
+                raise UserError(f"classes file {path} line {reader.line_num}: LabelName {name} again (first on "
+                                f"line {first_line[name]}): keep one line per class")
+            first_line[name] = reader.line_num
+            names.append(name)
+            displays.append(row[1])
+    if not names:
+        raise UserError(f"classes file {path} is empty: give class-descriptions-boxable.csv")
+    return names, displays
+
+
+def read_hierarchy(path, classes_path) -> ClassHierarchy:
+    """The classes of ``classes_path`` and the hierarchy of the JSON file ``path`` over them."""
+    names, displays = read_classes(classes_path)
+    index = {name: i for i, name in enumerate(names)}
+    tree = _read_json(path, "hierarchy")
+    if not isinstance(tree, dict) or not isinstance(tree.get("LabelName"), str):
+        raise UserError(f"hierarchy file {path} is not an Open Images hierarchy (its top level must be an object "
+                        "with a LabelName and a Subcategory list): give bbox_labels_600_hierarchy.json")
+    parents: List[set] = [set() for _ in names]
+    stack = [(tree, None, tree["LabelName"])]  # (node, its parent's class index, the labels down to it)
+    while stack:
+        node, parent, where = stack.pop()
+        label = node.get("LabelName") if isinstance(node, dict) else None
+        if not isinstance(label, str):
+            raise UserError(f"hierarchy file {path}: a node under {where} is not an object with a LabelName: "
+                            "each entry of a Subcategory list is {\"LabelName\": ..., \"Subcategory\": [...]}")
+        subcategories = node.get("Subcategory", [])
+        if not isinstance(subcategories, list):
+            raise UserError(f"hierarchy file {path}: the Subcategory of {where} is not a list: make it a list "
+                            "of {\"LabelName\": ...} objects")
+        this = None  # the top node stands above the classes and is none of them
+        if node is not tree:
+            if label not in index:
+                raise UserError(f"hierarchy file {path}: LabelName {label} (at {where}) is not in the classes "
+                                f"file {classes_path}: use the hierarchy and class descriptions of one release")
+            this = index[label]
+            if parent is not None:
+                parents[this].add(parent)
+        stack.extend((child, this, f"{where} > {child.get('LabelName') if isinstance(child, dict) else '?'}")
+                     for child in subcategories)
+    cycle = find_cycle([sorted(p) for p in parents])
+    if cycle is not None:
+        raise UserError(f"hierarchy file {path}: a cycle, each label the parent of the next: "
+                        f"{' > '.join(names[c] for c in reversed(cycle))}: a label cannot be its own ancestor; "
+                        "remove one of these Subcategory entries")
+    return ClassHierarchy(names, [sorted(p) for p in parents], displays)
+
+
+def read_ground_truth(boxes_path, labels_path, hierarchy: ClassHierarchy) -> GroundTruth:
+    """The boxes and verified image-level labels of the evaluated images (those named in either file)."""
+    box_ids, box_labels, box_corners, box_group_of = [], [], [], []
+    for lines, columns in _csv_chunks(boxes_path, "boxes", BOX_COLUMNS):
+        box_ids.append(_image_ids(columns["ImageID"], lines, "boxes", boxes_path))
+        box_labels.append(_class_indices(columns["LabelName"], lines, hierarchy, "boxes", boxes_path))
+        box_corners.append(_corners(columns, lines, "boxes", boxes_path))
+        box_group_of.append(_flags(columns["IsGroupOf"], lines, "boxes", boxes_path, "IsGroupOf",
+                                   "1 for a box around a group of objects, else 0") == 1)
+    label_ids, label_labels, label_positive = [], [], []
+    for lines, columns in _csv_chunks(labels_path, "image labels", IMAGE_LABEL_COLUMNS):
+        label_ids.append(_image_ids(columns["ImageID"], lines, "image labels", labels_path))
+        label_labels.append(_class_indices(columns["LabelName"], lines, hierarchy, "image labels", labels_path))
+        label_positive.append(_flags(columns["Confidence"], lines, "image labels", labels_path, "Confidence",
+                                     "1 for a class verified present, 0 for one verified absent: give the "
+                                     "human-verified labels file") == 1)
+    box_ids_all = np.concatenate(box_ids) if box_ids else np.zeros(0, str)
+    label_ids_all = np.concatenate(label_ids) if label_ids else np.zeros(0, str)
+    image_ids, images = np.unique(np.concatenate([box_ids_all, label_ids_all]), return_inverse=True)
+    boxes = BoxTable(images[:len(box_ids_all)].astype(np.int64), _joined(box_labels, np.int64),
+                     np.concatenate(box_corners) if box_corners else np.zeros((0, 4)), _joined(box_group_of, bool))
+    labels = ImageLabelTable(images[len(box_ids_all):].astype(np.int64), _joined(label_labels, np.int64),
+                             _joined(label_positive, bool))
+    return GroundTruth(tuple(image_ids.tolist()), boxes, labels)
+
+
+def read_detections(path, truth: GroundTruth, hierarchy: ClassHierarchy) -> DetectionTable:
+    """The detections of a results CSV, on the images of ``truth``."""
+    image_index = {image_id: i for i, image_id in enumerate(truth.image_ids)}
+    images, labels, corners, scores = [], [], [], []
+    for lines, columns in _csv_chunks(path, "results", DETECTION_COLUMNS):
+        chunk_images = np.array([image_index.get(image_id, -1) for image_id in columns["ImageID"]], np.int64)
+        if (chunk_images < 0).any():
+            row = int(np.argmax(chunk_images < 0))
+            raise UserError(f"results file {path} line {lines[row]}: ImageID {columns['ImageID'][row]!r} has no "
+                            "ground truth (no box and no image-level label): evaluate the detections of the "
+                            "ground truth's images")
+        images.append(chunk_images)
+        labels.append(_class_indices(columns["LabelName"], lines, hierarchy, "results", path))
+        corners.append(_corners(columns, lines, "results", path))
+        chunk_scores = _numbers(columns["Score"], lines, "results", path, "Score")
+        _refuse_first((chunk_scores < 0) | (chunk_scores > 1), lines, path, "results",
+                      lambda row: f"Score {chunk_scores[row]!r} is outside [0, 1]: give the detector's confidence")
+        scores.append(chunk_scores)
+    return DetectionTable(_joined(images, np.int64), _joined(labels, np.int64),
+                          np.concatenate(corners) if corners else np.zeros((0, 4)), _joined(scores, np.float64))
+
+
+def _joined(pieces: List[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(pieces).astype(dtype, copy=False) if pieces else np.zeros(0, dtype)
+
+
+@contextlib.contextmanager
+def _reading(path, what: str) -> Iterator:
+    """A csv reader of ``path``; a missing file, and format and encoding errors, as one-line ``UserError``s."""
+    try:
+        handle = open(path, newline="", encoding="utf-8-sig")  # a byte-order mark is not part of the header
+    except FileNotFoundError:
+        raise UserError(f"{what} file {path} does not exist: check the path") from None
+    except OSError as error:
+        raise UserError(f"cannot read {what} file {path} ({error.__class__.__name__}): check the file") from None
+    with handle:
+        reader = csv.reader(handle)
+        try:
+            yield reader
+        except csv.Error as error:
+            raise UserError(f"{what} file {path} line {reader.line_num}: not CSV ({error}): fix the line") from None
+        except UnicodeDecodeError as error:
+            raise UserError(f"{what} file {path} is not UTF-8 text (after line {reader.line_num}: {error.reason}): "
+                            "check the file") from None
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a large CSV is read: the millions of row lists set it
+    off again and again (reading 4.2M detections took 3x the time), and they hold no cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _csv_chunks(path, what: str, required: Sequence[str]) -> Iterator[Tuple[np.ndarray, Dict[str, tuple]]]:
+    """The ``required`` columns of a CSV file with a header, in chunks of up to ``CHUNK_ROWS`` rows:
+    (file line of each row, int64 [R]; {column: R strings}). Blank lines are skipped."""
+    with _reading(path, what) as reader, _collector_paused():
+        header = [name.strip() for name in next(reader, [])]
+        missing = [name for name in required if name not in header]
+        if missing:
+            raise UserError(f"{what} file {path} lacks the column{'s' * (len(missing) > 1)} {', '.join(missing)} "
+                            f"(header: {','.join(header)[:200] or 'none'}): give a CSV whose header line names "
+                            f"{', '.join(required)}")
+        positions = [header.index(name) for name in required]
+        chunk: List[List[str]] = []
+        lines: List[int] = []
+        for row in reader:
+            if len(row) != len(header):
+                if not row:
+                    continue
+                raise UserError(f"{what} file {path} line {reader.line_num}: {len(row)} fields where the header "
+                                f"has {len(header)}: fix or remove the line")
+            chunk.append(row)
+            lines.append(reader.line_num)
+            if len(chunk) == CHUNK_ROWS:
+                yield _columns(chunk, lines, required, positions)
+                chunk, lines = [], []
+        if chunk:
+            yield _columns(chunk, lines, required, positions)
+
+
+def _columns(chunk, lines, required, positions):
+    fields = list(zip(*chunk))
+    return np.array(lines, np.int64), {name: fields[position] for name, position in zip(required, positions)}
+
+
+def _refuse_first(bad: np.ndarray, lines: np.ndarray, path, what: str, problem) -> None:
+    """A ``UserError`` for the first row where ``bad`` (bool [R]) holds:
+    "<what> file <path> line <n>: <problem(row)>"."""
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise UserError(f"{what} file {path} line {lines[row]}: {problem(row)}")
+
+
+def _numbers(values: tuple, lines: np.ndarray, what: str, path, column: str) -> np.ndarray:
+    """float64 [R] of a column's strings; a value that is not a finite number is an error."""
+    try:
+        numbers = np.array(values, dtype=np.float64)
+    except ValueError:
+        for value, line in zip(values, lines):
+            try:
+                float(value)
+            except ValueError:
+                raise UserError(f"{what} file {path} line {line}: {column} {value!r} is not a number: "
+                                "fix the line") from None
+        raise
+    _refuse_first(~np.isfinite(numbers), lines, path, what,
+                  lambda row: f"{column} {values[row]!r} is not a finite number: fix the line")
+    return numbers
+
+
+def _flags(values: tuple, lines, what: str, path, column: str, meaning: str) -> np.ndarray:
+    numbers = _numbers(values, lines, what, path, column)
+    _refuse_first((numbers != 0) & (numbers != 1), lines, path, what,
+                  lambda row: f"{column} {values[row]!r} is neither 0 nor 1: write {meaning}")
+    return numbers
+
+
+def _image_ids(values: tuple, lines, what: str, path) -> np.ndarray:
+    ids = np.array(values, dtype=str)
+    _refuse_first(np.char.str_len(np.char.strip(ids)) == 0, lines, path, what,
+                  lambda row: "ImageID is empty: give each row its image's id")
+    return ids
+
+
+def _class_indices(values: tuple, lines, hierarchy: ClassHierarchy, what: str, path) -> np.ndarray:
+    indices = np.array([hierarchy.index.get(name, -1) for name in values], np.int64)
+    _refuse_first(indices < 0, lines, path, what,
+                  lambda row: f"LabelName {values[row]!r} is not in the classes file: use the classes file of the "
+                              "same release, or leave out that class's rows")
+    return indices
+
+
+def _corners(columns: Mapping[str, tuple], lines, what: str, path) -> np.ndarray:
+    """float64 [R, 4] (xmin, ymin, xmax, ymax) of a chunk; each in [0, 1], min <= max."""
+    corners = np.stack([_numbers(columns[name], lines, what, path, name) for name in CORNERS], axis=1)
+    for axis, name in enumerate(CORNERS):
+        _refuse_first((corners[:, axis] < 0) | (corners[:, axis] > 1), lines, path, what,
+                      lambda row: f"{name} {columns[name][row]} is outside [0, 1]: coordinates are fractions of "
+                                  "the image's width and height; clip them to [0, 1]")
+    for low, high in ((0, 2), (1, 3)):
+        _refuse_first(corners[:, low] > corners[:, high], lines, path, what,
+                      lambda row: f"{CORNERS[low]} {columns[CORNERS[low]][row]} > {CORNERS[high]} "
+                                  f"{columns[CORNERS[high]][row]}: the columns are XMin, XMax, YMin, YMax, in that "
+                                  "order in the official files; swap the two values")
+    return corners
+
+
+def _read_json(path, what: str):
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{what} file {path} does not exist: check the path") from None
+    except OSError as error:
+        raise UserError(f"cannot read {what} file {path} ({error.__class__.__name__}): check the file") from None
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{what} file {path} is not valid JSON ({error.msg} at line {error.lineno}): "
+                        "check the file") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{what} file {path} is not UTF-8 text (byte {error.start}: {error.reason}): "
+                        "check the file") from None
+    except RecursionError:
+        raise UserError(f"{what} file {path} nests objects too deeply to read: check the file") from None
