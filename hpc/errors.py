@@ -37,6 +37,8 @@ def write_line(text: str, stream: Optional[TextIO] = None) -> None:
     pieces arrive, so two ranks' lines could merge into one. A single write of up to PIPE_BUF bytes
     (4096 on Linux) to a pipe is atomic."""
     stream = sys.stderr if stream is None else stream
+    if stream is sys.stderr and _progress_bar_drawn():
+        text = "\n" + text  # a line of its own, not the tail of the bar's unfinished line
     data = (text + "\n").encode(stream.encoding or "utf-8", errors="replace")
     try:
         fd = stream.fileno()
@@ -47,6 +49,12 @@ def write_line(text: str, stream: Optional[TextIO] = None) -> None:
     stream.flush()
     while data:
         data = data[os.write(fd, data):]
+
+
+def _progress_bar_drawn() -> bool:
+    """Whether a tqdm progress bar of this process is open (drawn on stderr, its line unfinished)."""
+    tqdm = sys.modules.get("tqdm")
+    return tqdm is not None and any(not bar.disable for bar in list(getattr(tqdm.tqdm, "_instances", ())))
 
 
 def flush_streams() -> None:
