@@ -394,6 +394,7 @@ def test_nodes_that_disagree_on_the_shards_path_stop_every_rank_with_one_line(vc
         subprocess.run(["rm", "-rf", str(local)], check=True)
     out, err = output_of(tmp_path, job_id)
     lines = [line for line in err.splitlines() if "megdet train: error" in line]
+    print(f"[faults] shards on one node only: job {info.state}; lines: {lines}")
     assert info.state == "FAILED" and len(lines) == 2, f"{info.state}\n{out}\n{err}"
     assert all(str(vcluster.node_local / "shards") in line for line in lines), lines
     assert not (tmp_path / "runs" / "shapes_r18_cpu" / "config.yaml").exists(), "nothing written"
