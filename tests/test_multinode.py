@@ -282,6 +282,7 @@ def test_every_rank_leaves_by_itself_when_a_node_is_lost_or_cut_off(vcluster, jo
     finally:
         vcluster.revive(victim)
     info = vcluster.wait(job_id, timeout=120)
+    vcluster.revive(victim)  # Slurm may drain it once the job's end could not be cleaned up there
     out, err = output_of(tmp_path, job_id)
     lines = [line for line in err.splitlines() if "megdet train: error" in line]
     print(f"[faults] {fault} ({victim}): every rank process gone {took:.1f} s later; job {info.state}; "

@@ -226,6 +226,7 @@ class VirtualCluster(Slurm):
         self.set_hosts(name, self.hosts_text)
         if not alive(self._pid(f"slurmd:{name}")):
             self._run_daemon(f"slurmd:{name}", self.on_node(name, ["slurmd", "-f", str(self.conf), "-N", name]))
+        self.command(["scontrol", "update", f"NodeName={name}", "State=RESUME"], check=False)  # if drained
         deadline = time.monotonic() + timeout_s
         while not self._responding(name):
             if time.monotonic() > deadline:

@@ -190,15 +190,11 @@ def _wait_all(store, kind: str, size: int, timeout_s: float, host: str, port: in
 
 def _unreachable(rank: int, peers: List[Dict]) -> Optional[str]:
     """The first problem this rank finds reaching the other hosts (one connection to the lowest rank of
-    each), or None. A single host needs no network: loopback is fine there."""
-    hosts = {peer["host"] for peer in peers}
-    if len(hosts) == 1:
+    each, at the address Gloo will advertise), or None. A loopback address that answers is the same
+    machine under another name (a test that names its ranks' hosts apart); on another machine it
+    leads back to this one, where nothing listens at that port."""
+    if len({peer["host"] for peer in peers}) == 1:
         return None
-    for other, peer in enumerate(peers):
-        if ipaddress.ip_address(peer["address"]).is_loopback:
-            return (f"rank {other} on {peer['host']} would be reached at {peer['address']}, a loopback address that "
-                    f"other nodes cannot reach (its hostname resolves there to a loopback address, or to none of its "
-                    f"own): {IFNAME_FIX}")
     me = peers[rank]["host"]
     seen = {me}
     for other, peer in enumerate(peers):
@@ -208,6 +204,10 @@ def _unreachable(rank: int, peers: List[Dict]) -> Optional[str]:
         try:
             socket.create_connection((peer["address"], peer["port"]), timeout=CONNECT_TIMEOUT_S).close()
         except OSError as error:
+            if ipaddress.ip_address(peer["address"]).is_loopback:
+                return (f"rank {other} on {peer['host']} would be reached at {peer['address']}, a loopback address "
+                        f"that other nodes cannot reach (its hostname resolves there to a loopback address, or to "
+                        f"none of its own): {IFNAME_FIX}")
             return (f"rank {rank} on {me} cannot reach rank {other} on {peer['host']} at {peer['address']} "
                     f"({error.strerror or error}), the address {peer['host']} gives for itself: {IFNAME_FIX}")
     return None

@@ -393,4 +393,6 @@ def _process_state(pid: int) -> str:
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the ranks; they say goodbye
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher stopping the job: the rank decides
+    for stop in (signal.SIGUSR1, signal.SIGUSR2):  # srun signals every process of a task (Slurm's --signal)
+        signal.signal(stop, signal.SIG_IGN)
     _WatchdogProcess(json.loads(sys.argv[1])).run()

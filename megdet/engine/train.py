@@ -358,7 +358,10 @@ class Trainer:
 
     def train(self) -> int:
         """Run to ``solver.max_iter`` (or the target AP); returns the process exit status."""
-        progress = tqdm(total=self.cfg.solver.max_iter, initial=self.start_iter, disable=self.comm.rank != 0,
+        # A bar on a terminal only: in a batch job's file its unfinished line would take in the next
+        # rank's error line; there rank 0 prints a line per metrics line instead (_log).
+        progress = tqdm(total=self.cfg.solver.max_iter, initial=self.start_iter,
+                        disable=self.comm.rank != 0 or not sys.stderr.isatty(),
                         desc=self.cfg.name, unit="it", dynamic_ncols=True, mininterval=2.0)
         try:
             return self._train(progress)
@@ -398,6 +401,9 @@ class Trainer:
                 logged, stop_requested = self._log(done, self.schedule.lr_at(iteration), window)
                 progress.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['lr']:.3g}",
                                      img_s=f"{logged['images_per_s']:.1f}", refresh=False)
+                if progress.disable and comm.rank == 0:
+                    print(f"megdet train: iteration {done}/{cfg.solver.max_iter}: loss {logged['loss']:.3f}, "
+                          f"lr {logged['lr']:.3g}, {logged['images_per_s']:.1f} images/s", flush=True)
                 window = MetricsWindow()
             if done % cfg.train.checkpoint_period == 0 and done < cfg.solver.max_iter:
                 self.save(done)
