@@ -28,6 +28,17 @@ def parse_engines(text: str) -> List[str]:
     return engines
 
 
+def parse_ranks(text: str) -> List[int]:
+    """The sorted rank counts of ``--ranks`` ("1,2"); UserError unless each is an integer >= 1."""
+    try:
+        ranks = sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        ranks = []
+    if not ranks or ranks[0] < 1:
+        raise UserError(f"Invalid --ranks: {text!r}; give rank counts >= 1, comma-separated, e.g. --ranks 1,2")
+    return ranks
+
+
 def run_ranks(name: str, engine: str, ranks: int, out: Path, argv: Sequence[str],
               env: Optional[Dict[str, str]] = None) -> List[Dict]:
     """Run ``megdet bench NAME --out=OUT ARGV...`` on ``ranks`` local ranks of ``engine``

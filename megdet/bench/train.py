@@ -69,21 +69,10 @@ def add_arguments(parser) -> None:
                         help="when no launcher started us: how to start the N-rank runs (default: %(default)s)")
 
 
-def parse_ranks(text: str) -> List[int]:
-    """The sorted rank counts of ``--ranks`` ("1,2"); UserError unless each is an integer >= 1."""
-    try:
-        ranks = sorted({int(part) for part in text.split(",")})
-    except ValueError:
-        ranks = []
-    if not ranks or ranks[0] < 1:
-        raise UserError(f"Invalid --ranks: {text!r}; give rank counts >= 1, comma-separated, e.g. --ranks 1,2")
-    return ranks
-
-
 def run(args) -> int:
     if "=" in args.config:  # `megdet bench train data.train=DIR`: an override, not a config
         args.config, args.overrides = DEFAULT_CONFIG, [args.config, *args.overrides]
-    ranks = parse_ranks(args.ranks or DEFAULT_RANKS)
+    ranks = spawn.parse_ranks(args.ranks or DEFAULT_RANKS)
     if args.steps < 1:
         raise UserError(f"Invalid --steps: {args.steps}; need at least 1")
     if args.warmup < 0:
