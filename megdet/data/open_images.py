@@ -422,7 +422,7 @@ def _image_groups(path, what: str, required: Sequence[str], parse, *, skip_bad: 
         previous = np.r_[np.array([last_id if last_id is not None else ""], dtype=str), id_array[:-1]]
         lines_before = np.r_[last_line, chunk.lines[:-1]]
         _refuse_first(id_array < previous, chunk.lines, path, what,
-                      lambda row: f"ImageID {ids[row]!r} comes after {previous[row]!r} (line {lines_before[row]}): "
+                      lambda row: f"ImageID {ids[row]!r} comes after {str(previous[row])!r} (line {lines_before[row]}): "
                                   "the file must be sorted by ImageID, as the official files are; sort it (keep the "
                                   "header line first, then LC_ALL=C sort -t, -k1,1 the rest)")
         checked = _CheckedChunk(chunk, arrays, ~bad & ~outside, outside & ~bad, reasons)
