@@ -30,7 +30,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import List, Sequence
 
 from hpc.errors import UserError
 from hpc.files import file_sha256, os_error_reason

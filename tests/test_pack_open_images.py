@@ -6,6 +6,7 @@ and line or the ImageID, and no partial shard; ``--skip-bad`` counts; resume; th
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import json
 import shutil
@@ -17,8 +18,9 @@ import pytest
 from PIL import Image
 
 from hpc.errors import UserError
-from hpc.shards import ShardDataset
+from hpc.shards import CorruptRecordError, ShardDataset
 from hpc.shards.manifest import MANIFEST_NAME, read_manifest
+from megdet.cli import main
 from megdet.data.open_images import (FLAG_COLUMNS, read_ground_truth, read_hierarchy, stream_image_rows)
 from megdet.data.open_images_shards import EXPORTED_FILES
 from megdet.engine.open_images_eval import image_truth
@@ -143,6 +145,24 @@ def test_streaming_in_small_chunks_reads_what_the_metric_reads(open_images_set):
         np.testing.assert_array_equal(a.box_lines, b.box_lines)
     assert digests["boxes"].hexdigest() == hashlib.sha256(split["boxes"].read_bytes()).hexdigest()
     assert digests["labels"].hexdigest() == hashlib.sha256(split["labels"].read_bytes()).hexdigest()
+
+
+def test_the_garbage_collector_runs_while_the_stream_is_consumed(open_images_set):
+    """The collector is paused only while a chunk of rows is parsed: packing between chunks makes cycles
+    (Pillow, h5py), which a paused collector would keep for the whole file (peak memory growing with it)."""
+    split = open_images_set["train"]
+    hierarchy = read_hierarchy(open_images_set["hierarchy"], open_images_set["classes"])
+    enabled = [gc.isenabled() for _ in stream_image_rows(split["boxes"], split["labels"], hierarchy, chunk_rows=5)]
+    assert len(enabled) == 70 and all(enabled)
+
+
+def test_the_packing_benchmark_runs_at_a_tiny_size(tmp_path):
+    assert main(["bench", "pack-open-images", "--boxes", "300,600", "--images-per-shard", "20",
+                 "--out", str(tmp_path / "bench")]) == 0
+    rows = json.loads((tmp_path / "bench" / "pack_open_images.json").read_text())["rows"]
+    assert [row["run"].split()[0] for row in rows] == ["imports", "pack", "pack"]
+    assert rows[1]["rss_vs_smallest"] == 1.0 and all(row["peak_rss_MiB"] > 0 for row in rows)
+    assert rows[2]["boxes"] > rows[1]["boxes"] and rows[2]["images_per_s"] > 0
 
 
 def _missing_column(paths):
@@ -281,6 +301,22 @@ def test_resume_keeps_finished_shards_repacks_changed_ones_and_drops_stale_ones(
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.h5", "shard-00000.h5.json",
                                                           "shard-00001.h5", "shard-00001.h5.json"]
     assert len(ShardDataset(str(out))) == 20
+
+
+def test_a_corrupt_jpeg_body_is_packed_by_its_header_and_named_when_decoded(open_images_set, tmp_path):
+    """Sizes come from headers only: a truncated JPEG packs, and reading it is a CorruptRecordError naming the
+    image (or, with skip_corrupt, None), never a decoder's traceback."""
+    paths = split_copy(open_images_set, tmp_path)
+    image_id = csv_rows(paths["boxes"])[1][0]
+    photo = paths["images"] / f"{image_id}.jpg"
+    data = photo.read_bytes()
+    photo.unlink()
+    photo.write_bytes(data[:len(data) // 3])
+    pack(*inputs(paths, tmp_path / "shards"))
+    with pytest.raises(CorruptRecordError, match=r"Undecodable image: image id 0 in \S+shard-00000.h5 .*: its image "
+                                                 r"does not decode \(image file is truncated"):
+        ShardDataset(str(tmp_path / "shards"))[0]
+    assert ShardDataset(str(tmp_path / "shards"), skip_corrupt=True)[0] is None
 
 
 def test_the_challenge_subset_keeps_its_classes_and_counts_the_rows_left_out(open_images_set, tmp_path):

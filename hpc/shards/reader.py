@@ -51,7 +51,12 @@ LANDSCAPE, PORTRAIT = 0, 1
 
 
 class CorruptRecordError(ShardError):
-    """A record's stored bytes differ from their CRC-32; the message names the shard, record and image id."""
+    """A record's stored bytes differ from their CRC-32, or its image does not decode; the message names
+    the shard, record and image id, ``reason`` says what is wrong in a few words."""
+
+    def __init__(self, message: str, *, reason: str = "it is corrupt"):  # one argument: it survives pickling
+        super().__init__(message)
+        self.reason = reason
 
 
 def apply_orientation(image: Image.Image, orientation: int) -> Image.Image:
@@ -194,7 +199,8 @@ class ShardDataset(torch.utils.data.Dataset):
             raise CorruptRecordError(
                 f"Checksum mismatch: {self._record_name(index)} is corrupt; run the same 'megdet pack' command "
                 f"again (it repacks shards that fail their checksum), or leave such records out (megdet train "
-                f"data.skip_corrupt=true; ShardDataset(skip_corrupt=True))")
+                f"data.skip_corrupt=true; ShardDataset(skip_corrupt=True))",
+                reason="its bytes do not match their CRC-32")
         return stored
 
     def _record_name(self, index: int) -> str:
@@ -209,6 +215,17 @@ class ShardDataset(torch.utils.data.Dataset):
             height, width = self.stored_sizes[index]
             return stored.reshape(int(height), int(width), 3)
         return decode_image(stored.tobytes(), int(self._orientation[index]))
+
+    def _decoded(self, index: int, stored: np.ndarray) -> np.ndarray:
+        """``decode``, a file that does not decode (packed verified by its header only: Open Images) as a
+        ``CorruptRecordError`` naming it."""
+        try:
+            return self.decode(index, stored)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            reason = f"its image does not decode ({os_error_reason(error, self.shard_dir)})"
+            raise CorruptRecordError(f"Undecodable image: {self._record_name(index)}: {reason}; replace the image file "
+                                     "and pack again, or leave such records out (megdet train data.skip_corrupt=true; "
+                                     "ShardDataset(skip_corrupt=True))", reason=reason) from None
 
     def annotations(self, index: int) -> Dict[str, Any]:
         """Record ``index`` without its image (nothing is read from the shard files)."""
@@ -239,14 +256,15 @@ class ShardDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
         try:
             stored = self.read_bytes(index)
-        except CorruptRecordError:
+            image = self._decoded(index, stored)
+        except CorruptRecordError as error:
             if not self.skip_corrupt:
                 raise
             self.corrupt_skipped += 1
-            write_line(f"warning: skipped {self._record_name(index)}: its bytes do not match their CRC-32")
+            write_line(f"warning: skipped {self._record_name(index)}: {error.reason}")
             return None
         record = self.annotations(index)
-        record["image"] = self.decode(index, stored)
+        record["image"] = image
         if self.with_segmentation:
             rows = slice(self._annotation_start[index], self._annotation_start[index + 1])
             record.update(segmentation=self.segmentations(index), annotation_ids=self._annotation_ids[rows].copy())

@@ -562,25 +562,35 @@ class CsvChunk(NamedTuple):
 def _csv_chunks(path, what: str, required: Sequence[str], *, chunk_rows: int = CHUNK_ROWS,
                 digest=None) -> Iterator[CsvChunk]:
     """The rows of a CSV file with a header that names ``required`` (and maybe more columns), in chunks
-    of up to ``chunk_rows`` rows; blank lines are skipped. ``digest``: see ``_reading``."""
-    with _reading(path, what, digest) as reader, _collector_paused():
+    of up to ``chunk_rows`` rows; blank lines are skipped. ``digest``: see ``_reading``. The cyclic
+    garbage collector is paused while a chunk is read, not while the caller works on it (a caller that
+    makes cycles, as Pillow and h5py objects do, would otherwise grow with the file)."""
+    with _reading(path, what, digest) as reader:
         header = [name.strip() for name in next(reader, [])]
         _check_header(header, path, what, required)
-        chunk: List[List[str]] = []
-        lines: List[int] = []
-        for row in reader:
-            if len(row) != len(header):
-                if not row:
-                    continue
-                raise UserError(f"{what} file {path} line {reader.line_num}: {len(row)} fields where the header "
-                                f"has {len(header)}: fix or remove the line")
-            chunk.append(row)
-            lines.append(reader.line_num)
-            if len(chunk) == chunk_rows:
-                yield _chunk(header, chunk, lines)
-                chunk, lines = [], []
-        if chunk:
-            yield _chunk(header, chunk, lines)
+        while True:
+            with _collector_paused():
+                chunk = _read_chunk(reader, header, chunk_rows, path, what)
+            if chunk is None:
+                return
+            yield chunk
+
+
+def _read_chunk(reader, header: List[str], chunk_rows: int, path, what: str) -> Optional[CsvChunk]:
+    """The next up to ``chunk_rows`` rows of ``reader`` (None at the end of the file)."""
+    rows: List[List[str]] = []
+    lines: List[int] = []
+    for row in reader:
+        if len(row) != len(header):
+            if not row:
+                continue
+            raise UserError(f"{what} file {path} line {reader.line_num}: {len(row)} fields where the header "
+                            f"has {len(header)}: fix or remove the line")
+        rows.append(row)
+        lines.append(reader.line_num)
+        if len(rows) == chunk_rows:
+            break
+    return _chunk(header, rows, lines) if rows else None
 
 
 def _chunk(header: List[str], rows: List[List[str]], lines: List[int]) -> CsvChunk:
