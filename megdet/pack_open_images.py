@@ -110,13 +110,13 @@ def _pack(args, world, held: contextlib.ExitStack) -> None:
     stream = stream_image_rows(args.boxes, args.labels, hierarchy, known_classes=known, skip_bad=args.skip_bad,
                                digests=digests)
     results = gathered_or_raise(world, lambda: plan.pack_rank(stream, world))
+    _, images_seen, outside = results[0]  # every rank read the same files
+    if images_seen == 0:
+        raise UserError(f"Invalid input: boxes file {args.boxes} and image labels file {args.labels} name no image; "
+                        "give the files of a split")
     if world.rank != 0:
         return
     summaries = sorted((s for rank_summaries, _, _ in results for s in rank_summaries), key=lambda s: s.file)
-    _, images_seen, outside = results[0]
-    if not summaries:
-        raise UserError(f"Invalid input: boxes file {args.boxes} and image labels file {args.labels} name no image; "
-                        "give the files of a split")
     _remove_stale_shards(out_dir, len(summaries))
     skipped = [item for s in summaries for item in s.skipped]
     dataset = {

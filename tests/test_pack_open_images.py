@@ -350,6 +350,13 @@ def test_options_that_do_not_fit_open_images_are_one_line(open_images_set, tmp_p
     paths = split_copy(open_images_set, tmp_path)
     with pytest.raises(UserError, match=says):
         pack(*inputs(paths, tmp_path / "shards"), *extra)
+    header_only = tmp_path / "empty"
+    header_only.mkdir()
+    for name in ("boxes", "labels"):
+        (header_only / f"{name}.csv").write_text(paths[name].read_text().splitlines()[0] + "\n")
+    with pytest.raises(UserError, match="name no image; give the files of a split"):
+        pack(*inputs({**paths, "boxes": header_only / "boxes.csv", "labels": header_only / "labels.csv"},
+                     tmp_path / "empty_shards"))
     with pytest.raises(UserError, match="needs --hierarchy"):
         pack("--boxes", paths["boxes"], "--labels", paths["labels"], "--classes", paths["classes"], "--images",
              paths["images"], "--out", tmp_path / "shards")
