@@ -38,7 +38,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "eval": ("megdet.commands.eval", "COCO box or mask AP of a trained model on shards, or of a results file (pycocotools); "
              "the Open Images challenge mAP@0.5 of a results CSV (--metric open-images)"),
     "plot": ("megdet.commands.plot", "draw a run's loss, learning rate, throughput and AP curves, or a benchmark's results, to PNG"),
-    "pack": ("megdet.pack", "pack a COCO split into HDF5 shards (alone or under mpirun); export it back"),
+    "pack": ("megdet.pack", "pack a COCO split, or Open Images' CSV files in one streaming pass, into HDF5 shards (alone or under mpirun); export it back"),
     "show": ("megdet.commands.show", "draw validation images with their ground truth and a trained model's detections (boxes, classes, scores, masks) into one PNG"),
     "weights": ("megdet.weights", "list and verify the ImageNet backbone weights in torch hub's cache"),
 }

@@ -5,6 +5,8 @@ paper row) and overrides, then checked by each spec's own ``check()``.
     cfg.solver.lr            # resolved: given, or base_lr * batch_size / base_batch (linear scaling rule)
     cfg.check_world(comm.size, comm.local_size)   # batch, images per rank and BN groups fit this launch
                                                   # (inside nodes where model.bn_node_local asks)
+    cfg.fill_from_shards(num_classes=len(train_set.categories), num_images=len(train_set))
+                                                  # model.num_classes: null and solver.epochs (Open Images)
 
 Presets live in ``megdet/configs/NAME.yaml``, and as rows of ``megdet/configs/tables/*.yaml`` (a base
 preset and the keys that differ, ``TABLE_ROWS``); ``PRESETS`` lists both. A YAML file or an override may
@@ -21,7 +23,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -75,6 +77,17 @@ class Config:
         self.train.check(with_masks=self.model.with_masks)
         self.eval.check()
         self.bn_groups.check()
+
+    def fill_from_shards(self, *, num_classes: int, num_images: Optional[int] = None) -> None:
+        """What a preset leaves to the data, filled in (on every rank, alike) once the shards are open:
+        ``model.num_classes`` when null (the shards' ``num_classes`` categories) and, for training
+        (``num_images`` given) with ``solver.epochs``, ``solver.max_iter`` and ``solver.steps``. Checked
+        again after."""
+        if self.model.num_classes is None:
+            self.model.num_classes = num_classes
+        if num_images is not None and self.solver.epochs is not None:
+            self.solver.max_iter, self.solver.steps = self.solver.iterations_for(num_images)
+        self.check()
 
     def check_world(self, world_size: int, local_size: int) -> None:
         """Raise ``UserError`` unless the batch, the images per rank and the BN groups fit ``world_size``

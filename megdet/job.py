@@ -34,7 +34,8 @@ DEFAULT_CPUS_PER_RANK = 3
 # The scripts committed in jobs/: every preset of a paper row that gives its GPU count, on those GPUs
 # (paper.gpus), as many per node as the paper's machines have (paper.gpus_per_node) and checked against
 # the memory of the paper's GPU (paper.gpu_memory_gb). MegDet Table 3: 2 to 128 GPUs, 8 per machine;
-# LargeDet Table 2: 8 to 96 GPUs, and Table 4's 12-minute run: 160 GPUs, on 16-GPU DGX-2 servers.
+# LargeDet Table 2: 8 to 96 GPUs, Table 4's 12-minute run: 160 GPUs, and Table 5 (Open Images, ResNet-50
+# and -101): 8, 32 and 64 GPUs, on 16-GPU DGX-2 servers.
 PAPER_JOBS = (
     "megdet_r50_fpn_bs16", "megdet_r50_fpn_bs2_bn2", "megdet_r50_fpn_bs4_bn4", "megdet_r50_fpn_bs8_bn8",
     "megdet_r50_fpn_bs16_bn2", "megdet_r50_fpn_bs16_bn16", "megdet_r50_fpn_bs32_bn32", "megdet_r50_fpn_bs64_bn64",
@@ -48,6 +49,8 @@ PAPER_JOBS = (
     "largedet_r50_fpn_bs640_pmdlamb", "largedet_r50_fpn_bs640_pmdlamb_1.4x", "largedet_r50_fpn_bs1056_lamb",
     "largedet_r50_fpn_bs1056_pmdlamb", "largedet_r50_fpn_bs1056_pmdlamb_1.4x", "largedet_coco_12min",
     "largedet_mask_rcnn_coco_17min",
+    "largedet_oi_r50_fpn_bs16", "largedet_oi_r50_fpn_bs320", "largedet_oi_r50_fpn_bs640",
+    "largedet_oi_r101_fpn_bs16", "largedet_oi_r101_fpn_bs320", "largedet_oi_r101_fpn_bs640",
 )
 
 

@@ -86,6 +86,18 @@ MEASURED = {
         heads=311.8 + 192.4,         # kept 311.8 (FPN 88.7, RPN 173.8, RoI heads 49.3) + transient
         base=59.2,                   # about the gradients of the heads, made first in the backward pass
     ),
+    # resnet101_fpn: resnet50_fpn's stem, res2, res3, res5, FPN and heads; res4 has 23 blocks instead of 6.
+    # Its own figures measured the same way (res4 alone on res3's output, 512 x 100 x 168, where the same
+    # measurement gives resnet50_fpn's 336.4 and 160.0 exactly): 1173.3 (bn) and 578.5 MiB (frozen).
+    "resnet101_fpn": Figures(
+        parameters=60_745_184,
+        stage_parameters={"stem": 9_536, "res2": 215_808, "res3": 1_219_584, "res4": 26_090_496, "res5": 14_964_736},
+        own={True: {"stem": 176.3, "res2": 672.7, "res3": 475.8, "res4": 1173.3, "res5": 94.4},
+             False: {"stem": 110.7, "res2": 311.7, "res3": 221.5, "res4": 578.5, "res5": 43.1}},
+        outputs={"stem": 16.4, "res2": 65.6, "res3": 32.8, "res4": 16.4, "res5": 8.2},
+        heads=311.8 + 192.4,
+        base=59.2,
+    ),
     # resnet18_fpn (its own heads: FPN 128 channels, box head 512, 256 RoIs), the same way:
     #   bn, freeze_at 0: kept 602.0 (2 images 1196.0), peak 720.6 (1425.9);  bn, freeze_at 2: 294.4, 412.9;
     #   frozen, freeze_at 2: 221.6, peak 341.2;  frozen, freeze_at 0: 397.9, peak 517.5

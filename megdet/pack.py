@@ -1,4 +1,5 @@
-"""``megdet pack``: pack one COCO split into HDF5 shards, alone or on K ranks; export it back.
+"""``megdet pack``: pack one COCO split into HDF5 shards, alone or on K ranks; export it back. Open
+Images (``--boxes --labels --classes --hierarchy``) packs in one streaming pass: ``megdet.pack_open_images``.
 
     megdet pack --coco-json annotations/instances_val2017.json --images val2017 --out shards/val2017
     mpirun -np 8 megdet pack --coco-json annotations/instances_train2017.json --images train2017 \\
@@ -17,7 +18,7 @@ import re
 import time
 import traceback
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from hpc import launch
 from hpc.errors import UserError
@@ -48,6 +49,11 @@ def add_arguments(parser) -> None:
                         help="leave out images that cannot be decoded or do not match their size (counted "
                              "in the manifest) instead of stopping")
     parser.add_argument("--export-json", help="write the annotation file back from the shards in --out")
+    from megdet import pack_open_images  # here: it builds on this module's helpers
+
+    pack_open_images.add_arguments(parser.add_argument_group(
+        "Open Images", "pack the official CSV files and image folder (give --boxes, --labels, --classes, "
+        "--hierarchy and --images instead of --coco-json)"))
 
 
 def parse_size(text: str) -> int:
@@ -70,7 +76,7 @@ class _OneProcess:
         return [obj]
 
 
-def _world():
+def packing_world():
     """mpi4py's COMM_WORLD when ``mpirun`` (or ``srun`` with an MPI for Slurm) started several
     processes, else a one-process stand-in. Any other launch of several packers is refused: they would
     each pack the whole split into the same folder."""
@@ -95,17 +101,29 @@ def _world():
 
 
 def run(args) -> int:
-    if args.coco_json is None and args.export_json is None:
-        raise UserError("Invalid arguments: give --coco-json and --images to pack, and/or --export-json to export")
-    world = _world()
+    from megdet import pack_open_images  # here: it builds on this module's helpers
+
+    open_images = pack_open_images.given(args)
+    if args.coco_json is not None and open_images:
+        raise UserError(f"Invalid arguments: --coco-json packs COCO, {' '.join(open_images)} Open Images: give one "
+                        "of the two")
+    if args.coco_json is None and not open_images and args.export_json is None and args.export_csv is None:
+        raise UserError("Invalid arguments: give --coco-json and --images to pack COCO, --boxes --labels --classes "
+                        "--hierarchy --images to pack Open Images, and/or --export-json (COCO) or --export-csv "
+                        "(Open Images) to export")
+    world = packing_world()
     if args.coco_json is not None:
         pack(args, world)
+    elif open_images:
+        pack_open_images.pack(args, world)
     if args.export_json is not None and world.rank == 0:
         export(Path(args.out), Path(args.export_json))
+    if args.export_csv is not None and world.rank == 0:
+        pack_open_images.export(Path(args.out), Path(args.export_csv))
     return 0
 
 
-def _log(world, message: str) -> None:
+def log_line(world, message: str) -> None:
     prefix = f"[rank {world.rank}/{world.size}] " if world.size > 1 else ""
     print(f"megdet pack: {prefix}{message}", flush=True)
 
@@ -129,41 +147,19 @@ def _pack(args, world, held: contextlib.ExitStack) -> None:
     out_dir = Path(args.out)
     started = time.perf_counter()
 
-    # rank 0 plans (one stat per image file), every rank learns the plan or rank 0's error
-    plan: Any = None
-    failure: Optional[Exception] = None
-    if world.rank == 0:
-        try:
-            _prepare_out_dir(out_dir, held)
-            sizes = writer.expected_bytes(source.entries, fmt=fmt, max_size=max_size)
-            plan = (sizes, writer.plan_shards(sizes, shard_bytes=shard_bytes, num_shards=args.shards))
-        except Exception as error:  # the other ranks wait in bcast: they must hear of it
-            failure, plan = error, _describe(error)
-    plan = world.bcast(plan, root=0)
-    if failure is not None:
-        raise failure
-    if isinstance(plan, str):
-        raise UserError(plan)
-    sizes, shard_ranges = plan
+    def plan():  # one stat per image file
+        prepare_out_dir(out_dir, held)
+        sizes = writer.expected_bytes(source.entries, fmt=fmt, max_size=max_size)
+        return sizes, writer.plan_shards(sizes, shard_bytes=shard_bytes, num_shards=args.shards)
 
-    summaries: List[manifest_mod.ShardSummary] = []
-    report = None
-    try:
-        summaries = writer.pack_rank_shards(
-            source.entries, sizes, shard_ranges, out_dir=out_dir, rank=world.rank, size=world.size, fmt=fmt,
-            max_size=max_size, skip_bad=args.skip_bad, source_sha256=source.sha256,
-            log=lambda message: _log(world, message))
-    except Exception as error:  # every rank must reach the allgather below, or the others hang in it
-        failure, report = error, _describe(error)
-    reports = world.allgather((report, summaries))
-    if failure is not None:
-        raise failure
-    for rank, (other_report, _) in enumerate(reports):
-        if other_report is not None:
-            raise UserError(f"rank {rank} failed: {other_report}")
+    sizes, shard_ranges = on_rank0_first(world, plan)
+    rank_summaries = gathered_or_raise(world, lambda: writer.pack_rank_shards(
+        source.entries, sizes, shard_ranges, out_dir=out_dir, rank=world.rank, size=world.size, fmt=fmt,
+        max_size=max_size, skip_bad=args.skip_bad, source_sha256=source.sha256,
+        log=lambda message: log_line(world, message)))
 
     if world.rank == 0:
-        shards = sorted((s for _, rank_summaries in reports for s in rank_summaries), key=lambda s: s.file)
+        shards = sorted((s for summaries in rank_summaries for s in summaries), key=lambda s: s.file)
         options = {"format": fmt, "max_size": max_size, "skip_bad": args.skip_bad,
                    "shard_bytes": shard_bytes, "num_shards": len(shard_ranges)}
         try:
@@ -174,12 +170,47 @@ def _pack(args, world, held: contextlib.ExitStack) -> None:
                             f"({os_error_reason(error, out_dir)}); free space there, then run the same command "
                             f"again (every shard is done and will be kept)") from None
         seconds = time.perf_counter() - started
-        _log(world, f"{manifest['num_images']} images in {len(shards)} shards ({manifest['num_skipped']} skipped; "
+        log_line(world, f"{manifest['num_images']} images in {len(shards)} shards ({manifest['num_skipped']} skipped; "
                     f"boxes {source.box_fixes}) in {seconds:.1f} s, {len(source.entries) / seconds:.1f} images/s "
                     f"-> {out_dir / manifest_mod.MANIFEST_NAME}")
 
 
-def _prepare_out_dir(out_dir: Path, held: contextlib.ExitStack) -> None:
+def on_rank0_first(world, action: Callable[[], Any]) -> Any:
+    """``action()`` on rank 0, its result broadcast to every rank; its error raised on every rank."""
+    result: Any = None
+    failure: Optional[Exception] = None
+    if world.rank == 0:
+        try:
+            result = action()
+        except Exception as error:  # the other ranks wait in bcast: they must hear of it
+            failure = error
+    report = world.bcast((None if failure is None else describe_failure(failure), result), root=0)
+    if failure is not None:
+        raise failure
+    if report[0] is not None:
+        raise UserError(report[0])
+    return report[1]
+
+
+def gathered_or_raise(world, work: Callable[[], Any]) -> List[Any]:
+    """Every rank's ``work()`` result, in rank order, on every rank; if any rank's failed, every rank
+    raises (its own error, or "rank r failed: ..."). Every rank reaches the allgather, even after an
+    error, or the others would hang in it."""
+    result, failure = None, None
+    try:
+        result = work()
+    except Exception as error:
+        failure = error
+    reports = world.allgather((None if failure is None else describe_failure(failure), result))
+    if failure is not None:
+        raise failure
+    for rank, (report, _) in enumerate(reports):
+        if report is not None:
+            raise UserError(f"rank {rank} failed: {report}")
+    return [rank_result for _, rank_result in reports]
+
+
+def prepare_out_dir(out_dir: Path, held: contextlib.ExitStack) -> None:
     """Create ``out_dir``, take its packing lock into ``held``, and remove its manifest: until every
     shard is done the set is incomplete."""
     try:
@@ -191,7 +222,7 @@ def _prepare_out_dir(out_dir: Path, held: contextlib.ExitStack) -> None:
                         f"a writable folder with free space") from None
 
 
-def _describe(error: Exception) -> str:
+def describe_failure(error: Exception) -> str:
     """One line for the other ranks: a ``UserError``'s message, or a bug's type, message and place."""
     if isinstance(error, UserError):
         return str(error)
@@ -202,6 +233,9 @@ def _describe(error: Exception) -> str:
 def export(shard_dir: Path, export_path: Path) -> None:
     """Write the annotation file packed in ``shard_dir`` to ``export_path``."""
     dataset = ShardDataset(str(shard_dir))
+    if dataset.kind != "coco":
+        raise UserError(f"Invalid --export-json: {shard_dir} holds {dataset.kind} shards; export them with "
+                        "--export-csv DIR")
     coco = export_coco(dataset)
     dataset.close()
     try:

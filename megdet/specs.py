@@ -51,6 +51,8 @@ class PaperSpec:
     gpus_per_node: int = 1
     expected_time: str = ""               # training time the paper reports, e.g. "12 min"
     box_ap: Optional[float] = None        # COCO box AP@[.5:.95] the paper reports (percent); null: failed
+                                          # (or not a COCO row)
+    open_images_map50: Optional[float] = None  # Open Images mAP@0.5 the paper reports (percent), its Table 5
     gpu_memory_gb: Optional[float] = None  # memory of one paper GPU (megdet job's --gpu-memory); null: CPU
 
 
@@ -59,7 +61,8 @@ class ModelSpec:
     """The detector: ``model.*``."""
 
     name: str = "resnet50_fpn"            # one of megdet.model.settings.MODEL_NAMES
-    num_classes: int = 80                 # foreground classes; labels are 1..num_classes
+    num_classes: Optional[int] = 80       # foreground classes; labels are 1..num_classes; null: the training
+                                          # shards' category count (their manifest), filled in at the start
     norm: str = DEFAULT_NORM              # one of NORMS; cgbn = cross-GPU batch norm over bn_size images;
                                           # frozen (fixed statistics and affine) only on backbone_weights
     bn_size: Optional[int] = None         # images per cross-GPU BN group (cgbn only); None: all ranks
@@ -114,7 +117,8 @@ class ModelSpec:
                 raise UserError(f"model.{key}={value} needs 2 positive counts: [train, test]")
         if self.roi_positive_fraction is not None and not 0 < self.roi_positive_fraction <= 1:
             raise UserError(f"model.roi_positive_fraction={self.roi_positive_fraction} must be in (0, 1]")
-        positive("model.num_classes", self.num_classes)
+        if self.num_classes is not None:
+            positive("model.num_classes", self.num_classes)
         self._check_backbone()
 
     def _check_backbone(self) -> None:
@@ -235,6 +239,10 @@ class SolverSpec:
     base_batch: int = 16
     max_iter: int = 90000
     steps: List[int] = field(default_factory=lambda: [60000, 80000])  # iterations where the LR decays
+    # Passes over the training shards; null: max_iter and steps as given. Set, they follow from the shards'
+    # image count N at the start: max_iter = round(epochs * N / batch_size), steps from step_epochs alike.
+    epochs: Optional[float] = None
+    step_epochs: List[float] = field(default_factory=list)  # with epochs: epochs where the LR decays
     policy: str = "normal"                # key of hpc.schedule.POLICIES: the decay factor at each step
     warmup_iters: int = 0
     warmup_factor: float = DEFAULT_WARMUP_FACTOR  # LR at iteration 0 is warmup_factor * lr, linear up to lr
@@ -272,6 +280,7 @@ class SolverSpec:
         if not (self.pmd_cycle == math.inf or self.pmd_cycle >= 1 and float(self.pmd_cycle).is_integer()):
             raise UserError(f"solver.pmd_cycle={self.pmd_cycle:g} must be a whole number of iterations >= 1, or "
                             "inf for no moments decay (the LAMB rows of LargeDet Table 2)")
+        self._check_epochs()
         if list(self.steps) != sorted(set(self.steps)) or any(not 0 < s < self.max_iter for s in self.steps):
             raise UserError(f"solver.steps={self.steps} must be increasing iterations between 0 and "
                             f"solver.max_iter={self.max_iter}")
@@ -288,6 +297,35 @@ class SolverSpec:
             raise UserError(f"solver.warmup_factor={self.warmup_factor} must be in (0, 1]")
         if len(self.betas) != 2 or not all(0.0 < b < 1.0 for b in self.betas):
             raise UserError(f"solver.betas={self.betas} must be two values in (0, 1): [beta_1, beta_2]")
+
+    def _check_epochs(self) -> None:
+        if self.epochs is None:
+            if self.step_epochs:
+                raise UserError(f"solver.step_epochs={self.step_epochs} needs solver.epochs: set solver.epochs, or "
+                                "give solver.steps in iterations and solver.step_epochs=[]")
+            return
+        if self.epochs <= 0:
+            raise UserError(f"solver.epochs={self.epochs:g} must be positive (or null to give solver.max_iter)")
+        if list(self.step_epochs) != sorted(set(self.step_epochs)) or \
+                any(not 0 < e < self.epochs for e in self.step_epochs):
+            raise UserError(f"solver.step_epochs={self.step_epochs} must be increasing epochs between 0 and "
+                            f"solver.epochs={self.epochs:g}")
+        decays = len(POLICIES[self.policy].decay_factors)
+        if len(self.step_epochs) != decays:
+            raise UserError(f"solver.policy={self.policy!r} decays the LR {decays} times but solver.step_epochs="
+                            f"{self.step_epochs} has {len(self.step_epochs)}: give {decays} epochs")
+
+    def iterations_for(self, num_images: int) -> Tuple[int, List[int]]:
+        """(max_iter, steps) of ``epochs`` and ``step_epochs`` over ``num_images`` training images, each
+        rounded to the nearest iteration; UserError when the set is too small to keep them apart."""
+        per_epoch = num_images / self.batch_size
+        max_iter, steps = round(self.epochs * per_epoch), [round(e * per_epoch) for e in self.step_epochs]
+        if max_iter < 1 or list(steps) != sorted(set(steps)) or any(not 0 < s < max_iter for s in steps):
+            raise UserError(f"solver.epochs={self.epochs:g} with solver.step_epochs={self.step_epochs} over {num_images} "
+                            f"images at solver.batch_size={self.batch_size} gives max_iter {max_iter} and steps "
+                            f"{steps}, which do not decay inside the run: train on more images or more epochs, or "
+                            "set solver.epochs=null and give solver.max_iter and solver.steps")
+        return max_iter, steps
 
     def check_world(self, world_size: int, images_per_rank: int) -> None:
         """UserError unless ``batch_size`` splits into ``world_size`` ranks of ``images_per_rank`` images

@@ -11,7 +11,10 @@
   the end of the session (``tests.vcluster``; skipped, naming why, where it cannot run);
 - ``realdata``: the real COCO-format sets in ``../shared/realdata`` (the test is skipped, naming the
   folder, where they are not); ``REALDATA``, the same folder, for the paths that ``parametrize`` or
-  ``skipif`` need when tests are collected, before any fixture runs.
+  ``skipif`` need when tests are collected, before any fixture runs;
+- ``open_images_set``: the real photos of ``realdata``'s VOC set as an Open Images set (official CSV
+  columns, a small hierarchy, group-of boxes, verified negatives; ``tests.open_images_data``), written
+  once per session; tests that change its files copy them first.
 
 Tiers: ``make test`` runs everything; ``make test-fast`` (``-m "not slow and not multirank"``) leaves out
 the slow tests and those that launch ranks, for the inner loop.
@@ -28,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests import multirank
+from tests.open_images_data import write_open_images_set
 from tests import vcluster as vcluster_mod
 from tests import slurm as slurm_mod
 
@@ -103,3 +107,8 @@ def realdata() -> Path:
     if not REALDATA.is_dir():
         pytest.skip(f"the real data sets are not at {REALDATA} (../shared/realdata beside the checkout)")
     return REALDATA
+
+
+@pytest.fixture(scope="session")
+def open_images_set(realdata, tmp_path_factory):
+    return write_open_images_set(realdata, tmp_path_factory.mktemp("open_images"))

@@ -40,10 +40,12 @@ def test_every_preset_loads_fits_its_paper_world_and_cites_its_row():
         # MegDet Sec. 4 / LargeDet Sec. 4.1: 0.02 for batch 16, scaled linearly; the "half" rows take half.
         half = "half" in cfg.paper.row
         assert cfg.solver.lr == pytest.approx((0.01 if half else 0.02) * cfg.solver.batch_size / 16), name
-        assert cfg.model.name == ("mask_rcnn_r50_fpn" if "Mask" in cfg.paper.row else "resnet50_fpn")
-        assert cfg.model.num_classes == 80
+        depth = 101 if "Res101" in cfg.paper.row else 50
+        assert cfg.model.name == ("mask_rcnn_r50_fpn" if "Mask" in cfg.paper.row else f"resnet{depth}_fpn")
+        # COCO's 80 classes; Open Images (Table 5): the shards' classes, filled in at the start
+        assert cfg.model.num_classes == (None if "Table 5" in cfg.paper.row else 80)
         # Both papers start from ImageNet weights (MegDet Sec. 4, LargeDet Sec. 4.1) on the paper's GPUs.
-        assert cfg.model.backbone_weights == "torchvision:resnet50" and cfg.paper.gpu_memory_gb in (12, 32)
+        assert cfg.model.backbone_weights == f"torchvision:resnet{depth}" and cfg.paper.gpu_memory_gb in (12, 32)
 
 
 def test_megdet_presets_match_table_3_and_section_4():
@@ -204,6 +206,58 @@ def test_every_row_of_largedet_table_2_is_a_preset():
         assert cfg.solver.pmd_cycle == (math.inf if method == "LAMB" else 200)
         assert cfg.bn_groups.group_size * cfg.data.images_per_rank == cfg.model.bn_size
     assert len(rows) == 14
+
+
+OPEN_IMAGES_V5_TRAIN_IMAGES = 1_743_042
+
+
+def test_every_row_of_largedet_table_5_is_a_preset():
+    """Sec. 4.3: 12 epochs, LR x0.1 and x0.01 at epochs 8 and 11, LR 0.02 / 0.4 / 0.8, multi-scale training."""
+    text = paper_text("002")
+    section = text.split("### 4.3 Experiments on Open Images", 1)[1]
+    assert "We train the detector for 12 epochs, and multiply the learning rate by 0.1 and 0.01 at epoch 8 and 11" \
+        in section and "we adopt multi-scale training for all experiments" in section
+    rows = table(section, "The results are summarized", "Backbone\tBatchSize")
+    assert len(rows) == 6
+    backbone = None
+    for cells in rows:
+        backbone = cells[0] or backbone
+        batch, gpus, map50, hours = int(cells[1]), int(cells[2]), float(cells[3]), cells[4]
+        depth = backbone.removeprefix("Res")
+        cfg = config.load(f"largedet_oi_r{depth}_fpn_bs{batch}")
+        assert (cfg.solver.batch_size, cfg.paper.gpus, cfg.paper.open_images_map50) == (batch, gpus, map50)
+        assert cfg.paper.expected_time == hours.replace("h", " h") and cfg.paper.box_ap is None
+        assert cfg.paper.row == f"LargeDet Table 5, {backbone}, batch {batch}, {gpus} GPUs"
+        assert cfg.model.name == f"resnet{depth}_fpn" and cfg.model.backbone_weights == f"torchvision:resnet{depth}"
+        assert cfg.solver.lr == pytest.approx({16: 0.02, 320: 0.4, 640: 0.8}[batch])
+        assert (cfg.solver.epochs, cfg.solver.step_epochs, cfg.solver.decay_factors) == (12, [8, 11], [0.1, 0.1])
+        assert len(cfg.data.min_sizes) > 1, "multi-scale training"
+        assert cfg.model.norm == "cgbn" and cfg.data.images_per_rank == batch // gpus
+        assert cfg.solver.optimizer == ("sgd" if batch == 16 else "pmd_lamb")
+        # the iterations follow from the shards: 12 epochs of Open Images V5's training images
+        max_iter, steps = cfg.solver.iterations_for(OPEN_IMAGES_V5_TRAIN_IMAGES)
+        per_epoch = OPEN_IMAGES_V5_TRAIN_IMAGES / batch
+        assert (max_iter, steps) == (round(12 * per_epoch), [round(8 * per_epoch), round(11 * per_epoch)])
+
+
+def test_the_shards_fill_in_the_class_count_and_the_iterations_of_an_epochs_preset():
+    cfg = config.load("largedet_oi_r50_fpn_bs640")
+    cfg.fill_from_shards(num_classes=600, num_images=OPEN_IMAGES_V5_TRAIN_IMAGES)
+    assert (cfg.model.num_classes, cfg.solver.max_iter, cfg.solver.steps) == (600, 32682, [21788, 29959])
+    given = config.load("largedet_r50_fpn_bs256_pmdlamb")
+    given.fill_from_shards(num_classes=7, num_images=1000)  # a preset that gives both keeps them
+    assert (given.model.num_classes, given.solver.max_iter) == (80, 5625)
+    tiny = config.load("largedet_oi_r50_fpn_bs16", ["solver.warmup_iters=0"])
+    one_line_error(r"solver.epochs=12 with solver.step_epochs=\[8.0, 11.0\] over 2 images at solver.batch_size=16 "
+                   r"gives max_iter 2 and steps \[1, 1\], which do not decay inside the run: .* solver.epochs=null",
+                   lambda: tiny.fill_from_shards(num_classes=600, num_images=2))
+    warm = config.load("largedet_oi_r50_fpn_bs16")
+    one_line_error(r"solver.warmup_iters=500 must be in \[0, solver.max_iter=90\]",
+                   lambda: warm.fill_from_shards(num_classes=600, num_images=120))
+    one_line_error(r"solver.step_epochs=\[8.0, 11.0\] needs solver.epochs", config.load,
+                   "largedet_oi_r50_fpn_bs16", ["solver.epochs=null"])
+    one_line_error(r"solver.step_epochs=\[8.0, 13.0\] must be increasing epochs between 0 and solver.epochs=12",
+                   config.load, "largedet_oi_r50_fpn_bs16", ["solver.step_epochs=[8, 13]"])
 
 
 def test_the_presets_doc_names_every_preset_and_the_table_3_ablations():

@@ -50,8 +50,29 @@ def test_the_estimate_follows_images_norm_recomputation_precision_and_optimizer(
     assert estimate(recomputed=("res3",)) < estimate() and estimate(amp="bf16") < estimate()
     assert estimate(optimizer="pmd_lamb") > estimate()
     assert estimate(max_size=1000, min_size=600) < estimate()
-    with pytest.raises(UserError, match="no memory figures for model 'resnet101_fpn'"):
-        estimate(model="resnet101_fpn")
+    assert estimate(model="resnet101_fpn") > estimate()
+    with pytest.raises(UserError, match="no memory figures for model 'resnet152_fpn'"):
+        memory_model.measured("resnet152_fpn")
+
+
+@pytest.mark.parametrize("norm", ["bn", "frozen"])
+def test_resnet101_differs_from_resnet50_by_its_res4_as_measured(norm):
+    """resnet101_fpn's figures are resnet50_fpn's but for res4 (23 blocks, not 6): its saved tensors,
+    measured on both stages at an eighth of the reference size, keep the figures' ratio."""
+    r50, r101 = memory_model.MEASURED["resnet50_fpn"], memory_model.MEASURED["resnet101_fpn"]
+    for field in ("outputs", "heads", "base"):
+        assert getattr(r101, field) == getattr(r50, field)
+    trains = norm == "bn"
+    assert {k: v for k, v in r101.own[trains].items() if k != "res4"} == \
+        {k: v for k, v in r50.own[trains].items() if k != "res4"}
+    saved = {}
+    for name in ("resnet50_fpn", "resnet101_fpn"):
+        stage = build_detector(name, num_classes=4, norm=norm, freeze_at=0).train().backbone.layer3
+        res3_output = torch.randn(1, 512, 36, 60, requires_grad=True)
+        saved[name] = saved_tensor_bytes(lambda: stage(res3_output), {"res4": [stage]},
+                                         exclude=[res3_output, *stage.parameters(), *stage.buffers()])["res4"]
+    assert saved["resnet101_fpn"] / saved["resnet50_fpn"] == pytest.approx(r101.own[trains]["res4"] /
+                                                                           r50.own[trains]["res4"], rel=0.01)
 
 
 def test_fit_recomputes_the_largest_saving_first_never_a_frozen_stage_and_refuses_one_line():

@@ -46,8 +46,10 @@ class ShardSummary:
     skipped: List[Dict[str, Any]]
 
 
-def shard_name(index: int, num_shards: int) -> str:
-    return f"shard-{index:05d}-of-{num_shards:05d}.h5"
+def shard_name(index: int, num_shards: Optional[int]) -> str:
+    """``shard-00003-of-00064.h5``; ``shard-00003.h5`` where the count is not known while packing (a set
+    streamed in one pass: the manifest lists its shards)."""
+    return f"shard-{index:05d}.h5" if num_shards is None else f"shard-{index:05d}-of-{num_shards:05d}.h5"
 
 
 def completion_path(shard_path: Path) -> Path:

@@ -4,6 +4,8 @@
     record = dataset[0]   # {"image": uint8 [H, W, 3] RGB, "image_id", "file_name", "height", "width",
                           #  "boxes": float32 [K, 4] xywh, "category_ids": int64 [K], "iscrowd": bool [K],
                           #  "areas": float32 [K]} (+ "segmentation" with with_segmentation=True)
+                          # Open Images shards (dataset.kind "open-images") add "flags": int8 [K, 5] and
+                          # "positive_labels", "negative_labels": int64 verified category ids
 
 Opening checks the manifest against the files: a missing shard, a shard of the wrong size (truncated
 or replaced) or, with ``verify_checksums=True``, a SHA-256 mismatch raises ``ShardError`` naming the
@@ -49,7 +51,12 @@ LANDSCAPE, PORTRAIT = 0, 1
 
 
 class CorruptRecordError(ShardError):
-    """A record's stored bytes differ from their CRC-32; the message names the shard, record and image id."""
+    """A record's stored bytes differ from their CRC-32, or its image does not decode; the message names
+    the shard, record and image id, ``reason`` says what is wrong in a few words."""
+
+    def __init__(self, message: str, *, reason: str = "it is corrupt"):  # one argument: it survives pickling
+        super().__init__(message)
+        self.reason = reason
 
 
 def apply_orientation(image: Image.Image, orientation: int) -> Image.Image:
@@ -85,6 +92,8 @@ class ShardDataset(torch.utils.data.Dataset):
         self.skip_corrupt = skip_corrupt
         self.corrupt_skipped = 0
         self.format = self.manifest["options"]["format"]
+        self.kind = self.manifest["dataset"].get("kind", "coco")
+        self.has_image_labels = self.kind == "open-images"
         self.categories = [{"id": c["id"], "name": c["name"]}
                            for c in sorted(self.manifest["dataset"]["categories"], key=lambda c: c["id"])]
         self.shard_paths = [self.shard_dir / shard["file"] for shard in self.manifest["shards"]]
@@ -112,6 +121,11 @@ class ShardDataset(torch.utils.data.Dataset):
         self._local_annotation_row = self._annotation_start[:-1] - self._annotation_start[first_image[self.shard_of]]
         self._boxes, self._category_ids = joined("box"), joined("category_id")
         self._iscrowd, self._areas, self._annotation_ids = joined("iscrowd"), joined("area"), joined("id")
+        if self.has_image_labels:
+            self._flags = joined("flags")
+            label_counts = np.concatenate([np.diff(index["label_start"]) for index in per_shard])
+            self._label_start = np.concatenate([[0], np.cumsum(label_counts)]).astype(np.int64)
+            self._label_category_ids, self._label_present = joined("label_category_id"), joined("label_present")
         self._pid: Optional[int] = None
         self._handles: Dict[int, h5py.File] = {}
         self._image_data: Dict[int, h5py.Dataset] = {}  # images/data of each open shard (a lookup costs)
@@ -139,6 +153,11 @@ class ShardDataset(torch.utils.data.Dataset):
                 index["file_name"] = handle["images/file_name"].asstr()[()]
                 for name in ("box", "category_id", "iscrowd", "area", "id"):
                     index[name] = handle[f"annotations/{name}"][()]
+                if self.has_image_labels:
+                    index["flags"] = handle["annotations/flags"][()]
+                    index["label_start"] = handle["images/label_start"][()]
+                    index["label_category_id"] = handle["labels/category_id"][()]
+                    index["label_present"] = handle["labels/present"][()]
         except (OSError, KeyError) as error:
             raise ShardError(f"Unreadable shard: {path} ({os_error_reason(error, path.parent)}); run 'megdet pack' "
                              f"again to repack it") from None
@@ -180,7 +199,8 @@ class ShardDataset(torch.utils.data.Dataset):
             raise CorruptRecordError(
                 f"Checksum mismatch: {self._record_name(index)} is corrupt; run the same 'megdet pack' command "
                 f"again (it repacks shards that fail their checksum), or leave such records out (megdet train "
-                f"data.skip_corrupt=true; ShardDataset(skip_corrupt=True))")
+                f"data.skip_corrupt=true; ShardDataset(skip_corrupt=True))",
+                reason="its bytes do not match their CRC-32")
         return stored
 
     def _record_name(self, index: int) -> str:
@@ -196,12 +216,35 @@ class ShardDataset(torch.utils.data.Dataset):
             return stored.reshape(int(height), int(width), 3)
         return decode_image(stored.tobytes(), int(self._orientation[index]))
 
-    def _annotations(self, index: int) -> Dict[str, Any]:
+    def _decoded(self, index: int, stored: np.ndarray) -> np.ndarray:
+        """``decode``, a file that does not decode (packed verified by its header only: Open Images) as a
+        ``CorruptRecordError`` naming it."""
+        try:
+            return self.decode(index, stored)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            reason = f"its image does not decode ({os_error_reason(error, self.shard_dir)})"
+            raise CorruptRecordError(f"Undecodable image: {self._record_name(index)}: {reason}; replace the image file "
+                                     "and pack again, or leave such records out (megdet train data.skip_corrupt=true; "
+                                     "ShardDataset(skip_corrupt=True))", reason=reason) from None
+
+    def annotations(self, index: int) -> Dict[str, Any]:
+        """Record ``index`` without its image (nothing is read from the shard files)."""
         rows = slice(self._annotation_start[index], self._annotation_start[index + 1])
         return {"image_id": int(self.image_ids[index]), "file_name": str(self.file_names[index]),
                 "height": int(self.image_sizes[index, 0]), "width": int(self.image_sizes[index, 1]),
                 "boxes": self._boxes[rows].copy(), "category_ids": self._category_ids[rows].copy(),
-                "iscrowd": self._iscrowd[rows].copy(), "areas": self._areas[rows].copy()}
+                "iscrowd": self._iscrowd[rows].copy(), "areas": self._areas[rows].copy(), **self._image_labels(index)}
+
+    def _image_labels(self, index: int) -> Dict[str, np.ndarray]:
+        """Open Images shards: {"flags": int8 [K, 5], "positive_labels", "negative_labels": int64 category
+        ids verified present and absent}; other shards: {}."""
+        if not self.has_image_labels:
+            return {}
+        rows = slice(self._annotation_start[index], self._annotation_start[index + 1])
+        labels = slice(self._label_start[index], self._label_start[index + 1])
+        present = self._label_present[labels]
+        return {"flags": self._flags[rows].copy(), "positive_labels": self._label_category_ids[labels][present],
+                "negative_labels": self._label_category_ids[labels][~present]}
 
     def segmentations(self, index: int) -> List[Any]:
         """Image ``index``'s K COCO segmentations (polygons or RLE), without decoding its pixels."""
@@ -213,14 +256,15 @@ class ShardDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
         try:
             stored = self.read_bytes(index)
-        except CorruptRecordError:
+            image = self._decoded(index, stored)
+        except CorruptRecordError as error:
             if not self.skip_corrupt:
                 raise
             self.corrupt_skipped += 1
-            write_line(f"warning: skipped {self._record_name(index)}: its bytes do not match their CRC-32")
+            write_line(f"warning: skipped {self._record_name(index)}: {error.reason}")
             return None
-        record = self._annotations(index)
-        record["image"] = self.decode(index, stored)
+        record = self.annotations(index)
+        record["image"] = image
         if self.with_segmentation:
             rows = slice(self._annotation_start[index], self._annotation_start[index + 1])
             record.update(segmentation=self.segmentations(index), annotation_ids=self._annotation_ids[rows].copy())
@@ -231,7 +275,7 @@ class ShardDataset(torch.utils.data.Dataset):
         "image_bytes" (bytes as stored: the source file for jpeg, RGB pixels for raw),
         "stored_size" (height, width), "orientation", "annotation_ids": int64 [K], "segmentation"
         and "source" (``source(index)``)."""
-        record = self._annotations(index)
+        record = self.annotations(index)
         rows = slice(self._annotation_start[index], self._annotation_start[index + 1])
         record.update(image_bytes=self.read_bytes(index).tobytes(),
                       stored_size=tuple(int(v) for v in self.stored_sizes[index]),

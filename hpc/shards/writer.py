@@ -20,12 +20,24 @@ Layout of one shard (N images, M annotations; one HDF5 file, no compression anyw
     annotations/segmentation str [M]  JSON (polygons or RLE), as in the source
     source/record        str [N]      JSON {"image": {...}, "annotations": [...], "annotation_positions":
                                       [...]}: the annotation file's entries as they were, and their
-                                      positions in it, for exporting it back
+                                      positions in it, for exporting it back (Open Images: the rows of
+                                      its CSV files, ``megdet.data.open_images_pack``)
+
+With image-level labels (Open Images; L labels), also::
+
+    annotations/flags    int8 [M, 5]  IsOccluded, IsTruncated, IsGroupOf, IsDepiction, IsInside (-1: unknown)
+    images/label_start   int64 [N+1]  image-level labels of image i: rows start[i]:start[i+1]
+    labels/category_id   int64 [L]    a category verified on the image...
+    labels/present       bool [L]     ...as present (True) or absent (False)
 
 ``format="jpeg"`` stores each file's encoded bytes as they are (JPEG, PNG...); ``"raw"`` stores the
 decoded RGB pixels, EXIF orientation applied, downscaled so the longer side is at most ``max_size``.
 The image bytes are one contiguous dataset so that reading a record is one read of its bytes: no
 chunk index, no chunk cache, nothing to decompress.
+
+``verify="decode"`` decodes every byte of every image (a truncated file is a ``BadImageError``);
+``verify="header"`` reads only the header (size and EXIF orientation), for sets too large to decode
+at packing time (the stored bytes are still CRC-checked on every read).
 
 A shard is written under a temporary name, fsync'ed, renamed, and only then given its completion
 record (``hpc.shards.manifest``): a crash leaves no file under a shard's name that is not complete.
@@ -43,7 +55,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
@@ -56,6 +68,8 @@ from hpc.shards.reader import FORMATS, ORIENTATION_TAG, SIDE_SWAPPING_ORIENTATIO
 
 DEFAULT_RAW_MAX_SIZE = 1333
 JPEG_VERIFY_SCALE = 8  # verify JPEGs by decoding every byte at 1/8 scale (libjpeg DCT scaling)
+VERIFY_MODES = ("decode", "header")  # what encode_image reads of a jpeg-format image (raw always decodes)
+FLAG_COUNT = 5  # annotations/flags columns
 RGB_CHANNELS = 3
 LOCK_NAME = ".megdet-pack.lock"  # in the shard folder while a packing job writes it
 
@@ -74,6 +88,8 @@ class ImageEntry:
     areas: float32 [K]; annotation_ids: int64 [K]; segmentations: K JSON strings.
     source: JSON text ``{"image": {...}, "annotations": [...], "annotation_positions": [...]}``: the
     entries exactly as in the annotation file, and the annotations' positions in its list.
+    With image-level labels (Open Images), all three or none: flags: int8 [K, 5] (see the module
+    docstring); label_category_ids: int64 [L]; label_present: bool [L].
     """
 
     image_id: int
@@ -88,6 +104,9 @@ class ImageEntry:
     annotation_ids: np.ndarray
     segmentations: Tuple[str, ...]
     source: str
+    flags: Optional[np.ndarray] = None
+    label_category_ids: Optional[np.ndarray] = None
+    label_present: Optional[np.ndarray] = None
 
 
 def check_options(*, fmt: str, max_size: Optional[int]) -> None:
@@ -160,11 +179,13 @@ def plan_key(entries: Sequence[ImageEntry], *, index: int, num_shards: int, fmt:
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
-def encode_image(entry: ImageEntry, data: bytes, *, fmt: str, max_size: Optional[int]) -> Tuple[bytes, int, int, int]:
+def encode_image(entry: ImageEntry, data: bytes, *, fmt: str, max_size: Optional[int],
+                 verify: str = "decode") -> Tuple[bytes, int, int, int]:
     """Check one source file and return (stored bytes, stored height, stored width, orientation).
 
-    Decodes every byte (a truncated or corrupt file raises ``BadImageError`` naming the image) and
-    checks the size after EXIF orientation against the annotation entry.
+    Decodes every byte (``verify="decode"``: a truncated or corrupt file raises ``BadImageError``
+    naming the image; ``"header"``: a jpeg-format image's header only) and checks the size after EXIF
+    orientation against the annotation entry.
     """
     where = f"image id {entry.image_id} ({entry.path})"
     try:
@@ -173,7 +194,8 @@ def encode_image(entry: ImageEntry, data: bytes, *, fmt: str, max_size: Optional
         file_width, file_height = image.size
         if fmt == "jpeg":
             image.draft("RGB", (file_width // JPEG_VERIFY_SCALE, file_height // JPEG_VERIFY_SCALE))
-        image.load()
+        if fmt == "raw" or verify == "decode":
+            image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise BadImageError(f"Invalid image: {where} cannot be decoded ({error}); replace the file, or "
                             f"pass --skip-bad to leave it out (counted in the manifest)") from None
@@ -208,14 +230,19 @@ def partial_path(shard_path: Path) -> Path:
 
 def pack_shard(entries: Sequence[ImageEntry], sizes: Sequence[int], *, shard_path: Path, index: int,
                num_shards: int, fmt: str, max_size: Optional[int], skip_bad: bool,
-               key: str) -> manifest_mod.ShardSummary:
+               key: str, verify: str = "decode", skipped: Sequence[Dict[str, Any]] = (),
+               image_labels: bool = False) -> manifest_mod.ShardSummary:
     """Write one shard holding ``entries`` (``sizes``: their expected bytes) and its completion record.
     A failure (a bad image, a full disk) removes what it wrote; a killed process leaves only the
-    partial file, which the next run overwrites."""
+    partial file, which the next run overwrites. ``num_shards`` 0: not known when the shard is written
+    (streamed packing: the manifest counts them). ``skipped``: what the caller left out of this shard
+    before (rows, missing files), listed first among its skipped entries. ``image_labels``: the shard
+    has the flags and image-level labels of the module docstring (Open Images), even with no image."""
     partial = partial_path(shard_path)
     try:
         summary = _write_partial(entries, sizes, partial=partial, shard_name=shard_path.name, index=index,
-                                 num_shards=num_shards, fmt=fmt, max_size=max_size, skip_bad=skip_bad, key=key)
+                                 num_shards=num_shards, fmt=fmt, max_size=max_size, skip_bad=skip_bad, key=key,
+                                 verify=verify, skipped=list(skipped), image_labels=image_labels)
         os.replace(partial, shard_path)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -230,13 +257,13 @@ def pack_shard(entries: Sequence[ImageEntry], sizes: Sequence[int], *, shard_pat
 
 def _write_partial(entries: Sequence[ImageEntry], sizes: Sequence[int], *, partial: Path, shard_name: str,
                    index: int, num_shards: int, fmt: str, max_size: Optional[int], skip_bad: bool,
-                   key: str) -> manifest_mod.ShardSummary:
+                   key: str, verify: str, skipped: List[Dict[str, Any]],
+                   image_labels: bool) -> manifest_mod.ShardSummary:
     """Write the shard file ``partial`` (fsync'ed) and return its summary."""
     images: Dict[str, list] = {name: [] for name in (
         "offset", "length", "crc32", "image_id", "file_name", "height", "width", "stored_height",
         "stored_width", "orientation", "source")}
     kept: List[ImageEntry] = []
-    skipped = []
     with h5py.File(partial, "w") as shard:
         data = shard.create_dataset("images/data", shape=(sum(sizes),), dtype=np.uint8)
         offset = 0
@@ -248,7 +275,8 @@ def _write_partial(entries: Sequence[ImageEntry], sizes: Sequence[int], *, parti
                                 f"({os_error_reason(error, entry.path.parent)}); check the file_name in the "
                                 f"annotation file and the file's permissions") from None
             try:
-                stored, height, width, orientation = encode_image(entry, source_bytes, fmt=fmt, max_size=max_size)
+                stored, height, width, orientation = encode_image(entry, source_bytes, fmt=fmt, max_size=max_size,
+                                                                  verify=verify)
             except BadImageError as error:
                 if not skip_bad:
                     raise
@@ -266,7 +294,7 @@ def _write_partial(entries: Sequence[ImageEntry], sizes: Sequence[int], *, parti
                 images[name].append(value)
             kept.append(entry)
             offset += size
-        _write_index(shard, images, kept)
+        _write_index(shard, images, kept, with_image_labels=image_labels)
         shard.attrs.update({"format_version": manifest_mod.FORMAT_VERSION, "format": fmt,
                             "max_size": max_size or 0, "shard_index": index, "num_shards": num_shards,
                             "num_images": len(kept), "plan_key": key})
@@ -276,7 +304,8 @@ def _write_partial(entries: Sequence[ImageEntry], sizes: Sequence[int], *, parti
         bytes=partial.stat().st_size, sha256=file_sha256(partial), plan_key=key, skipped=skipped)
 
 
-def _write_index(shard: h5py.File, images: Dict[str, list], kept: Sequence[ImageEntry]) -> None:
+def _write_index(shard: h5py.File, images: Dict[str, list], kept: Sequence[ImageEntry], *,
+                 with_image_labels: bool) -> None:
     """The per-image and per-annotation arrays of the layout in the module docstring."""
     text = h5py.string_dtype()
     dtypes = {"offset": np.int64, "length": np.int64, "crc32": np.uint32, "image_id": np.int64,
@@ -300,6 +329,13 @@ def _write_index(shard: h5py.File, images: Dict[str, list], kept: Sequence[Image
     shard.create_dataset("annotations/id", data=joined("annotation_ids", np.int64))
     segmentations = [text_ for entry in kept for text_ in entry.segmentations]
     shard.create_dataset("annotations/segmentation", data=np.array(segmentations, dtype=object), dtype=text)
+    if with_image_labels:
+        shard.create_dataset("annotations/flags", data=joined("flags", np.int8, (FLAG_COUNT,)))
+        label_counts = [len(entry.label_category_ids) for entry in kept]
+        shard.create_dataset("images/label_start",
+                             data=np.concatenate([[0], np.cumsum(label_counts)]).astype(np.int64))
+        shard.create_dataset("labels/category_id", data=joined("label_category_ids", np.int64))
+        shard.create_dataset("labels/present", data=joined("label_present", bool))
 
 
 def pack_rank_shards(entries: Sequence[ImageEntry], sizes: Sequence[int], plan: Sequence[range], *,
@@ -314,21 +350,30 @@ def pack_rank_shards(entries: Sequence[ImageEntry], sizes: Sequence[int], plan: 
         shard_path = out_dir / manifest_mod.shard_name(index, len(plan))
         key = plan_key(part, index=index, num_shards=len(plan), fmt=fmt, max_size=max_size,
                        skip_bad=skip_bad, source_sha256=source_sha256)
-        summary = manifest_mod.read_verified_completion(shard_path, key)
-        if summary is not None:
-            partial_path(shard_path).unlink(missing_ok=True)  # left by a crash in a run with another plan
-            log(f"kept {shard_path.name}: complete and verified ({summary.num_images} images)")
-        else:
-            try:
-                summary = pack_shard(part, [sizes[i] for i in plan[index]], shard_path=shard_path, index=index,
-                                     num_shards=len(plan), fmt=fmt, max_size=max_size, skip_bad=skip_bad, key=key)
-            except OSError as error:  # image files are read inside with their own message: this is the shard
-                raise UserError(f"Invalid --out: writing {shard_path.name} in {out_dir} failed "
-                                f"({os_error_reason(error, out_dir)}); free space there or choose another --out, "
-                                f"then run the same command again (finished shards are kept)") from None
-            log(f"packed {shard_path.name}: {summary.num_images} images, {summary.bytes / 2**20:.1f} MiB")
-        summaries.append(summary)
+        summaries.append(keep_or_pack(shard_path, key, log=log, pack=lambda: pack_shard(
+            part, [sizes[i] for i in plan[index]], shard_path=shard_path, index=index, num_shards=len(plan),
+            fmt=fmt, max_size=max_size, skip_bad=skip_bad, key=key)))
     return summaries
+
+
+def keep_or_pack(shard_path: Path, key: str, *, pack: Callable[[], manifest_mod.ShardSummary],
+                 log=print) -> manifest_mod.ShardSummary:
+    """The summary of the shard at ``shard_path``: kept when a previous run completed it for plan
+    ``key`` and it still matches its checksum, else written by ``pack()`` (``pack_shard``)."""
+    summary = manifest_mod.read_verified_completion(shard_path, key)
+    if summary is not None:
+        partial_path(shard_path).unlink(missing_ok=True)  # left by a crash in a run with another plan
+        log(f"kept {shard_path.name}: complete and verified ({summary.num_images} images)")
+        return summary
+    out_dir = shard_path.parent
+    try:
+        summary = pack()
+    except OSError as error:  # image files are read inside with their own message: this is the shard
+        raise UserError(f"Invalid --out: writing {shard_path.name} in {out_dir} failed "
+                        f"({os_error_reason(error, out_dir)}); free space there or choose another --out, "
+                        f"then run the same command again (finished shards are kept)") from None
+    log(f"packed {shard_path.name}: {summary.num_images} images, {summary.bytes / 2**20:.1f} MiB")
+    return summary
 
 
 def _warn(line: str) -> None:

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "node": ("megdet.bench.node", "the checks that prove a GPU node: doctor, the step vs torchvision, amp modes, CGBN exactness, a short train + eval (scripts/gpu_check.sh)"),
     "open-images": ("megdet.bench.open_images", "seconds to read and score a synthetic Open Images validation-sized result (41,620 images x 100 detections)"),
     "eval": ("megdet.bench.evaluation", "seconds to score a COCO-val-sized box set: pycocotools vs our category split on 1, 2, 4 ranks, and faster-coco-eval, each checked exact"),
+    "pack-open-images": ("megdet.bench.pack_open_images", "peak memory and images/s of megdet pack on synthetic Open Images CSVs of two sizes (memory must not grow with the rows)"),
     "project": ("megdet.bench.project", "projected time to train on 8-160 GPUs (compute + ring allreduce model) next to the papers' times"),
 }
 

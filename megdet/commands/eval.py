@@ -1,6 +1,7 @@
 """``megdet eval``: COCO AP of a trained model on shards, or of a results file (see
 ``megdet.engine.evaluate``); the Open Images challenge mAP@0.5 of a results CSV (see
-``megdet.engine.open_images_metric``).
+``megdet.engine.open_images_metric``), and of a trained model on Open Images shards (the shards decide:
+``megdet.engine.open_images_eval``).
 
     megdet eval --gt annotations/instances_val2017.json --results dets.json [--iou-type segm]
     horovodrun -np 8 -H localhost:8 megdet eval largedet_coco_12min --checkpoint runs/x/model_0003360.pt
@@ -64,9 +65,13 @@ def run(args) -> int:
 
 
 def _run_open_images(args) -> int:
-    if args.config is not None or args.checkpoint is not None or args.gt is not None or args.iou_type != "bbox":
-        raise UserError("--metric open-images evaluates a results CSV against the Open Images files: drop CONFIG, "
-                        "--checkpoint, --gt and --iou-type")
+    if args.config is not None or args.checkpoint is not None:
+        raise UserError("--metric open-images evaluates a results CSV against the Open Images files; a checkpoint "
+                        "on Open Images shards (megdet pack --boxes ...) is scored by that metric without it: drop "
+                        "--metric open-images")
+    if args.gt is not None or args.iou_type != "bbox":
+        raise UserError("--metric open-images evaluates a results CSV against the Open Images files: drop --gt and "
+                        "--iou-type")
     missing = [f"--{name} ({what})" for name, what in {**OPEN_IMAGES_FILES, "results": "the detections CSV"}.items()
                if getattr(args, name) is None]
     if missing:

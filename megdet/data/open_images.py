@@ -23,13 +23,14 @@ a human's face) are not kinds of it and expand nothing, as in the TF Object Dete
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -40,6 +41,18 @@ IMAGE_LABEL_COLUMNS = ("ImageID", "LabelName", "Confidence")
 DETECTION_COLUMNS = ("ImageID", "LabelName", "Score", "XMin", "XMax", "YMin", "YMax")
 CORNERS = ("XMin", "YMin", "XMax", "YMax")  # the column of each box coordinate, in array order
 CHUNK_ROWS = 1 << 19  # rows turned into arrays at a time: bounds the memory of reading a 4M-row file
+STREAM_CHUNK_ROWS = 1 << 16  # the same for stream_image_rows, which also keeps every row's fields
+# A box's flags, in array order (the boxes file's columns); IsGroupOf is required, the others may be absent.
+FLAG_COLUMNS = ("IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside")
+UNKNOWN_FLAG = -1
+FLAG_MEANINGS = {
+    "IsOccluded": "1 for an object occluded by another, 0 if not, -1 if unknown",
+    "IsTruncated": "1 for an object that extends beyond the image, 0 if not, -1 if unknown",
+    "IsGroupOf": "1 for a box around a group of objects, else 0",
+    "IsDepiction": "1 for a depiction (a drawing, a toy), 0 for a real object, -1 if unknown",
+    "IsInside": "1 for a picture taken from inside the object, 0 if not, -1 if unknown",
+    "Confidence": "1 for a class verified present, 0 for one verified absent: give the human-verified labels file",
+}
 
 
 class ClassHierarchy:
@@ -243,14 +256,14 @@ def read_hierarchy(path, classes_path) -> ClassHierarchy:
 def read_ground_truth(boxes_path, labels_path, hierarchy: ClassHierarchy) -> GroundTruth:
     """The boxes and verified image-level labels of the evaluated images (those named in either file)."""
     box_ids, box_labels, box_corners, box_group_of = [], [], [], []
-    for lines, columns in _csv_chunks(boxes_path, "boxes", BOX_COLUMNS):
+    for lines, columns, _ in _csv_chunks(boxes_path, "boxes", BOX_COLUMNS):
         box_ids.append(_image_ids(columns["ImageID"], lines, "boxes", boxes_path))
         box_labels.append(_class_indices(columns["LabelName"], lines, hierarchy, "boxes", boxes_path))
         box_corners.append(_corners(columns, lines, "boxes", boxes_path))
         box_group_of.append(_flags(columns["IsGroupOf"], lines, "boxes", boxes_path, "IsGroupOf",
                                    "1 for a box around a group of objects, else 0") == 1)
     label_ids, label_labels, label_positive = [], [], []
-    for lines, columns in _csv_chunks(labels_path, "image labels", IMAGE_LABEL_COLUMNS):
+    for lines, columns, _ in _csv_chunks(labels_path, "image labels", IMAGE_LABEL_COLUMNS):
         label_ids.append(_image_ids(columns["ImageID"], lines, "image labels", labels_path))
         label_labels.append(_class_indices(columns["LabelName"], lines, hierarchy, "image labels", labels_path))
         label_positive.append(_flags(columns["Confidence"], lines, "image labels", labels_path, "Confidence",
@@ -270,7 +283,7 @@ def read_detections(path, truth: GroundTruth, hierarchy: ClassHierarchy) -> Dete
     """The detections of a results CSV, on the images of ``truth``."""
     image_index = {image_id: i for i, image_id in enumerate(truth.image_ids)}
     images, labels, corners, scores = [], [], [], []
-    for lines, columns in _csv_chunks(path, "results", DETECTION_COLUMNS):
+    for lines, columns, _ in _csv_chunks(path, "results", DETECTION_COLUMNS):
         chunk_images = np.array([image_index.get(image_id, -1) for image_id in columns["ImageID"]], np.int64)
         if (chunk_images < 0).any():
             row = int(np.argmax(chunk_images < 0))
@@ -288,21 +301,210 @@ def read_detections(path, truth: GroundTruth, hierarchy: ClassHierarchy) -> Dete
                           np.concatenate(corners) if corners else np.zeros((0, 4)), _joined(scores, np.float64))
 
 
+@dataclass(frozen=True)
+class ImageRows:
+    """One image's rows of the boxes and image-labels files, validated: K boxes and L image-level labels
+    kept, in file order.
+
+    boxes: float64 [K, 4] xmin, ymin, xmax, ymax, normalised. labels: int64 [K] class indices. flags: int8
+    [K, 5], the ``FLAG_COLUMNS`` (1 yes, 0 no, -1 unknown or no such column). label_classes: int64 [L];
+    label_present: bool [L] (Confidence 1: verified present, 0: verified absent). box_rows, label_rows:
+    the kept rows as read, every column; box_lines, label_lines: int64 [K], [L], their lines in the files.
+    skipped: the rows left out as bad (``skip_bad``), each {"image_id", "file_name", "line", "reason"}.
+    outside_subset: rows left out because their class is not one of the classes kept (a class subset).
+    """
+
+    image_id: str
+    boxes: np.ndarray
+    labels: np.ndarray
+    flags: np.ndarray
+    label_classes: np.ndarray
+    label_present: np.ndarray
+    box_rows: List[List[str]]
+    label_rows: List[List[str]]
+    box_lines: np.ndarray
+    label_lines: np.ndarray
+    skipped: List[Dict[str, Any]]
+    outside_subset: int
+
+
+def stream_image_rows(boxes_path, labels_path, hierarchy: ClassHierarchy, *, known_classes: Sequence[str] = (),
+                      skip_bad: bool = False, digests: Optional[Mapping[str, Any]] = None,
+                      chunk_rows: int = STREAM_CHUNK_ROWS) -> Iterator[ImageRows]:
+    """The images of the boxes and image-labels files, one at a time in ImageID order (the union of both
+    files' images), each file read once, in order, ``chunk_rows`` rows at a time: memory does not grow
+    with the files. Both must be sorted by ImageID, as the official files are (``UserError`` naming the
+    first line out of order).
+
+    Classes are ``hierarchy``'s; a row of a class in ``known_classes`` but not in ``hierarchy`` (the
+    challenge's 500-class subset of the 600) is left out and counted. A bad row (a class of neither, a
+    coordinate outside [0, 1] or out of order, a flag that is not 0 or 1, ...) is a ``UserError`` naming
+    the file and line, or with ``skip_bad`` left out and listed. ``digests`` ({"boxes": hashlib object,
+    "labels": ...}), when given, are fed each file's bytes.
+    """
+    known = frozenset(known_classes)
+    digests = digests or {}
+    boxes = _image_groups(boxes_path, "boxes", BOX_COLUMNS, lambda columns: _box_arrays(columns, hierarchy, known),
+                          skip_bad=skip_bad, digest=digests.get("boxes"), chunk_rows=chunk_rows)
+    labels = _image_groups(labels_path, "image labels", IMAGE_LABEL_COLUMNS,
+                           lambda columns: _label_arrays(columns, hierarchy, known),
+                           skip_bad=skip_bad, digest=digests.get("labels"), chunk_rows=chunk_rows)
+    box, label = next(boxes, None), next(labels, None)
+    while box is not None or label is not None:
+        image_id = min(group.image_id for group in (box, label) if group is not None)
+        box_here = box if box is not None and box.image_id == image_id else _RowGroup.empty(image_id, _BOX_EMPTY)
+        label_here = label if label is not None and label.image_id == image_id \
+            else _RowGroup.empty(image_id, _LABEL_EMPTY)
+        yield ImageRows(image_id, box_here.arrays["boxes"], box_here.arrays["labels"], box_here.arrays["flags"],
+                        label_here.arrays["classes"], label_here.arrays["present"], box_here.rows, label_here.rows,
+                        box_here.lines, label_here.lines, box_here.skipped + label_here.skipped,
+                        box_here.outside + label_here.outside)
+        if box_here is box:
+            box = next(boxes, None)
+        if label_here is label:
+            label = next(labels, None)
+
+
+@dataclass(frozen=True)
+class _RowGroup:
+    """One image's kept rows of one file: ``arrays`` (one row each), rows as read, lines, skipped, outside."""
+
+    image_id: str
+    arrays: Dict[str, np.ndarray]
+    rows: List[List[str]]
+    lines: np.ndarray
+    skipped: List[Dict[str, Any]]
+    outside: int
+
+    @classmethod
+    def empty(cls, image_id: str, arrays: Dict[str, np.ndarray]) -> "_RowGroup":
+        return cls(image_id, arrays, [], np.zeros(0, np.int64), [], 0)
+
+
+_BOX_EMPTY = {"boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int64),
+              "flags": np.zeros((0, len(FLAG_COLUMNS)), np.int8)}
+_LABEL_EMPTY = {"classes": np.zeros(0, np.int64), "present": np.zeros(0, bool)}
+
+
+@dataclass(frozen=True)
+class _CheckedChunk:
+    """A chunk with its rows' arrays, which rows are kept, and why the others are not."""
+
+    chunk: CsvChunk
+    arrays: Dict[str, np.ndarray]
+    keep: np.ndarray            # bool [R]
+    outside: np.ndarray         # bool [R]: of a class outside the subset
+    reasons: Dict[int, str]     # row -> why it is bad
+
+
+def _image_groups(path, what: str, required: Sequence[str], parse, *, skip_bad: bool, digest,
+                  chunk_rows: int) -> Iterator[_RowGroup]:
+    """The rows of one CSV file sorted by ImageID, one image at a time; ``parse(columns)`` gives a chunk's
+    arrays, its rules (``RowCheck``) and which rows are of a class outside the subset."""
+    pieces: List[Tuple[_CheckedChunk, int, int]] = []  # the last image's rows so far: (chunk, start, stop)
+    last_id, last_line = None, 0
+    for chunk in _csv_chunks(path, what, required, chunk_rows=chunk_rows, digest=digest):
+        ids = chunk.columns["ImageID"]
+        _refuse_first(np.array([not image_id.strip() for image_id in ids], bool), chunk.lines, path, what,
+                      lambda row: "ImageID is empty: give each row its image's id")
+        arrays, checks, outside = parse(chunk.columns)
+        bad = np.zeros(len(ids), bool)
+        reasons: Dict[int, str] = {}
+        for failing, problem in checks:
+            for row in np.flatnonzero(failing & ~bad).tolist():
+                reasons[row] = problem(row)
+            bad |= failing
+        if reasons and not skip_bad:
+            row = min(reasons)
+            raise UserError(f"{what} file {path} line {chunk.lines[row]}: {reasons[row]} (or pass --skip-bad to leave "
+                            "such rows out, counted in the manifest)")
+        id_array = np.array(ids, dtype=str)
+        previous = np.r_[np.array([last_id if last_id is not None else ""], dtype=str), id_array[:-1]]
+        lines_before = np.r_[last_line, chunk.lines[:-1]]
+        _refuse_first(id_array < previous, chunk.lines, path, what,
+                      lambda row: f"ImageID {ids[row]!r} comes after {str(previous[row])!r} (line {lines_before[row]}): "
+                                  "the file must be sorted by ImageID, as the official files are; sort it (keep the "
+                                  "header line first, then LC_ALL=C sort -t, -k1,1 the rest)")
+        checked = _CheckedChunk(chunk, arrays, ~bad & ~outside, outside & ~bad, reasons)
+        starts = np.r_[0, np.flatnonzero(id_array[1:] != id_array[:-1]) + 1, len(ids)].tolist()
+        for start, stop in zip(starts[:-1], starts[1:]):
+            if pieces and ids[start] != last_id:  # a new image: the last one's rows are complete
+                yield _assembled(pieces, path)
+                pieces = []
+            pieces.append((checked, start, stop))
+            last_id = ids[start]
+        last_line = int(chunk.lines[-1])
+    if pieces:
+        yield _assembled(pieces, path)
+
+
+def _assembled(pieces: Sequence[Tuple[_CheckedChunk, int, int]], path) -> _RowGroup:
+    """One image's group from its rows in one or two chunks."""
+    first, start, _ = pieces[0]
+    image_id = first.chunk.columns["ImageID"][start]
+    parts: Dict[str, List[np.ndarray]] = {name: [] for name in first.arrays}
+    rows: List[List[str]] = []
+    lines, skipped, outside = [], [], 0
+    for checked, start, stop in pieces:
+        keep = checked.keep[start:stop]
+        kept = slice(start, stop) if keep.all() else start + np.flatnonzero(keep)
+        for name, array in checked.arrays.items():
+            parts[name].append(array[kept])
+        rows.extend(checked.chunk.rows[start:stop] if keep.all() else [checked.chunk.rows[i] for i in kept.tolist()])
+        lines.append(checked.chunk.lines[kept])
+        skipped.extend({"image_id": image_id, "file_name": str(path), "line": int(checked.chunk.lines[row]),
+                        "reason": reason} for row, reason in sorted(checked.reasons.items()) if start <= row < stop)
+        outside += int(checked.outside[start:stop].sum())
+    arrays = {name: values[0] if len(values) == 1 else np.concatenate(values) for name, values in parts.items()}
+    return _RowGroup(image_id, arrays, rows, lines[0] if len(lines) == 1 else np.concatenate(lines), skipped, outside)
+
+
+def _subset_classes(values: tuple, hierarchy: ClassHierarchy,
+                    known: frozenset) -> Tuple[np.ndarray, List[RowCheck], np.ndarray]:
+    """Class indices int64 [R] (-1: not kept), the rule, and bool [R]: of a known class outside ``hierarchy``."""
+    indices, checks = _class_checks(values, hierarchy)
+    outside = np.array([index < 0 and name in known for name, index in zip(values, indices.tolist())], bool)
+    return indices, [(checks[0][0] & ~outside, checks[0][1])], outside
+
+
+def _box_arrays(columns: Mapping[str, tuple], hierarchy: ClassHierarchy, known: frozenset):
+    """A boxes chunk's {"boxes", "labels", "flags"}, its rules and its rows outside the class subset."""
+    labels, checks, outside = _subset_classes(columns["LabelName"], hierarchy, known)
+    corners, corner_checks = _corner_checks(columns)
+    checks += corner_checks
+    flags = np.full((len(labels), len(FLAG_COLUMNS)), UNKNOWN_FLAG, np.int8)
+    for position, name in enumerate(FLAG_COLUMNS):
+        if name in columns:
+            allowed = (0, 1) if name == "IsGroupOf" else (UNKNOWN_FLAG, 0, 1)
+            values, flag_checks = _flag_checks(columns[name], name, FLAG_MEANINGS[name], allowed)
+            checks += flag_checks
+            flags[:, position] = np.where(np.isin(values, allowed), values, UNKNOWN_FLAG)
+    return {"boxes": corners, "labels": labels, "flags": flags}, checks, outside
+
+
+def _label_arrays(columns: Mapping[str, tuple], hierarchy: ClassHierarchy, known: frozenset):
+    """An image-labels chunk's {"classes", "present"}, its rules and its rows outside the class subset."""
+    classes, checks, outside = _subset_classes(columns["LabelName"], hierarchy, known)
+    confidence, confidence_checks = _flag_checks(columns["Confidence"], "Confidence", FLAG_MEANINGS["Confidence"])
+    return {"classes": classes, "present": confidence == 1}, checks + confidence_checks, outside
+
+
 def _joined(pieces: List[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(pieces).astype(dtype, copy=False) if pieces else np.zeros(0, dtype)
 
 
 @contextlib.contextmanager
-def _reading(path, what: str) -> Iterator:
-    """A csv reader of ``path``; a missing file, and format and encoding errors, as one-line ``UserError``s."""
+def _reading(path, what: str, digest=None) -> Iterator:
+    """A csv reader of ``path``; a missing file, and format and encoding errors, as one-line ``UserError``s.
+    ``digest`` (a hashlib object), when given, is fed the file's bytes as they are read."""
     try:
-        handle = open(path, newline="", encoding="utf-8-sig")  # a byte-order mark is not part of the header
+        handle = open(path, newline="", encoding="utf-8-sig") if digest is None else open(path, "rb")
     except FileNotFoundError:
         raise UserError(f"{what} file {path} does not exist: check the path") from None
     except OSError as error:
         raise UserError(f"cannot read {what} file {path} ({error.__class__.__name__}): check the file") from None
     with handle:
-        reader = csv.reader(handle)
+        reader = csv.reader(handle if digest is None else _hashed_lines(handle, digest))
         try:
             yield reader
         except csv.Error as error:
@@ -310,6 +512,14 @@ def _reading(path, what: str) -> Iterator:
         except UnicodeDecodeError as error:
             raise UserError(f"{what} file {path} is not UTF-8 text (after line {reader.line_num}: {error.reason}): "
                             "check the file") from None
+
+
+def _hashed_lines(handle, digest) -> Iterator[str]:
+    """The text lines of the binary file ``handle``, each fed to ``digest`` first (UTF-8; a byte-order
+    mark is not part of the first line, as with the "utf-8-sig" codec)."""
+    for number, line in enumerate(handle):
+        digest.update(line)
+        yield (line[len(codecs.BOM_UTF8):] if number == 0 and line.startswith(codecs.BOM_UTF8) else line).decode()
 
 
 @contextlib.contextmanager
@@ -325,37 +535,71 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _csv_chunks(path, what: str, required: Sequence[str]) -> Iterator[Tuple[np.ndarray, Dict[str, tuple]]]:
-    """The ``required`` columns of a CSV file with a header, in chunks of up to ``CHUNK_ROWS`` rows:
-    (file line of each row, int64 [R]; {column: R strings}). Blank lines are skipped."""
-    with _reading(path, what) as reader, _collector_paused():
+def csv_header(path, what: str, required: Sequence[str]) -> List[str]:
+    """The column names of a CSV file's header line; ``UserError`` when it lacks one of ``required``."""
+    with _reading(path, what) as reader:
         header = [name.strip() for name in next(reader, [])]
-        missing = [name for name in required if name not in header]
-        if missing:
-            raise UserError(f"{what} file {path} lacks the column{'s' * (len(missing) > 1)} {', '.join(missing)} "
-                            f"(header: {','.join(header)[:200] or 'none'}): give a CSV whose header line names "
-                            f"{', '.join(required)}")
-        positions = [header.index(name) for name in required]
-        chunk: List[List[str]] = []
-        lines: List[int] = []
-        for row in reader:
-            if len(row) != len(header):
-                if not row:
-                    continue
-                raise UserError(f"{what} file {path} line {reader.line_num}: {len(row)} fields where the header "
-                                f"has {len(header)}: fix or remove the line")
-            chunk.append(row)
-            lines.append(reader.line_num)
-            if len(chunk) == CHUNK_ROWS:
-                yield _columns(chunk, lines, required, positions)
-                chunk, lines = [], []
-        if chunk:
-            yield _columns(chunk, lines, required, positions)
+    _check_header(header, path, what, required)
+    return header
 
 
-def _columns(chunk, lines, required, positions):
-    fields = list(zip(*chunk))
-    return np.array(lines, np.int64), {name: fields[position] for name, position in zip(required, positions)}
+def _check_header(header: List[str], path, what: str, required: Sequence[str]) -> None:
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise UserError(f"{what} file {path} lacks the column{'s' * (len(missing) > 1)} {', '.join(missing)} "
+                        f"(header: {','.join(header)[:200] or 'none'}): give a CSV whose header line names "
+                        f"{', '.join(required)}")
+
+
+class CsvChunk(NamedTuple):
+    """Up to ``chunk_rows`` rows of a CSV file with a header (R of them)."""
+
+    lines: np.ndarray           # int64 [R]: the file line of each row
+    columns: Dict[str, tuple]   # every column of the header: R strings
+    rows: List[List[str]]       # the rows as read
+
+
+def _csv_chunks(path, what: str, required: Sequence[str], *, chunk_rows: int = CHUNK_ROWS,
+                digest=None) -> Iterator[CsvChunk]:
+    """The rows of a CSV file with a header that names ``required`` (and maybe more columns), in chunks
+    of up to ``chunk_rows`` rows; blank lines are skipped. ``digest``: see ``_reading``. The cyclic
+    garbage collector is paused while a chunk is read, not while the caller works on it (a caller that
+    makes cycles, as Pillow and h5py objects do, would otherwise grow with the file)."""
+    with _reading(path, what, digest) as reader:
+        header = [name.strip() for name in next(reader, [])]
+        _check_header(header, path, what, required)
+        while True:
+            with _collector_paused():
+                chunk = _read_chunk(reader, header, chunk_rows, path, what)
+            if chunk is None:
+                return
+            yield chunk
+
+
+def _read_chunk(reader, header: List[str], chunk_rows: int, path, what: str) -> Optional[CsvChunk]:
+    """The next up to ``chunk_rows`` rows of ``reader`` (None at the end of the file)."""
+    rows: List[List[str]] = []
+    lines: List[int] = []
+    for row in reader:
+        if len(row) != len(header):
+            if not row:
+                continue
+            raise UserError(f"{what} file {path} line {reader.line_num}: {len(row)} fields where the header "
+                            f"has {len(header)}: fix or remove the line")
+        rows.append(row)
+        lines.append(reader.line_num)
+        if len(rows) == chunk_rows:
+            break
+    return _chunk(header, rows, lines) if rows else None
+
+
+def _chunk(header: List[str], rows: List[List[str]], lines: List[int]) -> CsvChunk:
+    fields = list(zip(*rows))
+    return CsvChunk(np.array(lines, np.int64), {name: fields[i] for i, name in enumerate(header)}, rows)
+
+
+# A rule over the R rows of a chunk: (bad bool [R], row -> what is wrong with that row and the fix).
+RowCheck = Tuple[np.ndarray, Callable[[int], str]]
 
 
 def _refuse_first(bad: np.ndarray, lines: np.ndarray, path, what: str, problem) -> None:
@@ -366,27 +610,52 @@ def _refuse_first(bad: np.ndarray, lines: np.ndarray, path, what: str, problem) 
         raise UserError(f"{what} file {path} line {lines[row]}: {problem(row)}")
 
 
-def _numbers(values: tuple, lines: np.ndarray, what: str, path, column: str) -> np.ndarray:
-    """float64 [R] of a column's strings; a value that is not a finite number is an error."""
+def _refuse(checks: Sequence[RowCheck], lines: np.ndarray, path, what: str) -> None:
+    """A ``UserError`` for the first row that breaks a rule, the rules taken in the order given."""
+    for bad, problem in checks:
+        _refuse_first(bad, lines, path, what, problem)
+
+
+def _number_checks(values: tuple, column: str) -> Tuple[np.ndarray, List[RowCheck]]:
+    """float64 [R] of a column's strings (NaN where a value is not a number), and the rules: a number, finite."""
     try:
         numbers = np.array(values, dtype=np.float64)
+        unreadable = np.zeros(len(values), bool)
     except ValueError:
-        for value, line in zip(values, lines):
-            try:
-                float(value)
-            except ValueError:
-                raise UserError(f"{what} file {path} line {line}: {column} {value!r} is not a number: "
-                                "fix the line") from None
-        raise
-    _refuse_first(~np.isfinite(numbers), lines, path, what,
-                  lambda row: f"{column} {values[row]!r} is not a finite number: fix the line")
+        parsed = [_float_or_none(value) for value in values]
+        unreadable = np.array([number is None for number in parsed], bool)
+        numbers = np.array([np.nan if number is None else number for number in parsed], np.float64)
+    return numbers, [(unreadable, lambda row: f"{column} {values[row]!r} is not a number: fix the line"),
+                     (~unreadable & ~np.isfinite(numbers),
+                      lambda row: f"{column} {values[row]!r} is not a finite number: fix the line")]
+
+
+def _float_or_none(value: str) -> Optional[float]:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _numbers(values: tuple, lines: np.ndarray, what: str, path, column: str) -> np.ndarray:
+    numbers, checks = _number_checks(values, column)
+    _refuse(checks, lines, path, what)
     return numbers
 
 
+def _flag_checks(values: tuple, column: str, meaning: str,
+                 allowed: Tuple[int, ...] = (0, 1)) -> Tuple[np.ndarray, List[RowCheck]]:
+    """float64 [R] of a flag column (NaN where not a number) and its rules: a number of ``allowed``."""
+    numbers, checks = _number_checks(values, column)
+    words = "neither 0 nor 1" if allowed == (0, 1) else f"not one of {', '.join(map(str, allowed))}"
+    checks.append((np.isfinite(numbers) & ~np.isin(numbers, allowed),
+                   lambda row: f"{column} {values[row]!r} is {words}: write {meaning}"))
+    return numbers, checks
+
+
 def _flags(values: tuple, lines, what: str, path, column: str, meaning: str) -> np.ndarray:
-    numbers = _numbers(values, lines, what, path, column)
-    _refuse_first((numbers != 0) & (numbers != 1), lines, path, what,
-                  lambda row: f"{column} {values[row]!r} is neither 0 nor 1: write {meaning}")
+    numbers, checks = _flag_checks(values, column, meaning)
+    _refuse(checks, lines, path, what)
     return numbers
 
 
@@ -397,26 +666,40 @@ def _image_ids(values: tuple, lines, what: str, path) -> np.ndarray:
     return ids
 
 
-def _class_indices(values: tuple, lines, hierarchy: ClassHierarchy, what: str, path) -> np.ndarray:
+def _class_checks(values: tuple, hierarchy: ClassHierarchy) -> Tuple[np.ndarray, List[RowCheck]]:
+    """int64 [R] class indices (-1 where unknown) and the rule: a class of the classes file."""
     indices = np.array([hierarchy.index.get(name, -1) for name in values], np.int64)
-    _refuse_first(indices < 0, lines, path, what,
-                  lambda row: f"LabelName {values[row]!r} is not in the classes file: use the classes file of the "
-                              "same release, or leave out that class's rows")
+    return indices, [(indices < 0, lambda row: f"LabelName {values[row]!r} is not in the classes file: use the "
+                                                "classes file of the same release, or leave out that class's rows")]
+
+
+def _class_indices(values: tuple, lines, hierarchy: ClassHierarchy, what: str, path) -> np.ndarray:
+    indices, checks = _class_checks(values, hierarchy)
+    _refuse(checks, lines, path, what)
     return indices
+
+
+def _corner_checks(columns: Mapping[str, tuple]) -> Tuple[np.ndarray, List[RowCheck]]:
+    """float64 [R, 4] (xmin, ymin, xmax, ymax) of a chunk, and the rules: numbers, each in [0, 1], min <= max."""
+    parsed = [_number_checks(columns[name], name) for name in CORNERS]
+    corners = np.stack([numbers for numbers, _ in parsed], axis=1)
+    checks = [check for _, column_checks in parsed for check in column_checks]
+    for axis, name in enumerate(CORNERS):
+        checks.append(((corners[:, axis] < 0) | (corners[:, axis] > 1),
+                       lambda row, name=name: f"{name} {columns[name][row]} is outside [0, 1]: coordinates are "
+                                              "fractions of the image's width and height; clip them to [0, 1]"))
+    for low, high in ((0, 2), (1, 3)):
+        checks.append((corners[:, low] > corners[:, high],
+                       lambda row, low=low, high=high: f"{CORNERS[low]} {columns[CORNERS[low]][row]} > "
+                       f"{CORNERS[high]} {columns[CORNERS[high]][row]}: the columns are XMin, XMax, YMin, YMax, in "
+                       "that order in the official files; swap the two values"))
+    return corners, checks
 
 
 def _corners(columns: Mapping[str, tuple], lines, what: str, path) -> np.ndarray:
     """float64 [R, 4] (xmin, ymin, xmax, ymax) of a chunk; each in [0, 1], min <= max."""
-    corners = np.stack([_numbers(columns[name], lines, what, path, name) for name in CORNERS], axis=1)
-    for axis, name in enumerate(CORNERS):
-        _refuse_first((corners[:, axis] < 0) | (corners[:, axis] > 1), lines, path, what,
-                      lambda row: f"{name} {columns[name][row]} is outside [0, 1]: coordinates are fractions of "
-                                  "the image's width and height; clip them to [0, 1]")
-    for low, high in ((0, 2), (1, 3)):
-        _refuse_first(corners[:, low] > corners[:, high], lines, path, what,
-                      lambda row: f"{CORNERS[low]} {columns[CORNERS[low]][row]} > {CORNERS[high]} "
-                                  f"{columns[CORNERS[high]][row]}: the columns are XMin, XMax, YMin, YMax, in that "
-                                  "order in the official files; swap the two values")
+    corners, checks = _corner_checks(columns)
+    _refuse(checks, lines, path, what)
     return corners
 
 

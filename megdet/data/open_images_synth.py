@@ -11,6 +11,8 @@ DAG, as Open Images has) and one three-level branch. Per image: a Poisson number
 group-of; a positive image-level label for each boxed class and ``negative_labels_per_image`` negative
 ones of classes unrelated to them; exactly ``detections_per_image`` detections: a jittered copy of each
 box (of its class or its parent's) with a high score, then random boxes of random classes with low scores.
+ImageIDs are sorted, as in the official files. With ``with_images`` every image also gets a small JPEG
+file (a link to one of a few), for packing (``megdet bench pack-open-images``).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
 
 from megdet.data.open_images import ClassHierarchy
 
@@ -45,6 +48,7 @@ PARENT_CLASS_FRACTION = 0.2       # of the matched detections, those labelled wi
 MIN_SIDE = 1e-3                   # of a jittered detection
 ID_MULTIPLIER = 0x9E3779B97F4A7C15
 ROWS_PER_WRITE = 200_000
+IMAGE_POOL_SIZES = ((64, 48), (48, 64), (80, 60), (60, 60))  # (width, height) of the shared JPEGs
 
 
 def synthetic_hierarchy() -> ClassHierarchy:
@@ -66,8 +70,9 @@ def hierarchy_json() -> Dict:
 
 def write_synthetic_open_images(out, images: int, detections_per_image: int = 100, boxes_per_image: float = 7.3,
                                 group_of_fraction: float = 0.05, negative_labels_per_image: int = 2,
-                                seed: int = 0) -> Dict[str, Path]:
-    """Write the five files into the folder ``out`` (created); return their paths by CLI name."""
+                                seed: int = 0, with_images: bool = False) -> Dict[str, Path]:
+    """Write the five files into the folder ``out`` (created); return their paths by CLI name. With
+    ``with_images``, also "images": a folder of ``ImageID.jpg`` files (``_link_images``)."""
     if images < 1 or detections_per_image < 0 or boxes_per_image < 0 or not 0 <= group_of_fraction <= 1:
         raise ValueError(f"Invalid synthetic set: images={images}, detections_per_image={detections_per_image}, "
                          f"boxes_per_image={boxes_per_image}, group_of_fraction={group_of_fraction}")
@@ -75,8 +80,9 @@ def write_synthetic_open_images(out, images: int, detections_per_image: int = 10
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     hierarchy = synthetic_hierarchy()
-    # 16 hex digits, as Open Images ids; an odd multiplier is a bijection modulo 2**64, so they are distinct
-    image_ids = np.array([f"{((i + 1) * ID_MULTIPLIER) % 2 ** 64:016x}" for i in range(images)])
+    # 16 hex digits, as Open Images ids; an odd multiplier is a bijection modulo 2**64, so they are distinct;
+    # sorted, as the official files are
+    image_ids = np.sort(np.array([f"{((i + 1) * ID_MULTIPLIER) % 2 ** 64:016x}" for i in range(images)]))
     paths = {name: out / file for name, file in (("classes", "classes.csv"), ("hierarchy", "hierarchy.json"),
                                                  ("boxes", "boxes.csv"), ("labels", "labels.csv"),
                                                  ("results", "detections.csv"))}
@@ -97,12 +103,34 @@ def write_synthetic_open_images(out, images: int, detections_per_image: int = 10
     _write_rows(paths["labels"], LABEL_HEADER, "{},verification,{},{:d}",
                 [image_ids[label_image], np.array(hierarchy.names)[label_class], label_confidence])
 
+    if with_images:
+        paths["images"] = _link_images(out, image_ids, np.random.default_rng((seed, 1)))  # leaves rng alone
+
     det_image, det_class, det_corners, det_scores = _detections(rng, hierarchy, box_image, box_class, corners,
                                                                 images, detections_per_image)
     _write_rows(paths["results"], DETECTION_HEADER, "{},{},{:.5f},{:.6f},{:.6f},{:.6f},{:.6f}",
                 [image_ids[det_image], np.array(hierarchy.names)[det_class], det_scores, det_corners[:, 0],
                  det_corners[:, 2], det_corners[:, 1], det_corners[:, 3]])
     return paths
+
+
+def _link_images(out: Path, image_ids: np.ndarray, rng: np.random.Generator) -> Path:
+    """``out/images/<ImageID>.jpg`` for every image: a symbolic link to one of ``IMAGE_POOL_SIZES``'s
+    small JPEGs in ``out/image_pool`` (landscape and portrait), so a set of any size costs a few files."""
+    pool, folder = out / "image_pool", out / "images"
+    pool.mkdir(exist_ok=True)
+    folder.mkdir(exist_ok=True)
+    targets = []
+    for index, (width, height) in enumerate(IMAGE_POOL_SIZES):
+        target = pool / f"{index}.jpg"
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(target, quality=75)
+        targets.append(target.resolve())
+    for image_id, choice in zip(image_ids.tolist(), rng.integers(0, len(targets), len(image_ids)).tolist()):
+        link = folder / f"{image_id}.jpg"
+        link.unlink(missing_ok=True)
+        link.symlink_to(targets[choice])
+    return folder
 
 
 def _random_boxes(rng: np.random.Generator, count: int) -> np.ndarray:

@@ -421,17 +421,22 @@ def evaluate_on_shards(model, dataset, config, comm, runtime, *, workers: int = 
                        out_dir=None) -> Tuple[Dict[str, float], str]:
     """Box AP of ``model`` (on ``runtime.device``) on the shard set ``dataset`` with the ground truth
     packed in it, every rank inferring its share under ``runtime``'s autocast with ``workers`` loader
-    processes (collective); (metrics in percent, printed table) on every rank."""
+    processes (collective); (metrics in percent, printed table) on every rank. Open Images shards are
+    scored by the Open Images mAP@0.5 (``megdet.engine.open_images_eval``), COCO's by pycocotools."""
     transform = build_transform(config, categories=dataset.categories, train=False)
     local, masks = infer_on_shards(model, dataset, transform, comm, config.eval.images_per_rank,
                                    device=runtime.device, num_workers=workers, autocast=runtime.autocast)
+    if dataset.kind == "open-images":
+        from megdet.engine import open_images_eval  # it builds on this module
+
+        return open_images_eval.evaluate_distributed(comm, dataset, local, out_dir=out_dir)
     coco_gt = ground_truth_from_dict(export_coco(dataset), dataset.shard_dir)
     return evaluate_distributed(comm, coco_gt, local, out_dir=out_dir, masks=masks)
 
 
 def evaluate_checkpoint(config, checkpoint_path: str, out_dir=None) -> int:
-    """``megdet eval CONFIG --checkpoint CKPT``: distributed box AP of a trained model on data.val, each
-    rank on its own GPU (``train.device``) under ``train.amp``'s autocast; a checkpoint written on
+    """``megdet eval CONFIG --checkpoint CKPT``: distributed box AP (Open Images shards: the Open Images
+    mAP@0.5) of a trained model on data.val, each rank on its own GPU (``train.device``) under ``train.amp``'s autocast; a checkpoint written on
     any device loads (onto the CPU first, then the model's device)."""
     from hpc.shards import ShardDataset
     from megdet.engine.banner import run_banner
@@ -445,6 +450,7 @@ def evaluate_checkpoint(config, checkpoint_path: str, out_dir=None) -> int:
         if not config.data.val:
             raise UserError(f"{config.name} has no data.val: pass data.val=SHARDS_DIR")
         dataset = ShardDataset(config.data.val, with_segmentation=config.model.with_masks)
+        config.fill_from_shards(num_classes=len(dataset.categories))
         _, state = read_for(config, checkpoint_path, ("model",), advice="evaluate it with the config that trained it")
     model = build_model(config, inference=True).to(runtime.device)
     model.load_state_dict(state["model"])

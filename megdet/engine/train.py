@@ -61,7 +61,7 @@ from megdet.engine.build import (Runtime, build_model, build_optimizer, build_ru
 from megdet.engine.model_checkpoint import read_for
 from megdet.model.detector import check_target_values
 from megdet.weights import resolve as resolve_weights
-from megdet.engine.metrics import (METRICS_FILE, PLOT_FILE, MetricsLogger, plot_metrics, read_metrics,
+from megdet.engine.metrics import (AP_CURVES, METRICS_FILE, PLOT_FILE, MetricsLogger, plot_metrics, read_metrics,
                                    summary_writer_class)
 
 Batch = Tuple[List[torch.Tensor], List[Dict[str, torch.Tensor]]]
@@ -208,6 +208,10 @@ class Trainer:
         masks = cfg.model.with_masks
         self.train_set = ShardDataset(cfg.data.train, with_segmentation=masks, skip_corrupt=cfg.data.skip_corrupt)
         self.val_set = ShardDataset(cfg.data.val, with_segmentation=masks) if cfg.data.val else None
+        cfg.fill_from_shards(num_classes=len(self.train_set.categories), num_images=len(self.train_set))
+        if cfg.train.target_ap is not None and self.val_set is not None and self.val_set.kind == "open-images":
+            raise UserError(f"train.target_ap={cfg.train.target_ap} is a COCO AP, but {cfg.data.val} holds Open Images "
+                            "shards, which are scored by the Open Images mAP@0.5: set train.target_ap=null")
         if masks:
             check_segmentations(self.train_set, cfg.data.train)
         self.transform = build_transform(cfg, categories=self.train_set.categories, train=True)
@@ -479,14 +483,15 @@ class Trainer:
         return scalars, averaged[-2] > 0
 
     def evaluate(self, iteration: int) -> Dict[str, float]:
-        """Box AP on the validation shards (every rank infers its share), logged; returns the metrics."""
+        """Box AP on the validation shards (every rank infers its share; Open Images shards: the Open Images
+        mAP@0.5), logged; returns the metrics."""
         if self.val_set is None:
             raise UserError(f"{self.cfg.name} evaluates during training but data.val is empty: set data.val=SHARDS")
         metrics, table = evaluate_mod.evaluate_on_shards(self.model, self.val_set, self.cfg, self.comm, self.runtime,
                                                          workers=self.workers,
                                                          out_dir=self.out if self.comm.rank == 0 else None)
         self.model.train()
-        self.metrics.log(iteration, **{k: v for k, v in metrics.items() if k.removeprefix(MASK_PREFIX) in ("AP", "AP50", "AP75")})
+        self.metrics.log(iteration, **{k: v for k, v in metrics.items() if k.removeprefix(MASK_PREFIX) in AP_CURVES})
         if self.comm.rank == 0:
             print(f"megdet train: evaluation at iteration {iteration}\n{table}", end="", flush=True)
         return metrics
