@@ -22,7 +22,7 @@ import numpy as np
 from hpc.errors import UserError
 from hpc.files import write_atomic, write_json_atomic
 from megdet.data.open_images_shards import GROUP_OF, shard_hierarchy
-from megdet.engine.evaluate import METRICS_FILE, gather_detections
+from megdet.engine.evaluate import METRICS_FILE, share_detections
 from megdet.engine.metrics import OPEN_IMAGES_METRIC
 from megdet.engine.open_images_metric import METRICS_FILE as CLASS_METRICS_FILE
 from megdet.engine.open_images_metric import ImageDetections, ImageTruth, evaluate_arrays
@@ -57,7 +57,7 @@ def evaluate_distributed(comm, dataset, local: Dict[int, np.ndarray],
     """Gather every rank's detections (``local``: image id -> [D, 6]) on rank 0, score them there with the
     Open Images metric against the ground truth in ``dataset`` (every image of it), write the files of
     the module docstring into ``out_dir`` when given; (metrics, printed table) on every rank. Collective."""
-    merged = gather_detections(comm, local)
+    merged = share_detections(comm, local)
     outcome: Tuple[Optional[str], Optional[Dict[str, float]], str] = (None, None, "")
     if comm.rank == 0:
         try:
