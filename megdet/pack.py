@@ -16,17 +16,16 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable, List, Optional
 
-from hpc import launch
 from hpc.errors import UserError
 from hpc.files import os_error_reason, write_json_atomic
 from hpc.shards import ShardDataset
 from hpc.shards import manifest as manifest_mod
 from hpc.shards import writer
+from megdet import pack_open_images
 from megdet.data.coco import export_coco, load_coco
+from megdet.pack_world import gathered_or_raise, log_line, on_rank0_first, packing_world, prepare_out_dir
 
 DEFAULT_SHARD_SIZE = "1GiB"
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -49,8 +48,6 @@ def add_arguments(parser) -> None:
                         help="leave out images that cannot be decoded or do not match their size (counted "
                              "in the manifest) instead of stopping")
     parser.add_argument("--export-json", help="write the annotation file back from the shards in --out")
-    from megdet import pack_open_images  # here: it builds on this module's helpers
-
     pack_open_images.add_arguments(parser.add_argument_group(
         "Open Images", "pack the official CSV files and image folder (give --boxes, --labels, --classes, "
         "--hierarchy and --images instead of --coco-json)"))
@@ -64,45 +61,7 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
 
 
-class _OneProcess:
-    """The two mpi4py collectives packing uses, for a run without ``mpirun``."""
-
-    rank, size = 0, 1
-
-    def bcast(self, obj: Any, root: int = 0) -> Any:
-        return obj
-
-    def allgather(self, obj: Any) -> List[Any]:
-        return [obj]
-
-
-def packing_world():
-    """mpi4py's COMM_WORLD when ``mpirun`` (or ``srun`` with an MPI for Slurm) started several
-    processes, else a one-process stand-in. Any other launch of several packers is refused: they would
-    each pack the whole split into the same folder."""
-    started = launch.detect()
-    if (started.size or 1) == 1:
-        return _OneProcess()
-    if not started.is_mpi:
-        raise UserError(f"{started.launcher} started {started.size} packers, but megdet pack shares the work "
-                        f"over MPI only: launch it with 'mpirun -np {started.size} megdet pack ...' (or srun "
-                        "--mpi=pmi2), or run it as one process")
-    try:
-        from mpi4py import MPI
-    except ImportError as error:
-        raise UserError(f"megdet pack under {started.launcher} needs mpi4py ({error}): pip install mpi4py "
-                        "(scripts/setup.sh installs it), or run it as one process") from None
-    world = MPI.COMM_WORLD
-    if world.Get_size() != started.size:
-        raise UserError(f"{started.launcher} started {started.size} packers but MPI sees a world of "
-                        f"{world.Get_size()}: launch with the mpirun of the MPI that mpi4py was built for (or "
-                        "srun --mpi=pmi2 with an MPI built for Slurm), or run it as one process")
-    return world
-
-
 def run(args) -> int:
-    from megdet import pack_open_images  # here: it builds on this module's helpers
-
     open_images = pack_open_images.given(args)
     if args.coco_json is not None and open_images:
         raise UserError(f"Invalid arguments: --coco-json packs COCO, {' '.join(open_images)} Open Images: give one "
@@ -121,11 +80,6 @@ def run(args) -> int:
     if args.export_csv is not None and world.rank == 0:
         pack_open_images.export(Path(args.out), Path(args.export_csv))
     return 0
-
-
-def log_line(world, message: str) -> None:
-    prefix = f"[rank {world.rank}/{world.size}] " if world.size > 1 else ""
-    print(f"megdet pack: {prefix}{message}", flush=True)
 
 
 def pack(args, world) -> None:
@@ -173,61 +127,6 @@ def _pack(args, world, held: contextlib.ExitStack) -> None:
         log_line(world, f"{manifest['num_images']} images in {len(shards)} shards ({manifest['num_skipped']} skipped; "
                     f"boxes {source.box_fixes}) in {seconds:.1f} s, {len(source.entries) / seconds:.1f} images/s "
                     f"-> {out_dir / manifest_mod.MANIFEST_NAME}")
-
-
-def on_rank0_first(world, action: Callable[[], Any]) -> Any:
-    """``action()`` on rank 0, its result broadcast to every rank; its error raised on every rank."""
-    result: Any = None
-    failure: Optional[Exception] = None
-    if world.rank == 0:
-        try:
-            result = action()
-        except Exception as error:  # the other ranks wait in bcast: they must hear of it
-            failure = error
-    report = world.bcast((None if failure is None else describe_failure(failure), result), root=0)
-    if failure is not None:
-        raise failure
-    if report[0] is not None:
-        raise UserError(report[0])
-    return report[1]
-
-
-def gathered_or_raise(world, work: Callable[[], Any]) -> List[Any]:
-    """Every rank's ``work()`` result, in rank order, on every rank; if any rank's failed, every rank
-    raises (its own error, or "rank r failed: ..."). Every rank reaches the allgather, even after an
-    error, or the others would hang in it."""
-    result, failure = None, None
-    try:
-        result = work()
-    except Exception as error:
-        failure = error
-    reports = world.allgather((None if failure is None else describe_failure(failure), result))
-    if failure is not None:
-        raise failure
-    for rank, (report, _) in enumerate(reports):
-        if report is not None:
-            raise UserError(f"rank {rank} failed: {report}")
-    return [rank_result for _, rank_result in reports]
-
-
-def prepare_out_dir(out_dir: Path, held: contextlib.ExitStack) -> None:
-    """Create ``out_dir``, take its packing lock into ``held``, and remove its manifest: until every
-    shard is done the set is incomplete."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        held.enter_context(writer.pack_lock(out_dir))
-        (out_dir / manifest_mod.MANIFEST_NAME).unlink(missing_ok=True)
-    except OSError as error:
-        raise UserError(f"Invalid --out: {out_dir} cannot be written ({os_error_reason(error, out_dir)}); choose "
-                        f"a writable folder with free space") from None
-
-
-def describe_failure(error: Exception) -> str:
-    """One line for the other ranks: a ``UserError``'s message, or a bug's type, message and place."""
-    if isinstance(error, UserError):
-        return str(error)
-    frame = traceback.extract_tb(error.__traceback__)[-1]
-    return f"{type(error).__name__}: {error} ({frame.filename}:{frame.lineno}; its traceback is on that rank)"
 
 
 def export(shard_dir: Path, export_path: Path) -> None:

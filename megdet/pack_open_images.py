@@ -40,7 +40,7 @@ from hpc.shards import writer
 from megdet.data.open_images import (BOX_COLUMNS, IMAGE_LABEL_COLUMNS, ClassHierarchy, ImageRows, csv_header,
                                      read_classes, read_hierarchy, stream_image_rows)
 from megdet.data.open_images_shards import categories, export_open_images, image_entry, image_path
-from megdet.pack import gathered_or_raise, log_line, on_rank0_first, prepare_out_dir
+from megdet.pack_world import gathered_or_raise, log_line, on_rank0_first, prepare_out_dir
 
 # About 1 GB of JPEG per shard at Open Images' ~300 KB per image (1.74M training images in ~513 GB).
 DEFAULT_IMAGES_PER_SHARD = 3000
@@ -73,7 +73,7 @@ def given(args) -> List[str]:
 
 
 def pack(args, world) -> None:
-    """Pack on every rank of ``world`` (``megdet.pack.packing_world``); every rank raises the same
+    """Pack on every rank of ``world`` (``megdet.pack_world.packing_world``); every rank raises the same
     ``UserError`` if any rank fails. Rank 0 holds the output folder's lock until the manifest is written."""
     with contextlib.ExitStack() as held:
         _pack(args, world, held)

@@ -2,6 +2,7 @@
 ranks gives a row per scorer with ours exact, and bad options are one line. Nothing about speed."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections import Counter
 
@@ -44,7 +45,10 @@ def test_a_tiny_run_gives_each_scorer_a_row_and_ours_is_exact(run_megdet, tmp_pa
         assert sum(int(n) for n in row["detections_per_rank"].split(" / ")) == 30 * 20
         assert len(row["detections_per_rank"].split(" / ")) == row["ranks"]
     faster = rows[1]
-    assert faster["printed_equal"] is True or faster["note"].startswith("not installed"), faster
+    if importlib.util.find_spec("faster_coco_eval") is None:  # not a dependency: measured where installed
+        assert faster["seconds"] is None and faster["note"].startswith("not installed"), faster
+    else:
+        assert faster["printed_equal"] is True and faster["seconds"] > 0, faster
     assert (out / "gt.json").exists() and (out / "eval.md").read_text().startswith("| scorer | ranks |")
 
 

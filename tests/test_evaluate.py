@@ -48,10 +48,10 @@ def test_cli_reproduces_the_published_cocoapi_bbox_table(run_megdet, tmp_path):
     published = published_bbox_table()
     printed = [float(n) for n in re.findall(r"\] = (-?\d\.\d{3})", done.stdout)]
     assert printed == published, done.stdout
-    metrics = json.loads((tmp_path / "eval" / evaluate.METRICS_FILE).read_text())
+    metrics = json.loads((tmp_path / "eval" / evaluate.EVAL_METRICS_FILE).read_text())
     assert as_printed(metrics) == published
     assert metrics["num_images"] == 100 and metrics["num_detections"] == 734
-    assert [p.name for p in (tmp_path / "eval").iterdir()] == [evaluate.METRICS_FILE], "no temporary files left"
+    assert [p.name for p in (tmp_path / "eval").iterdir()] == [evaluate.EVAL_METRICS_FILE], "no temporary files left"
 
 
 @needs_cocoapi
@@ -151,7 +151,7 @@ def test_two_ranks_give_the_metrics_of_one(tmp_path):
     assert values[0]["local_images"] + values[1]["local_images"] == len(per_image) + 1
     written = json.loads((tmp_path / "eval" / evaluate.RESULTS_FILE).read_text())
     assert len(written) == 734 and sorted({r["image_id"] for r in written}) == sorted(per_image)
-    assert json.loads((tmp_path / "eval" / evaluate.METRICS_FILE).read_text())["AP"] == single["AP"]
+    assert json.loads((tmp_path / "eval" / evaluate.EVAL_METRICS_FILE).read_text())["AP"] == single["AP"]
 
 
 @needs_cocoapi
@@ -163,7 +163,7 @@ def test_cli_reproduces_the_published_cocoapi_segm_table(run_megdet, tmp_path):
     printed = [float(n) for n in re.findall(r"\] = (-?\d\.\d{3})", done.stdout)]
     assert printed == published, done.stdout
     assert done.stdout.startswith("segm: 734 detections on 100 images")
-    metrics = json.loads((tmp_path / "eval" / evaluate.METRICS_FILE).read_text())
+    metrics = json.loads((tmp_path / "eval" / evaluate.EVAL_METRICS_FILE).read_text())
     assert as_printed(metrics) == published and metrics["num_detections"] == 734
 
 

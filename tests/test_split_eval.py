@@ -225,7 +225,7 @@ def test_training_evaluation_of_boxes_and_masks_on_three_ranks(references, tmp_p
     assert as_printed({m: metrics[evaluate.MASK_PREFIX + m] for m in evaluate.METRIC_NAMES}) == printed_numbers(masks)
     assert as_printed(metrics) == printed_numbers(boxes)
     assert len(json.loads((tmp_path / "eval" / evaluate.SEGM_RESULTS_FILE).read_text())) == 734
-    assert json.loads((tmp_path / "eval" / evaluate.METRICS_FILE).read_text())["mask_AP"] == metrics["mask_AP"]
+    assert json.loads((tmp_path / "eval" / evaluate.EVAL_METRICS_FILE).read_text())["mask_AP"] == metrics["mask_AP"]
 
 
 @needs_realdata
@@ -242,7 +242,7 @@ def test_cli_on_two_ranks_prints_the_table_of_one(run_megdet, references, tmp_pa
     printed = without_launcher_prefix(done.stdout)
     assert printed.count(reference) == 1, printed
     assert f"{iou_type}: 734 detections on 100 images of {COCO_GT} on 2 ranks" in printed
-    metrics = json.loads((tmp_path / "eval" / evaluate.METRICS_FILE).read_text())
+    metrics = json.loads((tmp_path / "eval" / evaluate.EVAL_METRICS_FILE).read_text())
     assert as_printed(metrics) == printed_numbers(reference)
 
 

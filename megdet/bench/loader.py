@@ -139,14 +139,14 @@ def _cpu_seconds() -> float:
 
 def _pack_seconds(coco_json: Path, images: str, out: Path, fmt: str, max_size: int) -> Tuple[float, float]:
     """Pack serially into ``out``; (wall seconds, CPU seconds)."""
-    from megdet import pack
+    from megdet import pack, pack_world
 
     parser = argparse.ArgumentParser()
     pack.add_arguments(parser)
     argv = ["--coco-json", str(coco_json), "--images", images, "--out", str(out), "--format", fmt]
     args = parser.parse_args(argv + (["--max-size", str(max_size)] if fmt == "raw" else []))
     started, cpu = time.perf_counter(), _cpu_seconds()
-    pack.pack(args, pack._OneProcess())
+    pack.pack(args, pack_world.OneProcess())
     return time.perf_counter() - started, _cpu_seconds() - cpu
 
 

@@ -35,7 +35,8 @@ from hpc.comm.local import LocalCommunicator
 from hpc.errors import UserError
 from megdet.data.coco import export_coco
 from megdet.data.transforms import build_transform, collate
-from megdet.engine import coco_split
+from megdet.engine import coco_split, open_images_eval
+from megdet.engine.metrics import EVAL_METRICS_FILE
 from megdet.model.mask_head import encode_masks
 from hpc.files import write_json_atomic
 
@@ -48,7 +49,6 @@ RESULTS_FILE = "bbox_results.json"
 SEGM_RESULTS_FILE = "segm_results.json"
 # segm metrics sit beside the box ones under this prefix: mask_AP, mask_AP50, ...
 MASK_PREFIX = "mask_"
-METRICS_FILE = "metrics.json"
 
 
 def load_ground_truth(path) -> COCO:
@@ -320,7 +320,7 @@ def write_evaluation(out_dir, results: List[Dict], metrics: Dict[str, float], ex
                       [{key: value for key, value in r.items() if key != "segmentation"} for r in results])
     if results and "segmentation" in results[0]:
         write_json_atomic(Path(out_dir) / SEGM_RESULTS_FILE, results)
-    write_json_atomic(Path(out_dir) / METRICS_FILE, {**metrics, **(extra or {})})
+    write_json_atomic(Path(out_dir) / EVAL_METRICS_FILE, {**metrics, **(extra or {})})
 
 
 def evaluate_distributed(comm, coco_gt: COCO, local: Dict[int, np.ndarray], out_dir=None,
@@ -370,7 +370,7 @@ def evaluate_files(gt_path, results_path, out_dir=None, iou_type: str = "bbox") 
         print(f"{iou_type}: {len(results)} detections on {len(coco_gt.getImgIds())} images of {gt_path}{ranks}")
         print(table, end="")
         if out_dir is not None:
-            path = write_json_atomic(Path(out_dir) / METRICS_FILE,
+            path = write_json_atomic(Path(out_dir) / EVAL_METRICS_FILE,
                                      {**metrics, "num_images": len(coco_gt.getImgIds()), "num_detections": len(results)})
             print(f"metrics: {path}")
     return 0
@@ -427,9 +427,7 @@ def evaluate_on_shards(model, dataset, config, comm, runtime, *, workers: int = 
     local, masks = infer_on_shards(model, dataset, transform, comm, config.eval.images_per_rank,
                                    device=runtime.device, num_workers=workers, autocast=runtime.autocast)
     if dataset.kind == "open-images":
-        from megdet.engine import open_images_eval  # it builds on this module
-
-        return open_images_eval.evaluate_distributed(comm, dataset, local, out_dir=out_dir)
+        return open_images_eval.evaluate_distributed(comm, dataset, share_detections(comm, local), out_dir=out_dir)
     coco_gt = ground_truth_from_dict(export_coco(dataset), dataset.shard_dir)
     return evaluate_distributed(comm, coco_gt, local, out_dir=out_dir, masks=masks)
 
@@ -465,5 +463,5 @@ def evaluate_checkpoint(config, checkpoint_path: str, out_dir=None) -> int:
         kinds = "bbox and segm" if model.roi_heads.mask_on else "bbox"
         print(f"{kinds}: {len(dataset)} images of {config.data.val} on {comm.size} ranks, {checkpoint_path}")
         print(table, end="")
-        print(f"metrics: {out / METRICS_FILE}")
+        print(f"metrics: {out / EVAL_METRICS_FILE}")
     return 0

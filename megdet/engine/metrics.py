@@ -23,6 +23,7 @@ from hpc.errors import UserError
 from hpc.files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_METRICS_FILE = "metrics.json"  # what one evaluation (megdet eval, the end of training) writes
 PLOT_FILE = "metrics.png"
 # The Open Images challenge mAP@0.5 (percent): what evaluation on Open Images shards gives instead of COCO's.
 OPEN_IMAGES_METRIC = "AP50_open_images"

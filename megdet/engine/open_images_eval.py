@@ -2,9 +2,10 @@
 on such shards evaluates with at the end, and what ``megdet eval CONFIG --checkpoint`` runs on them.
 
     local, _ = evaluate.infer_on_shards(model, dataset, transform, comm, ...)   # this rank's share
-    metrics, table = evaluate_distributed(comm, dataset, local, out_dir="runs/x")  # collective
+    merged = evaluate.share_detections(comm, local)                               # every rank's
+    metrics, table = evaluate_distributed(comm, dataset, merged, out_dir="runs/x")  # collective
 
-Rank 0 gathers the detections, turns them and the ground truth packed in the shards into the metric's
+Rank 0 turns the detections and the ground truth packed in the shards into the metric's
 per-image arrays (boxes normalised by each image's size) and scores them with
 ``megdet.engine.open_images_metric.evaluate_arrays``, over the classes and hierarchy the shards were
 packed with. ``metrics[OPEN_IMAGES_METRIC]`` is the mAP@0.5 in percent. With ``out_dir``, rank 0 writes
@@ -22,8 +23,7 @@ import numpy as np
 from hpc.errors import UserError
 from hpc.files import write_atomic, write_json_atomic
 from megdet.data.open_images_shards import GROUP_OF, shard_hierarchy
-from megdet.engine.evaluate import METRICS_FILE, share_detections
-from megdet.engine.metrics import OPEN_IMAGES_METRIC
+from megdet.engine.metrics import EVAL_METRICS_FILE, OPEN_IMAGES_METRIC
 from megdet.engine.open_images_metric import METRICS_FILE as CLASS_METRICS_FILE
 from megdet.engine.open_images_metric import ImageDetections, ImageTruth, evaluate_arrays
 
@@ -52,12 +52,11 @@ def _normalised(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.stack([x / width, y / height, (x + w) / width, (y + h) / height], axis=1).clip(0.0, 1.0)
 
 
-def evaluate_distributed(comm, dataset, local: Dict[int, np.ndarray],
+def evaluate_distributed(comm, dataset, merged: Dict[int, np.ndarray],
                          out_dir=None) -> Tuple[Dict[str, float], str]:
-    """Gather every rank's detections (``local``: image id -> [D, 6]) on rank 0, score them there with the
-    Open Images metric against the ground truth in ``dataset`` (every image of it), write the files of
+    """Score every rank's detections (``merged``: image id -> [D, 6], the same on every rank) on rank 0
+    with the Open Images metric against the ground truth in ``dataset`` (every image of it), write the files of
     the module docstring into ``out_dir`` when given; (metrics, printed table) on every rank. Collective."""
-    merged = share_detections(comm, local)
     outcome: Tuple[Optional[str], Optional[Dict[str, float]], str] = (None, None, "")
     if comm.rank == 0:
         try:
@@ -95,5 +94,5 @@ def _score(dataset, merged: Dict[int, np.ndarray], out_dir) -> Tuple[Dict[str, f
                                                       detections[name].labels.tolist())]
         write_atomic(out / DETECTIONS_FILE, "\n".join(lines) + "\n")
         write_json_atomic(out / CLASS_METRICS_FILE, result.to_json())
-        write_json_atomic(out / METRICS_FILE, {**metrics, "num_images": len(truth), "num_detections": count})
+        write_json_atomic(out / EVAL_METRICS_FILE, {**metrics, "num_images": len(truth), "num_detections": count})
     return metrics, result.table() + "\n"
