@@ -25,7 +25,7 @@ import re
 import signal
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -166,14 +166,15 @@ def read(where: os.PathLike, required_keys=("model",), *, warn: Callable[[str], 
     return Path(where), load(where, required_keys)
 
 
-def prune(directory: os.PathLike, keep: int) -> List[Path]:
-    """Delete all but the ``keep`` newest checkpoints in ``directory``, and temporary files that killed
-    saves left; never the newest intact one (``check_integrity``), kept beyond ``keep`` when newer ones
-    are corrupt. Returns what was deleted. Call it from the one process that saves, after ``save``."""
+def prune(directory: os.PathLike, keep: int, protect: Sequence[os.PathLike] = ()) -> List[Path]:
+    """Delete all but the ``keep`` newest checkpoints in ``directory`` and those in ``protect``, and
+    temporary files that killed saves left; never the newest intact one (``check_integrity``), kept
+    beyond ``keep`` when newer ones are corrupt. Returns what was deleted. Call it from the one process
+    that saves, after ``save``."""
     if keep < 1:
         raise UserError(f"Invalid number of checkpoints to keep: {keep}; keep at least 1 (the newest)")
     found = checkpoints(directory)
-    kept = set(found[-keep:])
+    kept = set(found[-keep:]) | {Path(path) for path in protect}
     for path in reversed(found):
         try:
             check_integrity(path)

@@ -77,6 +77,18 @@ class Config:
         self.train.check(with_masks=self.model.with_masks)
         self.eval.check()
         self.bn_groups.check()
+        self._check_evaluations()
+
+    def _check_evaluations(self) -> None:
+        """What evaluating during training needs of the other sections."""
+        train, max_iter = self.train, self.solver.max_iter
+        if train.async_eval and not self.data.val:
+            raise UserError("train.async_eval=true scores evaluations of data.val, but data.val is empty: set "
+                            "data.val=SHARDS or train.async_eval=false")
+        if max_iter is not None and train.eval_period > max_iter:
+            raise UserError(f"train.eval_period={train.eval_period} is longer than the run (solver.max_iter="
+                            f"{max_iter}): it would never evaluate before the end; set train.eval_period <= "
+                            f"{max_iter}, or 0 to evaluate at the end only")
 
     def fill_from_shards(self, *, num_classes: int, num_images: Optional[int] = None) -> None:
         """What a preset leaves to the data, filled in (on every rank, alike) once the shards are open:

@@ -28,6 +28,7 @@ OPTIMIZERS = ("sgd", "pmd_lamb", "lamb", "lars")
 # hpc.optim.PMDLAMB's kernels: one multi-tensor op per line of Algorithm 1 (any device), or torch.compile'd
 # per tensor (CPU only, needs a C++ compiler; its cost against SGD's step is in docs/benchmarks.md).
 PMD_KERNELS = ("multi_tensor", "compiled")
+TARGET_METRICS = ("AP", "AP50", "AP75")  # COCO numbers a train.target_ap may name (box; mask as mask_...)
 # solver.layer_adaptation: which param groups (hpc.optim.param_groups) take LAMB's ratio ||x|| / ||u||.
 LAYER_ADAPTATION = {"all": ("weights", "norm", "bias"), "weights": ("weights",)}
 
@@ -356,6 +357,10 @@ class TrainSpec:
     # stop once an evaluation reaches it: [box AP] or, with masks, [box AP, mask AP] (percent), e.g.
     # LargeDet Table 4's Mask R-CNN row: [37.6, 33.9]
     target_ap: Optional[List[float]] = None
+    target_metric: str = "AP"             # what target_ap is compared with: one of TARGET_METRICS (box, and mask)
+    # score the evaluations in background processes while training goes on (the ranks still infer in
+    # step); the score is logged against the iteration it scored, and a target reached stops every rank
+    async_eval: bool = False
     log_period: int = 20                  # iterations between metrics lines
     device: str = "auto"                  # one of DEVICE_KINDS; auto: cuda:<local rank> when a GPU is visible
     amp: str = "none"                     # one of hpc.options.AMP_MODES; auto: bf16 or fp16 on a GPU, none on the CPU
@@ -380,6 +385,10 @@ class TrainSpec:
                             "checkpoints, 0 keeps every one)")
         if self.eval_period < 0:
             raise UserError(f"train.eval_period={self.eval_period} must be >= 0 (0: evaluate at the end only)")
+        choice("train.target_metric", self.target_metric, TARGET_METRICS)
+        if self.async_eval and self.eval_period == 0:
+            raise UserError("train.async_eval=true scores the evaluations during training, but train.eval_period=0 "
+                            "evaluates only at the end: set train.eval_period=N or train.async_eval=false")
 
 
 @dataclass

@@ -35,6 +35,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MEGDET = [sys.executable, "-m", "megdet.cli"]  # the megdet command of this checkout and interpreter
 LAUNCHERS = ("horovodrun", "mpirun", "torch")
+# The demo preset at test size: 64-pixel images (the shapes_shards fixture), 2 ranks x 2 images, 40 iterations.
+TINY = ["data.min_sizes=[64]", "data.max_size=96", "data.test_min_size=64", "data.images_per_rank=2",
+        "data.num_workers=0", "solver.batch_size=4", "model.bn_size=4", "solver.max_iter=40", "solver.steps=[30]",
+        "solver.warmup_iters=5", "train.log_period=5", "train.checkpoint_period=20", "eval.images_per_rank=4"]
 ENGINE_OF = {"horovodrun": "horovod", "mpirun": "horovod", "torch": "torch", "mpirun-torch": "torch"}
 
 
@@ -102,6 +106,12 @@ def run_megdet(args: Sequence[str], *, nprocs: int = 1, launcher: str = "horovod
     if threads:
         environment.pop("OMP_NUM_THREADS")
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environment, **options)
+
+
+def tiny_config(shards: Path, out: Path, val: bool = True) -> List[str]:
+    """``megdet train`` arguments of the tiny demo on the shards under ``shards`` into ``out``."""
+    return ["shapes_r18_cpu", *TINY, f"data.train={shards / 'train'}", f"data.val={shards / 'val' if val else ''}",
+            f"train.output_dir={out}"]
 
 
 def launch_command(launcher: str, nprocs: int, argv: List[str]) -> List[str]:

@@ -14,17 +14,9 @@ import torch
 
 from hpc import checkpoint
 from hpc.optim.lamb import CPU_BLOCK_NUMEL
-from tests.multirank import MEGDET, REPO, launch_command
+from tests.multirank import MEGDET, REPO, TINY, launch_command, tiny_config
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
-TINY = ["data.min_sizes=[64]", "data.max_size=96", "data.test_min_size=64", "data.images_per_rank=2",
-        "data.num_workers=0", "solver.batch_size=4", "model.bn_size=4", "solver.max_iter=40", "solver.steps=[30]",
-        "solver.warmup_iters=5", "train.log_period=5", "train.checkpoint_period=20", "eval.images_per_rank=4"]
-
-
-def tiny_config(shards, out, val=True):
-    return ["shapes_r18_cpu", *TINY, f"data.train={shards / 'train'}", f"data.val={shards / 'val' if val else ''}",
-            f"train.output_dir={out}"]
 
 
 @pytest.fixture(scope="module")

@@ -91,4 +91,22 @@ def run_banner(cfg: config_mod.Config, comm: comm_mod.Communicator, runtime: Run
              f"  horovod built with: {', '.join(k for k, v in features.items() if v) or 'not installed'}"]
     if workers is not None:
         lines.append(f"  data: {workers} loader worker(s) per rank" + (", pinned memory" if runtime.device.type == "cuda" else ""))
+    if command == "train":
+        lines.append(f"  evaluation: {describe_evaluation(cfg, comm.size)}")
     return "\n".join(lines)
+
+
+def describe_evaluation(cfg, ranks: int) -> str:
+    """When the run evaluates, how the scores are computed and what stops it."""
+    train = cfg.train
+    if not cfg.data.val:
+        return "none (data.val is empty)"
+    when = f"every {train.eval_period} iterations and at the end" if train.eval_period else "at the end"
+    how = (f"scored beside training by a background process on each of the {ranks} ranks" if train.async_eval
+           else "scored in step")
+    target = ""
+    if train.target_ap is not None:
+        names = ["box", "mask"][:len(train.target_ap)]
+        target = "; stops at " + " and ".join(f"{name} {train.target_metric} >= {value}"
+                                               for name, value in zip(names, train.target_ap))
+    return f"{when}, {how}{target}"

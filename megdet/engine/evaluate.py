@@ -36,7 +36,7 @@ from hpc.errors import UserError
 from megdet.data.coco import export_coco
 from megdet.data.transforms import build_transform, collate
 from megdet.engine import coco_split, open_images_eval
-from megdet.engine.metrics import EVAL_METRICS_FILE
+from megdet.engine.metrics import EVAL_METRICS_FILE, MASK_PREFIX
 from megdet.model.mask_head import encode_masks
 from hpc.files import write_json_atomic
 
@@ -47,8 +47,6 @@ IOU_TYPES = ("bbox", "segm")
 GT_KEYS = ("image_id", "category_id", "bbox", "area", "iscrowd")
 RESULTS_FILE = "bbox_results.json"
 SEGM_RESULTS_FILE = "segm_results.json"
-# segm metrics sit beside the box ones under this prefix: mask_AP, mask_AP50, ...
-MASK_PREFIX = "mask_"
 
 
 def load_ground_truth(path) -> COCO:
@@ -241,16 +239,21 @@ def arrays_to_results(per_image: Dict[int, np.ndarray], masks: Optional[Dict[int
     return results
 
 
-def share_detections(comm, local: Dict[int, Any]) -> Dict[int, Any]:
-    """Every rank's ``local`` {image id: its detections} merged, on every rank (collective): each rank
-    scores some categories, whose detections come from every rank's images, and rank 0 writes them
-    all. An image that several ranks evaluated (a sampler that pads the last round) counts once, from
-    the lowest rank."""
+def share_detections(comm, local: Dict[int, Any], masks: Optional[Dict[int, List[Dict]]] = None
+                     ) -> Tuple[Dict[int, Any], Optional[Dict[int, List[Dict]]]]:
+    """Every rank's ``local`` {image id: its detections} and, for a model with masks, ``masks`` {image
+    id: its RLEs}, merged on every rank in one allgather (collective): each rank scores some
+    categories, whose detections come from every rank's images, and rank 0 writes them all. An image
+    that several ranks evaluated (a sampler that pads the last round) counts once, from the lowest rank."""
     merged: Dict[int, Any] = {}
-    for piece in comm.allgather_object(local):
+    merged_masks: Optional[Dict[int, List[Dict]]] = None if masks is None else {}
+    for piece, piece_masks in comm.allgather_object((local, masks)):
         for image_id, detections in piece.items():
-            merged.setdefault(int(image_id), detections)
-    return merged
+            if int(image_id) not in merged:
+                merged[int(image_id)] = detections
+                if merged_masks is not None:
+                    merged_masks[int(image_id)] = piece_masks[image_id]
+    return merged, merged_masks
 
 
 def check_results(coco_gt: COCO, results: Sequence[Dict], iou_type: str = "bbox") -> None:
@@ -288,14 +291,15 @@ def evaluate(coco_gt: COCO, results: List[Dict], image_ids: Optional[Sequence[in
     with comm.all_or_none():
         check_results(coco_gt, results, iou_type)
     evaluator = coco_split.score_on_ranks(comm, coco_gt, results, iou_type, image_ids)
-    outcome: Tuple[Optional[Dict[str, float]], str] = (None, "")
-    if comm.rank == 0:
-        summary = io.StringIO()
-        with contextlib.redirect_stdout(summary):
-            evaluator.summarize()
-        outcome = ({name: float(value) * 100.0 for name, value in zip(METRIC_NAMES, evaluator.stats)},
-                   summary.getvalue())
-    return comm.broadcast_object(outcome)
+    return comm.broadcast_object(summarized(evaluator) if comm.rank == 0 else (None, ""))
+
+
+def summarized(evaluator) -> Tuple[Dict[str, float], str]:
+    """(metrics in percent, the printed summary) of an accumulated ``COCOeval``."""
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        evaluator.summarize()
+    return {name: float(value) * 100.0 for name, value in zip(METRIC_NAMES, evaluator.stats)}, summary.getvalue()
 
 
 def _check_segm_inputs(coco_gt: COCO, results: Sequence[Dict]) -> None:
@@ -332,14 +336,13 @@ def evaluate_distributed(comm, coco_gt: COCO, local: Dict[int, np.ndarray], out_
     return (metrics, printed summary) on every rank. Collective; every rank holds ``coco_gt``. Bad
     results raise the same ``UserError`` on every rank.
 
-    One allgather (``share_detections``) rather than a gather to rank 0 and a second exchange by
-    category: rank 0 needs every detection anyway (it writes them), each other rank needs those of
+    One allgather (``share_detections``, boxes and masks together) rather than a gather to rank 0 and
+    a second exchange by category: rank 0 needs every detection anyway (it writes them), each other rank needs those of
     its categories, which every rank's images hold, and the deal of the categories needs every
     rank's counts. A ring allgather brings (N - 1)/N of the detections into each rank, about what the
     gather brought into rank 0, in about the same time; the cost is memory, the whole set on every
     rank (boxes of 5000 images x 100 detections: 24 MB as arrays)."""
-    merged = share_detections(comm, local)
-    merged_masks = None if masks is None else share_detections(comm, masks)
+    merged, merged_masks = share_detections(comm, local, masks)
     results = arrays_to_results(merged, merged_masks)
     metrics, table = evaluate(coco_gt, results, image_ids, comm=comm)
     if merged_masks is not None:
@@ -427,7 +430,8 @@ def evaluate_on_shards(model, dataset, config, comm, runtime, *, workers: int = 
     local, masks = infer_on_shards(model, dataset, transform, comm, config.eval.images_per_rank,
                                    device=runtime.device, num_workers=workers, autocast=runtime.autocast)
     if dataset.kind == "open-images":
-        return open_images_eval.evaluate_distributed(comm, dataset, share_detections(comm, local), out_dir=out_dir)
+        return open_images_eval.evaluate_distributed(comm, dataset, share_detections(comm, local)[0],
+                                                     out_dir=out_dir)
     coco_gt = ground_truth_from_dict(export_coco(dataset), dataset.shard_dir)
     return evaluate_distributed(comm, coco_gt, local, out_dir=out_dir, masks=masks)
 

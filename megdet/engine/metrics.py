@@ -17,7 +17,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from hpc.errors import UserError
 from hpc.files import write_atomic
@@ -28,6 +28,8 @@ PLOT_FILE = "metrics.png"
 # The Open Images challenge mAP@0.5 (percent): what evaluation on Open Images shards gives instead of COCO's.
 OPEN_IMAGES_METRIC = "AP50_open_images"
 AP_CURVES = ("AP", "AP50", "AP75", OPEN_IMAGES_METRIC)
+# segm metrics sit beside the box ones under this prefix: mask_AP, mask_AP50, ...
+MASK_PREFIX = "mask_"
 PLOT_SIZE_INCHES = (11, 8)
 PLOT_DPI = 100
 
@@ -36,12 +38,15 @@ class MetricsLogger:
     """Appends metrics lines to ``path`` when ``enabled`` (rank 0 only); a no-op elsewhere.
 
     resume_from: the iteration a resumed run restarts at; lines of later iterations (written after that
-    checkpoint by the interrupted run) are removed so the file has each iteration once.
+    checkpoint by the interrupted run) are removed so the file has each iteration once, and so are the
+    evaluation lines of ``rescored`` iterations (evaluations the checkpoint lists as still being scored,
+    which the resumed run scores again).
     tensorboard: also write each scalar as a TensorBoard event in ``path``'s folder (``loss/NAME``,
     ``train/NAME``, ``eval/NAME``), events of a resumed run's later iterations purged likewise.
     """
 
-    def __init__(self, path, *, enabled: bool, resume_from: Optional[int] = None, tensorboard: bool = False):
+    def __init__(self, path, *, enabled: bool, resume_from: Optional[int] = None, rescored: Sequence[int] = (),
+                 tensorboard: bool = False):
         self.path = Path(path)
         self.enabled = enabled
         self.writer = None
@@ -50,7 +55,8 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_from is not None and self.path.exists():
             kept = [line + "\n" for line in self.path.read_text().splitlines()
-                    if _iteration_of(line) is not None and _iteration_of(line) <= resume_from]
+                    if _iteration_of(line) is not None and _iteration_of(line) <= resume_from
+                    and not (_iteration_of(line) in rescored and _is_evaluation(line))]
             write_atomic(self.path, "".join(kept))
         if tensorboard:
             self.writer = tensorboard_writer(self.path.parent, purge_after=resume_from)
@@ -104,6 +110,11 @@ def _iteration_of(line: str) -> Optional[int]:
         return int(json.loads(line)["iter"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
+
+
+def _is_evaluation(line: str) -> bool:
+    """Whether a (parsed) metrics line holds an evaluation's numbers (box or mask AP curves)."""
+    return any(key.removeprefix(MASK_PREFIX) in AP_CURVES for key in json.loads(line))
 
 
 def read_metrics(path) -> List[Dict]:

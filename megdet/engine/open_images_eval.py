@@ -2,7 +2,7 @@
 on such shards evaluates with at the end, and what ``megdet eval CONFIG --checkpoint`` runs on them.
 
     local, _ = evaluate.infer_on_shards(model, dataset, transform, comm, ...)   # this rank's share
-    merged = evaluate.share_detections(comm, local)                               # every rank's
+    merged, _ = evaluate.share_detections(comm, local)                            # every rank's
     metrics, table = evaluate_distributed(comm, dataset, merged, out_dir="runs/x")  # collective
 
 Rank 0 turns the detections and the ground truth packed in the shards into the metric's

@@ -51,18 +51,19 @@ from hpc.optim.pmd_lamb import check_compiled_kernel
 from hpc.shards import DistributedShardSampler, ShardDataset
 from megdet import config as config_mod
 from megdet.data.segmentation import has_segmentations
+from megdet.data.coco import export_coco
 from megdet.data.transforms import build_transform, collate
 from megdet.engine import evaluate as evaluate_mod
 from megdet.engine import show
-from megdet.engine.evaluate import MASK_PREFIX
+from megdet.engine.background_scoring import EVALUATIONS_DIR, BackgroundScoring
 from megdet.engine.banner import describe_optimizer, run_banner
 from megdet.engine.build import (Runtime, build_model, build_optimizer, build_runtime, build_schedule, init_rank,
                                  loader_workers, run_dir)
 from megdet.engine.model_checkpoint import read_for
 from megdet.model.detector import check_target_values
 from megdet.weights import resolve as resolve_weights
-from megdet.engine.metrics import (AP_CURVES, METRICS_FILE, PLOT_FILE, MetricsLogger, plot_metrics, read_metrics,
-                                   summary_writer_class)
+from megdet.engine.metrics import (AP_CURVES, MASK_PREFIX, METRICS_FILE, PLOT_FILE, MetricsLogger, plot_metrics,
+                                   read_metrics, summary_writer_class)
 
 Batch = Tuple[List[torch.Tensor], List[Dict[str, torch.Tensor]]]
 # The picture printed at the end of a run (megdet show draws others): the first 8 validation images,
@@ -136,15 +137,15 @@ def check_segmentations(dataset: ShardDataset, where: str, sample: int = 100) ->
                         "polygons or RLE), or set model.mask_on=false")
 
 
-def target_reached(metrics: Dict[str, float], target: Optional[List[float]]) -> Optional[str]:
-    """What ``metrics`` reached of ``train.target_ap`` ([box AP] or [box AP, mask AP]), when all of it
-    is reached; else None."""
+def target_reached(metrics: Dict[str, float], target: Optional[List[float]], metric: str = "AP") -> Optional[str]:
+    """What ``metrics`` reached of ``train.target_ap`` ([box, mask] ``metric``, e.g. AP or AP50, in
+    percent), when all of it is reached; else None."""
     if target is None:
         return None
-    names = ("AP", MASK_PREFIX + "AP")[:len(target)]
+    names = (metric, MASK_PREFIX + metric)[:len(target)]
     if all(metrics[name] >= wanted for name, wanted in zip(names, target)):
-        return " and ".join(f"{'mask' if name != 'AP' else 'box'} AP {metrics[name]:.1f} >= target {wanted}"
-                            for name, wanted in zip(names, target))
+        return " and ".join(f"{'mask' if name.startswith(MASK_PREFIX) else 'box'} {metric} {metrics[name]:.1f} >= "
+                            f"target {wanted}" for name, wanted in zip(names, target))
     return None
 
 
@@ -196,9 +197,16 @@ class Trainer:
         self._build_model()
         self._build_optimizer()
         self.start_iter = 0
+        pending: List[Dict[str, int]] = []
         if resume is not None:
-            self._resume(resume)
-        self._start_sampling_and_outputs()
+            pending = self._resume(resume)
+        self._start_sampling_and_outputs(rescored=[p["iteration"] for p in pending])
+        self.scoring: Optional[BackgroundScoring] = None
+        self.result: Optional[Path] = None  # the checkpoint whose background score reached the target
+        if cfg.train.async_eval:
+            coco_gt = evaluate_mod.ground_truth_from_dict(export_coco(self.val_set), cfg.data.val)
+            self.scoring = BackgroundScoring(comm, coco_gt, self.out / EVALUATIONS_DIR, cfg.model.with_masks)
+            self.scoring.resume(pending)
 
     def _check_launch_and_inputs(self, resume: Optional[str]) -> None:
         """Everything a user gave that this rank can check before building: the launch's size, the shards,
@@ -212,6 +220,9 @@ class Trainer:
         if cfg.train.target_ap is not None and self.val_set is not None and self.val_set.kind == "open-images":
             raise UserError(f"train.target_ap={cfg.train.target_ap} is a COCO AP, but {cfg.data.val} holds Open Images "
                             "shards, which are scored by the Open Images mAP@0.5: set train.target_ap=null")
+        if cfg.train.async_eval and self.val_set is not None and self.val_set.kind == "open-images":
+            raise UserError(f"train.async_eval=true splits COCO scoring by category, but {cfg.data.val} holds Open "
+                            "Images shards, scored on rank 0 in step: set train.async_eval=false")
         if masks:
             check_segmentations(self.train_set, cfg.data.train)
         self.transform = build_transform(cfg, categories=self.train_set.categories, train=True)
@@ -248,13 +259,14 @@ class Trainer:
                                               loss_scaler=LossScaler() if self.runtime.loss_scaling else None)
         self.schedule = build_schedule(cfg)
 
-    def _start_sampling_and_outputs(self) -> None:
-        """The sampler from ``start_iter``, the metrics log, and the run's config in its folder."""
+    def _start_sampling_and_outputs(self, rescored: List[int]) -> None:
+        """The sampler from ``start_iter``, the metrics log (without the numbers of ``rescored``
+        evaluations, scored again), and the run's config in its folder."""
         cfg, comm = self.cfg, self.comm
         self.sampler = DistributedShardSampler(self.train_set.aspect_groups, batch_size=cfg.data.images_per_rank,
                                                rank=comm.rank, world_size=comm.size, seed=cfg.train.seed)
         self.metrics = MetricsLogger(self.out / METRICS_FILE, enabled=comm.rank == 0, resume_from=self.start_iter,
-                                     tensorboard=cfg.train.tensorboard)
+                                     rescored=rescored, tensorboard=cfg.train.tensorboard)
         if comm.rank == 0:
             write_atomic(self.out / "config.yaml", cfg.to_yaml())
             if cfg.train.tensorboard:
@@ -268,10 +280,11 @@ class Trainer:
             raise UserError(f"{self.out} already holds checkpoints (latest {existing.name}): pass --resume to "
                             "continue that run, or set train.output_dir to a new folder")
 
-    def _resume(self, resume: str) -> None:
+    def _resume(self, resume: str) -> List[Dict[str, int]]:
         """Continue from the checkpoint ``--resume`` names, or ("auto") from the run folder's newest one
         that loads: rank 0 chooses, skipping truncated or corrupt ones with a warning naming each, and
-        tells the others; none there starts afresh. A checkpoint of another model stops every rank."""
+        tells the others; none there starts afresh. A checkpoint of another model stops every rank.
+        Returns the evaluations it lists as still being scored (``BackgroundScoring.pending``)."""
         path, state = None, None
         where = self.out if resume == "auto" else Path(resume)
         with self.comm.all_or_none():
@@ -279,7 +292,7 @@ class Trainer:
                 path, state = self._load_checked(where)
         path = self.comm.broadcast_object(path)
         if path is None:
-            return
+            return []
         with self.comm.all_or_none():  # a file that a rank on another node cannot read
             if self.comm.rank != 0:
                 _, state = self._load_checked(path)
@@ -291,8 +304,15 @@ class Trainer:
         elif self.comm.rank == 0:
             print(f"megdet train: {path} was written by {state.get('world_size')} ranks, this run has "
                   f"{self.comm.size}: random states are not restored (the run is not bit-exact)", file=sys.stderr)
+        pending = list(state.get("pending_evaluations", []))
+        iterations = ", ".join(str(p["iteration"]) for p in pending)
+        if pending and not self.cfg.train.async_eval:
+            raise UserError(f"{path} lists evaluations still being scored beside training (iteration(s) {iterations}) "
+                            "but train.async_eval=false: resume with train.async_eval=true")
         if self.comm.rank == 0:
-            print(f"megdet train: resumed from {path} at iteration {self.start_iter}", flush=True)
+            scoring = f"; scoring again the evaluation(s) of iteration(s) {iterations}" if pending else ""
+            print(f"megdet train: resumed from {path} at iteration {self.start_iter}{scoring}", flush=True)
+        return pending
 
     def _load_checked(self, where: Path) -> Tuple[Optional[Path], Optional[dict]]:
         """(path, state) of the checkpoint at ``where`` (the run folder: its newest that loads, or (None,
@@ -308,12 +328,16 @@ class Trainer:
         path = None
         with self.comm.all_or_none():
             if self.comm.rank == 0:
+                pending = self.scoring.pending if self.scoring is not None else []
+                # the weights an evaluation scores stay until its score arrives, and those that reached the target
+                protect = [checkpoint.checkpoint_path(self.out, p["iteration"]) for p in pending] + (
+                    [self.result] if self.result is not None else [])
                 path = checkpoint.save(checkpoint.checkpoint_path(self.out, iteration), {
                     "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "iteration": iteration, **self.cfg.identity.fields(), "config": self.cfg.to_dict(), "rng": rng,
-                    "world_size": self.comm.size})
+                    "world_size": self.comm.size, "pending_evaluations": pending})
                 if self.cfg.train.keep_checkpoints:
-                    checkpoint.prune(self.out, self.cfg.train.keep_checkpoints)
+                    checkpoint.prune(self.out, self.cfg.train.keep_checkpoints, protect=protect)
         return path
 
     def loader(self) -> torch.utils.data.DataLoader:
@@ -371,12 +395,14 @@ class Trainer:
             return self._train(progress)
         except BaseException:
             progress.close()  # its line ends before the error's
+            if self.scoring is not None:
+                self.scoring.close()
             raise
 
     def _train(self, progress: tqdm) -> int:
         cfg, comm = self.cfg, self.comm
         window = MetricsWindow()
-        tick = time.perf_counter()
+        tick = self.started = time.perf_counter()
         micro_batches, degenerate, corrupt, data_error = [], 0, 0, None
         for index, (batch, dropped, skipped, error) in enumerate(self.loader(), start=self.start_iter * self.passes):
             if error is None:
@@ -388,7 +414,8 @@ class Trainer:
             if (index + 1) % self.passes:
                 continue
             iteration = index // self.passes
-            self.agree_on_data(data_error)
+            scoring_was_running = bool(self.scoring and self.scoring.running)
+            scoring_running, scoring_failed = self.agree_before_step(data_error)
             data_done = time.perf_counter()
             losses = self.step(iteration, micro_batches)
             now = time.perf_counter()
@@ -409,16 +436,24 @@ class Trainer:
                     print(f"megdet train: iteration {done}/{cfg.solver.max_iter}: loss {logged['loss']:.3f}, "
                           f"lr {logged['lr']:.3g}, {logged['images_per_s']:.1f} images/s", flush=True)
                 window = MetricsWindow()
-            if done % cfg.train.checkpoint_period == 0 and done < cfg.solver.max_iter:
+            evaluating = cfg.train.eval_period and done % cfg.train.eval_period == 0 and done < cfg.solver.max_iter
+            if evaluating and self.scoring is not None:
+                self.start_scoring(done)
+            elif done % cfg.train.checkpoint_period == 0 and done < cfg.solver.max_iter:
                 self.save(done)
-            if cfg.train.eval_period and done % cfg.train.eval_period == 0 and done < cfg.solver.max_iter:
+            if evaluating and self.scoring is None:
                 metrics = self.evaluate(done)
-                reached = target_reached(metrics, cfg.train.target_ap)
+                reached = target_reached(metrics, cfg.train.target_ap, cfg.train.target_metric)
                 if reached:
                     if comm.rank == 0:
                         print(f"megdet train: {reached} at iteration {done}: stopping", flush=True)
                     progress.close()
                     return self._finish(done, evaluated=True)
+            if scoring_was_running and (scoring_running == 0 or scoring_failed):
+                scored = self.scores_arrived(done, scoring_failed)
+                if scored is not None:
+                    progress.close()
+                    return self._finish(done, result=scored)
             if stop_requested:
                 path = self.save(done)
                 if comm.rank == 0:
@@ -427,7 +462,7 @@ class Trainer:
                 progress.close()
                 return checkpoint.EXIT_PREEMPTED
         progress.close()
-        return self._finish(cfg.solver.max_iter)
+        return self._finish(cfg.solver.max_iter, result=self.wait_for_scores(cfg.solver.max_iter))
 
     def check_replicas(self, iteration: int) -> None:
         """Once per run, after its first step: every rank must hold the same parameters, bit for bit (a
@@ -445,21 +480,70 @@ class Trainer:
             print(f"megdet train: parameters after iteration {iteration} identical on all {self.comm.size} ranks "
                   f"(sha256 {digests[0][:12]})", flush=True)
 
-    def agree_on_data(self, error: Optional[str]) -> None:
+    def agree_before_step(self, error: Optional[str]) -> Tuple[int, int]:
         """Raise ``error`` (this rank's data error for the coming step, or None) on every rank if any rank
-        has one, before the forward pass's collectives, which a rank without its batch would never join:
-        a one-element allreduce per step, and the messages (``agree``) only after a failure. The flag
+        has one, before the forward pass's collectives, which a rank without its batch would never join;
+        returns how many ranks' oldest background scoring is (running, failed), so that every rank
+        collects a score at the same step. One three-element allreduce per step, and the messages
+        (``agree``) only after a failure. The flag
         is known on the host and stays there: a CPU tensor, which the engines move on their host
         transport (gloo beside NCCL, Horovod's CPU ops), so the step neither waits for the GPU nor
         stops the host from queueing work ahead of it. It goes through cross-GPU BN's communicator,
         the one for small latency-bound collectives (its cost beside Horovod's cycle: docs/benchmarks.md,
         the demo's step under each engine). One rank alone raises its own error at once."""
+        scoring = self.scoring.state() if self.scoring is not None else (0, 0)
         if self.comm.size == 1:
             self.comm.agree(error)
-            return
-        failed = torch.tensor([0.0 if error is None else 1.0])
-        if comm_mod.get_cgbn().allreduce(failed, op="sum", name="data_failed").item() > 0:
+            return scoring
+        flags = torch.tensor([0.0 if error is None else 1.0, *scoring], dtype=torch.float32)
+        data_failed, running, failed = comm_mod.get_cgbn().allreduce(flags, op="sum", name="step_flags").tolist()
+        if data_failed > 0:
             self.comm.agree(error)
+        return round(running), round(failed)
+
+    def start_scoring(self, iteration: int) -> None:
+        """Infer every rank's share of data.val, hand the detections to the background scoring, and
+        checkpoint ``iteration`` (collective): its weights are the result if the score reaches the
+        target, and the checkpoint lists the evaluation as pending, for a resume to score it again."""
+        began = time.perf_counter()
+        local, masks = evaluate_mod.infer_on_shards(
+            self.model, self.val_set, build_transform(self.cfg, categories=self.val_set.categories, train=False),
+            self.comm, self.cfg.eval.images_per_rank, device=self.device, num_workers=self.workers,
+            autocast=self.runtime.autocast)
+        self.model.train()
+        self.scoring.start(iteration, local, masks)
+        self.save(iteration)
+        if self.comm.rank == 0:
+            print(f"megdet train: evaluation at iteration {iteration}: inferred in "
+                  f"{time.perf_counter() - began:.1f} s; scoring beside training", flush=True)
+
+    def scores_arrived(self, iteration: int, failed_ranks: int) -> Optional[Path]:
+        """Collect the oldest background score (collective, at the same ``iteration`` on every rank), log
+        it against the iteration it scored; the checkpoint of that iteration when it reaches the target."""
+        arrived = self.scoring.collect(failed_ranks)
+        self.metrics.log(arrived.iteration, **{k: v for k, v in arrived.metrics.items()
+                                               if k.removeprefix(MASK_PREFIX) in AP_CURVES})
+        seconds = time.perf_counter() - self.started
+        reached = target_reached(arrived.metrics, self.cfg.train.target_ap, self.cfg.train.target_metric)
+        if self.comm.rank == 0:
+            print(f"megdet train: evaluation at iteration {arrived.iteration} (scored by iteration {iteration}, "
+                  f"{seconds:.1f} s into training)\n{arrived.table}", end="", flush=True)
+            if reached:
+                print(f"megdet train: target reached: {reached} at iteration {arrived.iteration}, "
+                      f"{seconds:.1f} s into training; stopping at iteration {iteration}", flush=True)
+        if reached:
+            self.result = checkpoint.checkpoint_path(self.out, arrived.iteration)
+        return self.result if reached else None
+
+    def wait_for_scores(self, iteration: int) -> Optional[Path]:
+        """At the end of the run: every background score still running, in order (collective); the
+        checkpoint of the first that reaches the target, if one does."""
+        result = None
+        while self.scoring is not None and self.scoring.running:
+            failed = self.comm.allreduce(torch.tensor([float(self.scoring.wait_oldest())]), op="sum",
+                                         name="scoring_failed").item()
+            result = self.scores_arrived(iteration, round(failed)) or result
+        return result
 
     def _log(self, iteration: int, lr: float, window: MetricsWindow) -> Tuple[Dict[str, float], bool]:
         """Average the window's losses over its steps and the ranks and write a metrics line; returns what
@@ -496,17 +580,23 @@ class Trainer:
             print(f"megdet train: evaluation at iteration {iteration}\n{table}", end="", flush=True)
         return metrics
 
-    def _finish(self, iteration: int, evaluated: bool = False) -> int:
+    def _finish(self, iteration: int, evaluated: bool = False, result: Optional[Path] = None) -> int:
+        """The last checkpoint (``iteration``'s) and evaluation, unless ``evaluated`` or a background score
+        reached the target (``result``: the checkpoint it scored, which is then the run's result)."""
         path = self.save(iteration)
-        if not evaluated and self.val_set is not None:
-            self.evaluate(iteration)
+        if result is None and not evaluated and self.val_set is not None:
+            reached = target_reached(self.evaluate(iteration), self.cfg.train.target_ap, self.cfg.train.target_metric)
+            if reached and self.comm.rank == 0:
+                print(f"megdet train: target reached: {reached} at iteration {iteration} (the last), "
+                      f"{time.perf_counter() - self.started:.1f} s into training", flush=True)
         if self.comm.rank == 0:
             plot = plot_metrics(read_metrics(self.out / METRICS_FILE), self.out / PLOT_FILE)
             pictures = "" if self.val_set is None else "; pictures " + str(show.show(
                 self.model, self.val_set, self.cfg, self.device, self.out / show.SHOW_FILE, images=SHOW_IMAGES,
                 score_threshold=SHOW_SCORE_THRESHOLD, autocast=self.runtime.autocast))
-            print(f"megdet train: finished {iteration} iterations on {self.comm.size} ranks; checkpoint {path}; "
-                  f"plot {plot}{pictures}", flush=True)
+            target = "" if result is None else f"; result (the weights that reached the target) {result}"
+            print(f"megdet train: finished {iteration} iterations on {self.comm.size} ranks; checkpoint {path}"
+                  f"{target}; plot {plot}{pictures}", flush=True)
         self.metrics.close()
         self.stop.restore()
         return 0
