@@ -4,6 +4,7 @@
 #               Horovod, cross-GPU BN's small blocking allreduces on torch.distributed, as the job
 #               scripts run them; PMD-LAMB) -> evaluated every 50 iterations, scored beside training,
 #               until box AP50 >= 85 -> the iteration and time it was reached, the AP table, the plot
+#               (make demo SEED=1 DEMO_RUN=runs/demo-seed1: another seed in its own folder)
 #   make demo-mask  the same with Mask R-CNN's mask branch (shapes_mask_r18_cpu): box and mask AP
 #   make test   the same set-up, then the whole test suite, multi-rank tests included
 #   make test-fast  the inner loop: the suite without slow tests and without those that launch ranks
@@ -11,7 +12,8 @@ VENV := $(CURDIR)/.venv
 export PATH := $(VENV)/bin:$(PATH)
 NP ?= 2
 DEMO_DATA := data/shapes128
-DEMO_RUN := runs/demo
+DEMO_RUN ?= runs/demo
+SEED ?= 0
 MASK_DEMO_DATA := data/shapes128-masks
 MASK_DEMO_RUN := runs/demo-mask
 
@@ -23,7 +25,7 @@ demo: setup
 	test -f $(DEMO_DATA)/annotations/instances_val.json || megdet synth --out $(DEMO_DATA) --train 1600 --val 100 --size 128
 	megdet pack --coco-json $(DEMO_DATA)/annotations/instances_train.json --images $(DEMO_DATA)/train --out $(DEMO_DATA)/shards/train
 	megdet pack --coco-json $(DEMO_DATA)/annotations/instances_val.json --images $(DEMO_DATA)/val --out $(DEMO_DATA)/shards/val
-	MEGDET_COMM=horovod MEGDET_CGBN_COMM=torch horovodrun --gloo -np $(NP) -H localhost:$(NP) megdet train shapes_r18_cpu_to_target train.output_dir=$(DEMO_RUN) --resume
+	MEGDET_COMM=horovod MEGDET_CGBN_COMM=torch horovodrun --gloo -np $(NP) -H localhost:$(NP) megdet train shapes_r18_cpu_to_target train.seed=$(SEED) train.output_dir=$(DEMO_RUN) --resume
 
 # The same images as the demo's, in a folder of their own: data from before megdet synth wrote masks has none.
 demo-mask: setup
