@@ -13,12 +13,14 @@ value serves every rank count. One step of one rank is
     step = max(compute + exposed gradient allreduce + CGBN, images_per_gpu / input rate)
     exposed gradient allreduce = max(0, allreduce - overlap * backward)
 
-where compute is the step without any communication. The model knows nothing of hierarchical
-(intra-node then inter-node) allreduce, stragglers, evaluation or start-up; see ``megdet bench project``
-(megdet/bench/project.py).
+where compute is the step without any communication. Evaluation adds, per evaluation, one inference
+pass (``inference_seconds``) and the scoring the run waits for (``exposed_scoring_seconds``). The
+model knows nothing of hierarchical (intra-node then inter-node) allreduce, stragglers or start-up; see
+``megdet bench project`` (megdet/bench/project.py).
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 CGBN_FORWARD_BYTES_PER_VALUE = 8   # float64 packet: [flag per group member, count, sum x (C), sum x^2 (C)]
@@ -89,6 +91,22 @@ def step_seconds(compute_s: float, allreduce_s: float, cgbn_s: float, images_per
     if input_rate is not None:
         step = max(step, images_per_gpu / input_rate)
     return step
+
+
+def inference_seconds(images: int, gpus: int, seconds_per_image: float) -> float:
+    """Seconds of one inference pass over ``images`` images shared among ``gpus`` GPUs: the rank with the
+    most, ceil(images / gpus), at ``seconds_per_image`` each (the others wait for it)."""
+    return math.ceil(images / gpus) * seconds_per_image
+
+
+def exposed_scoring_seconds(scoring_s: float, evaluations: int, between_s: float, overlapped: bool) -> float:
+    """Seconds of scoring a run of ``evaluations`` evaluations waits for, ``scoring_s`` each. Synchronous:
+    all of them. Overlapped (scored in the background while training goes on): each evaluation but the
+    last hides behind the ``between_s`` seconds of training up to the next one, what does not fit shows;
+    the last shows whole, since its AP ends the run."""
+    if not overlapped or evaluations == 0:
+        return evaluations * scoring_s
+    return (evaluations - 1) * max(0.0, scoring_s - between_s) + scoring_s
 
 
 def images_per_second(gpus: int, images_per_gpu: int, step_s: float) -> float:

@@ -59,6 +59,19 @@ def test_input_rate_bounds_the_step_and_time_to_train_multiplies():
     assert perfmodel.format_duration(33.2 * 3600) == "33.2 h"
 
 
+def test_inference_waits_for_the_rank_with_the_most_images():
+    assert perfmodel.inference_seconds(5000, 160, 0.1) == pytest.approx(32 * 0.1)  # ceil(31.25)
+    assert perfmodel.inference_seconds(5000, 8, 0.1) == pytest.approx(625 * 0.1)
+
+
+def test_overlapped_scoring_hides_all_but_the_last_evaluation_as_far_as_training_lasts():
+    scoring_s, evaluations = 40.0, 14
+    assert perfmodel.exposed_scoring_seconds(scoring_s, evaluations, 50.0, overlapped=False) == 14 * 40.0
+    assert perfmodel.exposed_scoring_seconds(scoring_s, evaluations, 50.0, overlapped=True) == 40.0
+    assert perfmodel.exposed_scoring_seconds(scoring_s, evaluations, 30.0, overlapped=True) == 13 * 10.0 + 40.0
+    assert perfmodel.exposed_scoring_seconds(scoring_s, 0, 50.0, overlapped=True) == 0
+
+
 def test_paper_rows_iterations_match_the_presets():
     for name in ("megdet_r50_fpn_bs16", "megdet_r50_fpn_bs256_bn32", "megdet_r50_fpn_bs256_bn32_long",
                  "largedet_coco_12min"):
@@ -83,11 +96,35 @@ def test_command_writes_rows_and_inputs(bench_project, tmp_path):
     result = json.loads((tmp_path / "project.json").read_text())
     assert result["inputs"]["step_time_s"] == 0.5 and result["inputs"]["busbw_GBps"] == 10
     assert "step_time_s: 0.5" in done.stdout
-    [largedet] = [row for row in result["rows"] if row["gpus"] == 160]
+    [largedet] = [row for row in result["rows"] if row["gpus"] == 160 and row["evaluation"] == "not counted"]
     assert largedet["source"] == "LargeDet Table 4" and largedet["iterations"] == 3360
     assert largedet["paper"] == "11m53s"
     assert largedet["projected_s"] == pytest.approx(3360 * largedet["step_s"])
     assert {row["gpus"] for row in result["rows"]} == {8, 160}
+
+
+def test_command_counts_the_12_minute_runs_evaluations(bench_project, tmp_path):
+    step_time, scoring_s = 0.5, 30.0
+    done = bench_project(tmp_path, "--gpus", "160", "--step-time", str(step_time), "--scoring-seconds", str(scoring_s))
+    assert done.returncode == 0, done.stderr
+    assert "forward ~ 0.333 of a training step per image" in done.stdout and "scoring_s: 30.0" in done.stdout
+    result = json.loads((tmp_path / "project.json").read_text())
+    trained, synchronous, overlapped = result["rows"]
+    assert [row["evaluation"] for row in result["rows"]] == ["not counted", "synchronous scoring", "overlapped scoring"]
+    cfg = config.load("largedet_coco_12min")
+    period, max_iter = cfg.train.eval_period, cfg.solver.max_iter
+    assert max_iter % period == 0  # so the evaluation at the end is the last of every period's
+    evaluations = max_iter // period
+    assert synchronous["evaluations"] == overlapped["evaluations"] == evaluations
+    inference_s = -(-5000 // 160) * step_time / project.STEP_IMAGES / 3  # ceil(5000 / 160) images, forward = 1/3
+    assert synchronous["eval_s"] == pytest.approx(evaluations * (inference_s + scoring_s))
+    assert scoring_s < period * trained["step_s"]  # so overlapped scoring hides all but the last
+    assert overlapped["eval_s"] == pytest.approx(evaluations * inference_s + scoring_s)
+    for row in (synchronous, overlapped):
+        assert row["projected_s"] == pytest.approx(trained["projected_s"] + row["eval_s"])
+    assert synchronous["projected_s"] - overlapped["projected_s"] == pytest.approx(scoring_s * (evaluations - 1))
+    table = (tmp_path / "project.md").read_text()
+    assert "| synchronous scoring |" in table and "| overlapped scoring |" in table
 
 
 def test_command_reads_train_and_allreduce_results(bench_project, tmp_path):
@@ -117,6 +154,8 @@ def test_command_reads_train_and_allreduce_results(bench_project, tmp_path):
     (["--bandwidth", "-3"], "-3"),
     (["--latency-us", "-1"], "-1"),
     (["--gpus", "12", "--batch", "100"], "100"),
+    (["--scoring-seconds", "-2"], "--scoring-seconds: '-2'"),
+    (["--scoring-seconds", "forty"], "--scoring-seconds: 'forty'"),
 ])
 def test_bad_input_is_one_line(bench_project, tmp_path, options, bad):
     done = bench_project(tmp_path, *options)

@@ -15,6 +15,17 @@ none (``--cgbn-transport torch``, the default and what the job scripts run: MEGD
 Compute scales with the images per GPU from the measured step (one rank, no communication). Rows:
 for each GPU count, the MegDet Table 3 and LargeDet Table 4 rows run at that count (``--batch``:
 only those of that batch); a count with none gets a generated row, marked "no paper row".
+
+Evaluation is counted for the rows of a preset that names it (the LargeDet row, ``largedet_coco_12min``):
+the preset's ``train.eval_period`` and ``solver.max_iter`` give the evaluations ``megdet train`` runs
+(every eval_period iterations and once at the end: 14 in 3360). Each is an inference pass over COCO
+val's 5000 images shared among the GPUs, assumed to cost the forward share of the training step per
+image (forward ~ 1/3 of a training step per image, backward ~ 2x forward; post-processing and the
+detection gather left out), then the scoring, ``--scoring-seconds`` (default: pycocotools in one
+process, 42.5 s, ``megdet bench eval``). Beside the training-only row ("not counted") come two rows:
+"synchronous scoring" (every evaluation waits for it, as ``megdet train`` does) and "overlapped
+scoring" (in the background: hidden behind the training up to the next evaluation, except the last,
+whose AP ends the run).
 """
 from __future__ import annotations
 
@@ -26,13 +37,16 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 from hpc import perfmodel
 from hpc.errors import UserError
 from hpc.schedule import POLICIES
+from megdet import config
 from megdet.bench import report
 
 NAME = "project"
 COLUMNS = ("gpus", "row", "batch", "bn_size", "images_per_gpu", "iterations", "compute_s", "allreduce_s",
-           "cgbn_s", "step_s", "images_per_s", "efficiency", "projected", "paper", "projected/paper", "source")
+           "cgbn_s", "step_s", "images_per_s", "efficiency", "evaluation", "evaluations", "eval_s", "projected",
+           "paper", "projected/paper", "source")
 
 COCO_TRAIN_IMAGES = 118_000        # MegDet Sec. 4: "118,000 training images" (train2017 has 118,287)
+COCO_VAL_IMAGES = 5000             # val2017, what every evaluation infers and scores
 EPOCHS = {name: policy.epochs for name, policy in POLICIES.items()}  # MegDet Sec. 4: normal 11, long 18
 STEP_IMAGES = 2                    # images per rank of --step-time and of the default step time
 # Default compute: MegDet Table 3 "16-base", 33.2 h for 11 epochs at batch 16 (81125 iterations) on
@@ -40,7 +54,16 @@ STEP_IMAGES = 2                    # images per rank of --step-time and of the d
 # overstates pure compute.
 BASELINE_HOURS, BASELINE_BATCH = 33.2, 16
 DEFAULT_BANDWIDTH_GBPS = 12.0      # 100 Gb/s InfiniBand EDR = 12.5 GB/s line rate; ~12 GB/s busbw
-BACKWARD_SHARE = 2 / 3             # backward ~ 2x forward: the part of compute that --overlap can hide
+FORWARD_SHARE = 1 / 3              # of compute; inference of one image ~ the forward pass of its training step
+BACKWARD_SHARE = 2 * FORWARD_SHARE  # backward ~ 2x forward: the part of compute that --overlap can hide
+# `megdet bench eval` (docs/benchmarks.md, 2026-12-05, 2 shared cores): pycocotools scores a COCO-val-sized
+# set (5000 images x 100 detections) in 42.5 s in one process.
+PYCOCOTOOLS_SCORING_S = 42.5
+SCORING_FROM = "default: megdet bench eval, pycocotools in one process, COCO-val-sized set (docs/benchmarks.md)"
+EVALUATION_MODEL = (f"inference: ceil({COCO_VAL_IMAGES} val images / GPUs) per rank at forward ~ "
+                    f"{FORWARD_SHARE:.3g} of a training step per image; then scoring: synchronous (every "
+                    "evaluation waits) or overlapped (hidden behind the training up to the next evaluation, "
+                    "except the last)")
 GPUS_PER_NODE = 8                  # generated rows: MegDet's 8-GPU servers; CGBN stays inside a node
 GRADIENT_BYTES_PER_PARAM = 4       # float32 gradients
 CGBN_TRANSPORTS = ("torch", "horovod")
@@ -48,7 +71,8 @@ DEFAULT_CYCLE_TIME_MS = 5.0        # HOROVOD_CYCLE_TIME in jobs/templates/body.s
 
 
 class Row(NamedTuple):
-    """One configuration to project; ``bn_size`` 0 means frozen BN (no CGBN)."""
+    """One configuration to project; ``bn_size`` 0 means frozen BN (no CGBN); ``preset``: the preset whose
+    evaluations are counted (None: not counted)."""
     label: str
     batch: int
     bn_size: int
@@ -57,6 +81,7 @@ class Row(NamedTuple):
     iterations: int
     paper_s: Optional[float]
     source: str
+    preset: Optional[str] = None
 
 
 def _megdet(label: str, batch: int, bn_size: int, gpus: int, hours: float) -> Row:
@@ -77,7 +102,7 @@ PAPER_ROWS = (
     _megdet("256 (long)", 256, 32, 64, 9.4), _megdet("256 (long)", 256, 16, 128, 5.4),
     # LargeDet Table 4 "Faster": batch 320 on 10 DGX-2 (16 GPUs each), stop iteration 3360, 11m53s;
     # BN size 32 as in its Sec. 4.1 and our preset largedet_coco_12min.
-    Row("Faster", 320, 32, 160, 16, 3360, 11 * 60 + 53, "LargeDet Table 4"),
+    Row("Faster", 320, 32, 160, 16, 3360, 11 * 60 + 53, "LargeDet Table 4", preset="largedet_coco_12min"),
 )
 
 
@@ -115,6 +140,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gradient-mb", type=float, default=None,
                         help="gradient size in MB (1e6 bytes) (default: trainable parameters of "
                              "resnet50_fpn x 4 bytes)")
+    parser.add_argument("--scoring-seconds", default=None,
+                        help=f"seconds to score one evaluation's {COCO_VAL_IMAGES} images (default: "
+                             f"{PYCOCOTOOLS_SCORING_S}, pycocotools in one process, `megdet bench eval`; our "
+                             "category split measured 44.6 / 26.7 / 32.8 s at 1 / 2 / 4 ranks on 2 cores)")
 
 
 def run(args) -> int:
@@ -129,6 +158,7 @@ def run(args) -> int:
         raise UserError(f"Invalid --cycle-time-ms: {args.cycle_time_ms}; need 0 or more milliseconds")
     if not 0 <= args.overlap <= 1:
         raise UserError(f"Invalid --overlap: {args.overlap}; need a share of the backward pass in 0..1")
+    scoring_s, scoring_from = _scoring_seconds(args.scoring_seconds)
     rows = [row for gpus in gpu_counts for row in _rows_at(gpus, args.batch)]
     step_s, step_images, step_from = _step_time(args)
     busbw_GBps, busbw_from = _bandwidth(args)
@@ -148,11 +178,19 @@ def run(args) -> int:
         "cgbn_collectives_per_step": perfmodel.cgbn_collectives(bn_channels), "cgbn_transport": args.cgbn_transport,
         "cgbn_wait_per_collective_ms": cgbn_wait_s * 1e3,
         "coco_train_images": COCO_TRAIN_IMAGES, "epochs": EPOCHS,
+        "evaluation_model": EVALUATION_MODEL, "coco_val_images": COCO_VAL_IMAGES,
+        "forward_share_of_compute": FORWARD_SHARE, "scoring_s": scoring_s, "scoring_from": scoring_from,
     }
     model = dict(seconds_per_image=step_s / step_images, busbw_Bps=busbw_GBps * 1e9,
                  latency_s=args.latency_us * 1e-6, input_rate=args.input_rate, overlap=args.overlap,
                  gradient_bytes=gradient_bytes, bn_channels=bn_channels, cgbn_wait_s=cgbn_wait_s)
-    results = [_project(row, **model) for row in rows]
+    results = []
+    for row in rows:
+        trained = _project(row, **model)
+        results.append(trained)
+        if row.preset:
+            results += [_with_evaluation(trained, row, seconds_per_image=model["seconds_per_image"],
+                                         scoring_s=scoring_s, overlapped=overlapped) for overlapped in (False, True)]
     print(f"megdet bench {NAME}: inputs")
     for key, value in inputs.items():
         print(f"  {key}: {value}")
@@ -207,11 +245,52 @@ def _project(row: Row, *, seconds_per_image: float, busbw_Bps: float, latency_s:
               "images_per_s": throughput,
               "efficiency": perfmodel.scaling_efficiency(
                   throughput, perfmodel.images_per_second(1, images_per_gpu, step_1), row.gpus),
+              "evaluation": "not counted",
               "projected_s": projected_s, "projected": perfmodel.format_duration(projected_s),
               "paper_s": row.paper_s, "source": row.source}
     if row.paper_s:
         result.update({"paper": perfmodel.format_duration(row.paper_s), "projected/paper": projected_s / row.paper_s})
     return result
+
+
+def _with_evaluation(trained: Dict, row: Row, *, seconds_per_image: float, scoring_s: float,
+                     overlapped: bool) -> Dict:
+    """``trained`` (``_project``'s row for ``row``) with the evaluations of ``row.preset``'s whole run
+    added: each an inference pass at FORWARD_SHARE of ``seconds_per_image`` (training, per image), then
+    ``scoring_s`` seconds of scoring, all waited for (synchronous) or hidden but the last
+    (``overlapped``). Seconds are per run unless named per evaluation."""
+    preset = config.load(row.preset)
+    eval_period, max_iter = preset.train.eval_period, preset.solver.max_iter
+    evaluations = len(range(eval_period, max_iter, eval_period)) + 1 if eval_period else 1  # + the one at the end
+    inference_per_evaluation_s = perfmodel.inference_seconds(COCO_VAL_IMAGES, row.gpus,
+                                                             FORWARD_SHARE * seconds_per_image)
+    scoring_exposed_s = perfmodel.exposed_scoring_seconds(scoring_s, evaluations, eval_period * trained["step_s"],
+                                                          overlapped)
+    eval_s = evaluations * inference_per_evaluation_s + scoring_exposed_s
+    projected_s = trained["projected_s"] + eval_s
+    result = {**trained, "evaluation": "overlapped scoring" if overlapped else "synchronous scoring",
+              "preset": row.preset, "eval_period": eval_period, "evaluations": evaluations,
+              "inference_s_per_evaluation": inference_per_evaluation_s, "scoring_s_per_evaluation": scoring_s,
+              "scoring_exposed_s": scoring_exposed_s, "eval_s": eval_s, "train_s": trained["projected_s"],
+              "projected_s": projected_s, "projected": perfmodel.format_duration(projected_s)}
+    if row.paper_s:
+        result["projected/paper"] = projected_s / row.paper_s
+    return result
+
+
+def _scoring_seconds(text: Optional[str]) -> Tuple[float, str]:
+    """Seconds to score one evaluation, from ``--scoring-seconds`` or the measured default, and where
+    they came from."""
+    if text is None:
+        return PYCOCOTOOLS_SCORING_S, SCORING_FROM
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise UserError(f"Invalid --scoring-seconds: {text!r}; need 0 or more seconds, e.g. "
+                        f"{PYCOCOTOOLS_SCORING_S} (pycocotools in one process, `megdet bench eval`)")
+    return seconds, "--scoring-seconds"
 
 
 def _read_rows(path: str, command: str, alternative: str) -> List[Dict]:
