@@ -1,5 +1,5 @@
 """Host synchronisations of a training step, counted on the real ``Trainer.step`` (with
-``Trainer.agree_on_data``) of the demo presets, box and mask, at a tiny size: one per step (the
+``Trainer.agree_before_step``) of the demo presets, box and mask, at a tiny size: one per step (the
 divergence guard) and, for Mask R-CNN, one more (the positives that size the mask head); none per
 layer, image or level. docs/benchmarks.md has the counts before and after.
 
@@ -127,7 +127,7 @@ def shards(shapes_shards):
 
 
 def run_steps(config: str, shards: Path, out: Path, device: str, counting) -> None:
-    """``STEPS`` iterations (``agree_on_data`` and ``Trainer.step``) on one rank of ``config`` on ``device``,
+    """``STEPS`` iterations (``agree_before_step`` and ``Trainer.step``) on one rank of ``config`` on ``device``,
     each inside the context manager ``counting()`` returns; the loader's work stays outside."""
     cfg = config_mod.load(config, [*TINY, f"data.train={shards}", f"train.output_dir={out}", f"train.device={device}"])
     trainer = Trainer(cfg, comm_mod.init("local"), build_runtime(cfg))
@@ -138,7 +138,7 @@ def run_steps(config: str, shards: Path, out: Path, device: str, counting) -> No
             assert error is None, error
             micro_batches = [to_device(images, targets, trainer.device)]
             with counting():
-                trainer.agree_on_data(None)
+                trainer.agree_before_step(None)
                 trainer.step(iteration, micro_batches)
         assert trainer.optimizer.skipped_steps == 0
     finally:

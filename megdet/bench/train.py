@@ -180,7 +180,7 @@ def _time_steps(trainer: Trainer, warmup: int, steps: int) -> List[Dict[str, flo
             marks[phase] = time.perf_counter()
 
         micro_batches = [_on_device(next(batches), device) for _ in range(trainer.passes)]
-        trainer.agree_on_data(None)
+        trainer.agree_before_step(None)
         mark("data")
         trainer.step(iteration, micro_batches, mark=mark)
         if iteration >= warmup:
