@@ -62,9 +62,11 @@ def select(kind: str = "auto", launch: Optional[launch_mod.Launch] = None) -> to
 
 def describe(device: torch.device) -> Dict[str, str]:
     """What ``device`` is, for banners: {"device": "cuda:0", "name": "NVIDIA H200", "memory_gib": "139.8",
-    "capability": "9.0"} (name "cpu" and the core count for the CPU)."""
+    "capability": "9.0"} (for the CPU: name "cpu", the cores this process may run on and the compute threads
+    torch runs on them)."""
     if device.type != "cuda":
-        return {"device": "cpu", "name": "cpu", "cores": str(len(os.sched_getaffinity(0)))}
+        return {"device": "cpu", "name": "cpu", "cores": str(len(os.sched_getaffinity(0))),
+                "threads": str(torch.get_num_threads())}
     properties = torch.cuda.get_device_properties(device)
     return {"device": str(device), "name": properties.name, "memory_gib": f"{properties.total_memory / 2**30:.1f}",
             "capability": f"{properties.major}.{properties.minor}"}

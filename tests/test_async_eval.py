@@ -63,10 +63,13 @@ def test_a_target_reached_while_training_stops_every_rank_and_keeps_the_scored_w
     assert scored(out, 10) == {key: value for key, value in in_step.items() if not key.startswith("num_")}
 
 
-def test_a_run_waits_for_its_scores_and_a_resume_scores_the_pending_one_again(run_megdet, shapes_shards, tmp_path):
+def test_a_run_waits_for_its_scores_names_a_missed_target_and_a_resume_scores_the_pending_one_again(
+        run_megdet, shapes_shards, tmp_path):
     out = tmp_path / "all"
-    done = run_megdet(["train", *async_config(shapes_shards, out)], nprocs=2)
+    done = run_megdet(["train", *async_config(shapes_shards, out, "train.target_ap=[100.0]")], nprocs=2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"target not reached in 40 iterations: box AP [\d.]+ < target 100.0 at the last evaluation",
+                     done.stdout), done.stdout[-3000:]
     first = evaluation_lines(out)
     assert [iteration for iteration, _ in first] == [10, 20, 30, 40], "in order, the last one in step at the end"
     at_20 = scored(out, 20)

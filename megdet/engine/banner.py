@@ -73,7 +73,7 @@ def run_banner(cfg: config_mod.Config, comm: comm_mod.Communicator, runtime: Run
         devices = (f"{max(per_host.values())}x {', '.join(names)} per node ({first['memory_gib']} GiB, compute "
                    f"{first['capability']}), one per rank")
     else:
-        devices = f"CPU, {first['cores']} cores per process"
+        devices = f"CPU, {first['threads']} compute thread(s) per process on {first['cores']} visible cores"
     features = horovod_features()
     ranks_of = {host: [r for r, (h, _) in enumerate(views) if h == host] for host in per_host}
     lines = [f"megdet {command}: world of {comm.size} ranks on {len(per_host)} node{'s' if len(per_host) > 1 else ''} "

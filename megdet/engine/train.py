@@ -137,16 +137,33 @@ def check_segmentations(dataset: ShardDataset, where: str, sample: int = 100) ->
                         "polygons or RLE), or set model.mask_on=false")
 
 
+def _target_terms(metrics: Dict[str, float], target: List[float], metric: str) -> List[Tuple[str, bool, float]]:
+    """Per entry of ``target``: ("box AP50 84.2", reached, wanted)."""
+    names = (metric, MASK_PREFIX + metric)[:len(target)]
+    return [(f"{'mask' if name.startswith(MASK_PREFIX) else 'box'} {metric} {metrics[name]:.1f}", metrics[name] >= wanted,
+             wanted) for name, wanted in zip(names, target)]
+
+
 def target_reached(metrics: Dict[str, float], target: Optional[List[float]], metric: str = "AP") -> Optional[str]:
     """What ``metrics`` reached of ``train.target_ap`` ([box, mask] ``metric``, e.g. AP or AP50, in
     percent), when all of it is reached; else None."""
     if target is None:
         return None
-    names = (metric, MASK_PREFIX + metric)[:len(target)]
-    if all(metrics[name] >= wanted for name, wanted in zip(names, target)):
-        return " and ".join(f"{'mask' if name.startswith(MASK_PREFIX) else 'box'} {metric} {metrics[name]:.1f} >= "
-                            f"target {wanted}" for name, wanted in zip(names, target))
+    terms = _target_terms(metrics, target, metric)
+    if all(reached for _, reached, _ in terms):
+        return " and ".join(f"{score} >= target {wanted}" for score, _, wanted in terms)
     return None
+
+
+def target_missed(metrics: Dict[str, float], target: Optional[List[float]], metric: str = "AP") -> Optional[str]:
+    """How ``metrics`` fall short of ``train.target_ap`` ("box AP50 84.2 < target 85.0"), or None when
+    there is no target or it is reached."""
+    if target is None:
+        return None
+    terms = _target_terms(metrics, target, metric)
+    if all(reached for _, reached, _ in terms):
+        return None
+    return " and ".join(f"{score} {'>=' if reached else '<'} target {wanted}" for score, reached, wanted in terms)
 
 
 def to_device(images: List[torch.Tensor], targets: List[Dict[str, torch.Tensor]], device: torch.device) -> Batch:
@@ -585,10 +602,15 @@ class Trainer:
         reached the target (``result``: the checkpoint it scored, which is then the run's result)."""
         path = self.save(iteration)
         if result is None and not evaluated and self.val_set is not None:
-            reached = target_reached(self.evaluate(iteration), self.cfg.train.target_ap, self.cfg.train.target_metric)
+            metrics = self.evaluate(iteration)
+            target, metric = self.cfg.train.target_ap, self.cfg.train.target_metric
+            reached, missed = target_reached(metrics, target, metric), target_missed(metrics, target, metric)
             if reached and self.comm.rank == 0:
                 print(f"megdet train: target reached: {reached} at iteration {iteration} (the last), "
                       f"{time.perf_counter() - self.started:.1f} s into training", flush=True)
+            if missed and self.comm.rank == 0:
+                print(f"megdet train: target not reached in {iteration} iterations: {missed} at the last "
+                      "evaluation", flush=True)
         if self.comm.rank == 0:
             plot = plot_metrics(read_metrics(self.out / METRICS_FILE), self.out / PLOT_FILE)
             pictures = "" if self.val_set is None else "; pictures " + str(show.show(
