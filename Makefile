@@ -31,7 +31,7 @@ demo: setup
 	test -f $(DEMO_DATA)/annotations/instances_val.json || megdet synth --out $(DEMO_DATA) --train 1600 --val 100 --size 128
 	megdet pack --coco-json $(DEMO_DATA)/annotations/instances_train.json --images $(DEMO_DATA)/train --out $(DEMO_DATA)/shards/train
 	megdet pack --coco-json $(DEMO_DATA)/annotations/instances_val.json --images $(DEMO_DATA)/val --out $(DEMO_DATA)/shards/val
-	MEGDET_COMM=horovod MEGDET_CGBN_COMM=torch horovodrun --gloo -np $(NP) -H localhost:$(NP) $(DEMO_HOROVOD_CYCLE) megdet train shapes_r18_cpu_to_target train.seed=$(SEED) train.output_dir=$(DEMO_RUN) --resume $(DEMO_OVERRIDES)
+	MEGDET_COMM=horovod MEGDET_CGBN_COMM=torch horovodrun --gloo -np $(NP) -H localhost:$(NP) $(DEMO_HOROVOD_CYCLE) megdet train shapes_r18_cpu_to_target train.seed=$(SEED) train.output_dir=$(DEMO_RUN) $(DEMO_OVERRIDES) --resume
 
 # The same images as the demo's, in a folder of their own: data from before megdet synth wrote masks has none.
 demo-mask: setup

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from hpc import checkpoint
-from tests.multirank import MEGDET, REPO, launch_command, tiny_config
+from tests.multirank import MEGDET, REPO, launch_command, skip_unless_launcher, tiny_config
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 ASYNC = ["train.eval_period=10", "train.async_eval=true"]
@@ -87,6 +87,7 @@ def test_a_scoring_process_killed_mid_way_ends_the_run_with_one_line_on_every_ra
                                                                                     tmp_path):
     """The ground truth the scoring processes read is swapped for a FIFO, so both block in it until one
     is killed."""
+    skip_unless_launcher("horovodrun")
     out = tmp_path / "killed"
     argv = launch_command("horovodrun", 2, [*MEGDET, "train", *async_config(shapes_shards, out)])
     run = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
