@@ -63,6 +63,18 @@ def test_a_target_reached_while_training_stops_every_rank_and_keeps_the_scored_w
     assert scored(out, 10) == {key: value for key, value in in_step.items() if not key.startswith("num_")}
 
 
+def test_a_target_reached_in_step_stops_every_rank_at_that_iteration_with_the_same_report(run_megdet, shapes_shards,
+                                                                                           tmp_path):
+    out = tmp_path / "in-step"
+    done = run_megdet(["train", *tiny_config(shapes_shards, out), "train.eval_period=10", "train.async_eval=false",
+                       "train.target_metric=AP50", "train.target_ap=[0.0]"], nprocs=2)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"target reached: box AP50 [\d.]+ >= target 0.0 at iteration 10, [\d.]+ s into training; "
+                     r"stopping\n", done.stdout), done.stdout[-3000:]
+    assert f"finished 10 iterations on 2 ranks; checkpoint {out / 'model_0000010.pt'}" in done.stdout
+    assert [iteration for iteration, _ in evaluation_lines(out)] == [10]
+
+
 def test_a_run_waits_for_its_scores_names_a_missed_target_and_a_resume_scores_the_pending_one_again(
         run_megdet, shapes_shards, tmp_path):
     out = tmp_path / "all"

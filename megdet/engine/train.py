@@ -463,7 +463,8 @@ class Trainer:
                 reached = target_reached(metrics, cfg.train.target_ap, cfg.train.target_metric)
                 if reached:
                     if comm.rank == 0:
-                        print(f"megdet train: {reached} at iteration {done}: stopping", flush=True)
+                        print(f"megdet train: target reached: {reached} at iteration {done}, "
+                              f"{time.perf_counter() - self.started:.1f} s into training; stopping", flush=True)
                     progress.close()
                     return self._finish(done, evaluated=True)
             if scoring_was_running and (scoring_running == 0 or scoring_failed):
